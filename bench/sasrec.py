@@ -1,0 +1,107 @@
+"""SASRec-style causal transformer (Kang & McAuley, 2018) with full cross-entropy: the comparison model.
+
+It follows M2Rec's model protocol (right-padded item ids, 0 = padding, logits over all items, loss from labels of
+shape (B, L) or (B,), `last_position_only`, `return_logits`) so that the same trainer, evaluator and benchmarks run
+both. Learned positions, pre-LayerNorm blocks of causal self-attention and a GELU feed-forward, scores tied to the
+item embeddings. Shapes: B batch, L sequence, D hidden size, I items + padding.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SASRecConfig:
+    num_items: int
+    max_len: int = 200
+    hidden_size: int = 64  # same width as M2Rec
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    hidden_dropout_prob: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+
+@dataclass
+class SASRecOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.attention_out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = nn.Sequential(nn.Linear(config.hidden_size, 4 * config.hidden_size), nn.GELU(),
+                                 nn.Linear(4 * config.hidden_size, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attention_dropout = config.hidden_dropout_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden_states.shape
+        q, k, v = self.qkv(self.attention_norm(hidden_states)).view(batch, length, 3, self.num_heads, -1).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, heads, L, D/heads)
+            dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True)
+        attended = attended.transpose(1, 2).reshape(batch, length, width)  # (B, L, D)
+        hidden_states = hidden_states + self.dropout(self.attention_out(attended))
+        return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        self.config = config
+        self.item_embeddings = nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_len, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+
+    def score(self, user_states: torch.Tensor) -> torch.Tensor:
+        logits = user_states @ self.item_embeddings.weight.t()  # (..., I)
+        logits[..., 0] = torch.finfo(logits.dtype).min
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, labels=None, last_position_only=False, return_logits=True,
+                **kwargs) -> SASRecOutput:
+        length = input_ids.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"input_ids has {length} positions but max_len is {self.config.max_len}")
+        positions = torch.arange(length, device=input_ids.device)
+        hidden = self.item_embeddings(input_ids) * self.config.hidden_size ** 0.5 + self.position_embeddings(positions)
+        hidden = self.dropout(hidden)
+        for block in self.blocks:
+            hidden = block(hidden)
+        hidden = self.final_norm(hidden)  # (B, L, D)
+
+        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        last_states = hidden[torch.arange(len(input_ids), device=input_ids.device), mask.sum(1) - 1]  # (B, D)
+        loss = None
+        if labels is not None:
+            if labels.dim() == 1:
+                loss = F.cross_entropy(self.score(last_states), labels, ignore_index=-100)
+            else:
+                labelled = labels != -100
+                loss = F.cross_entropy(self.score(hidden[labelled]), labels[labelled])
+        logits = None
+        if return_logits:
+            logits = self.score(last_states if last_position_only else hidden)
+        return SASRecOutput(loss=loss, logits=logits, last_hidden_state=hidden)

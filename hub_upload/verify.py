@@ -1,0 +1,224 @@
+"""Checks a repository folder must pass before it is uploaded.
+
+1. Files: the ones a user needs are there, and no pickle-based weight file is (loading a pickle runs arbitrary code).
+2. Imports: every `.py` file imports only the standard library, torch, transformers (and huggingface_hub, which
+   transformers itself requires) and its sibling files, except inside `try` blocks. This is the rule transformers
+   applies when it loads remote code (`dynamic_module_utils.check_imports`): it scans the *whole* file, function
+   bodies included, skipping only `try` blocks and `if is_..._available()` blocks, and refuses to load if any scanned
+   import is missing. So an optional CUDA package imported in a function without `try` breaks loading on every
+   machine without that package; this check catches it before users do.
+3. A fresh load: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new Python process, offline, with
+   sockets disabled and its own module cache, must score a few fixed histories like the source model does.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# huggingface_hub is a hard dependency of transformers (transformers' own configs use huggingface_hub.dataclasses),
+# so it is present wherever transformers is; nothing else outside the standard library is.
+ALLOWED_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub"})
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+REQUIRED_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json", "README.md")
+
+# Scores of the fresh load may differ from the in-process ones by at most SCORE_TOLERANCE · max(1, max |score|).
+# Code and weights are byte-identical, so the only legitimate difference is floating-point reduction order (a
+# different thread count, or the plain-PyTorch scan where the fused one could not be built), i.e. a few float32
+# ulps: ~1e-7 relative. A wrong weight, a re-initialised layer or a code change moves scores by orders of magnitude
+# more (1e-3 and up), so 1e-5 separates the two with margin on both sides.
+SCORE_TOLERANCE = 1e-5
+
+
+class VerificationError(Exception):
+    """The folder must not be uploaded; the message lists every reason."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("verification failed:\n" + "\n".join(f"  - {problem}" for problem in self.problems))
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def check_files(folder) -> list[str]:
+    """Problems with the folder's file list: missing required files, pickle files, a config without auto_map."""
+    folder = Path(folder)
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            problems.append(f"{path.relative_to(folder)} is a pickle-format file; only safetensors weights are "
+                            f"published (loading a pickle can run arbitrary code)")
+    if (folder / "config.json").is_file():
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
+        for auto_class in ("AutoConfig", "AutoModel"):
+            if auto_class not in auto_map:
+                problems.append(f"config.json has no auto_map entry for {auto_class}, so "
+                                f"AutoModel.from_pretrained(..., trust_remote_code=True) cannot find the code")
+                continue
+            module = auto_map[auto_class].split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" -> "module"
+            if not (folder / f"{module}.py").is_file():
+                problems.append(f"auto_map[{auto_class!r}] points at {module}.py, which is not in the folder")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------- imports
+
+
+def _imports_outside_try(tree):
+    """(line, top-level package) of every absolute import that transformers' loader would require."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+            return  # optional imports: transformers skips these, so may we
+        if isinstance(node, ast.If) and _is_availability_check(node.test):
+            return  # `if is_xxx_available():` blocks, skipped by transformers too
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name.split(".")[0]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def _is_availability_check(test):
+    return any(isinstance(node, ast.Call) and getattr(node.func, "id", "").startswith("is_")
+               and getattr(node.func, "id", "").endswith("_available") for node in ast.walk(test))
+
+
+def check_imports(folder) -> list[str]:
+    """Problems: absolute imports of anything but the standard library and ALLOWED_PACKAGES, outside `try`.
+
+    Sibling files must be imported relatively (`from .configuration_m2rec import ...`): transformers copies the folder
+    into a package of its module cache, where `import configuration_m2rec` would not resolve.
+    """
+    folder = Path(folder)
+    allowed = set(sys.stdlib_module_names) | ALLOWED_PACKAGES
+    problems = []
+    for path in sorted(folder.rglob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except SyntaxError as error:
+            problems.append(f"{path.name} does not parse: {error}")
+            continue
+        for line, package in _imports_outside_try(tree):
+            if package not in allowed:
+                problems.append(f"{path.name} line {line} imports {package!r} outside a try block; the remote code "
+                                f"may only import the standard library, {', '.join(sorted(ALLOWED_PACKAGES))} and "
+                                f"its own files through relative imports (optional packages go in try/except)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------- fresh load
+
+
+def reference_histories(num_items: int, max_len: int) -> torch.LongTensor:
+    """A fixed batch (4, max_len) of right-padded histories: full length, half, 3 items and 1 item.
+
+    Deterministic without a random generator (so every process builds the same one); ids spread over the whole
+    catalogue, 1..num_items.
+    """
+    lengths = [max_len, max(1, max_len // 2), min(3, max_len), 1]
+    input_ids = torch.zeros(len(lengths), max_len, dtype=torch.long)  # (B, L)
+    for row, length in enumerate(lengths):
+        positions = torch.arange(length)
+        input_ids[row, :length] = (positions * 7919 + row * 104729) % num_items + 1
+    return input_ids
+
+
+# Runs in the fresh process. Sockets are disabled before anything is imported: the remote code must load from the
+# folder alone (DESIGN.md §6), and HF_HUB_OFFLINE alone would not catch code that opens a connection itself.
+_LOAD_SCRIPT = textwrap.dedent("""
+    import socket, sys
+
+    def _no_network(*args, **kwargs):
+        raise OSError("the remote code tried to open a network connection")
+
+    socket.socket.connect = socket.socket.connect_ex = _no_network
+    socket.create_connection = _no_network
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    inputs_path, outputs_path, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
+    input_ids = load_file(inputs_path)["input_ids"]
+    scores = {}
+    for index, folder in enumerate(folders):
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        module = type(model).__module__
+        if not module.startswith("transformers_modules"):
+            sys.exit(f"{folder} was not loaded from its own code files but from {module}")
+        with torch.no_grad():
+            scores[str(index)] = model(input_ids, last_position_only=True).logits.contiguous()
+    save_file(scores, outputs_path)
+""")
+
+
+def fresh_load_scores(folders, input_ids, timeout=600):
+    """Scores (B, I) of each folder loaded by `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new
+    offline process with empty Hub and module caches. Raises VerificationError with the child's stderr if it fails."""
+    with tempfile.TemporaryDirectory(prefix="m2rec-verify-") as scratch:
+        scratch = Path(scratch)
+        save_file({"input_ids": input_ids.contiguous()}, scratch / "inputs.safetensors")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(scratch / "hf_home"),
+                   HF_MODULES_CACHE=str(scratch / "modules"))
+        env.pop("HF_TOKEN", None)  # the load needs no credentials
+        command = [sys.executable, "-c", _LOAD_SCRIPT, str(scratch / "inputs.safetensors"),
+                   str(scratch / "scores.safetensors"), *(str(Path(folder).resolve()) for folder in folders)]
+        # cwd=scratch: a `modeling_m2rec` package in the caller's working directory must not be what gets imported.
+        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) failed in a fresh "
+                                     f"offline process:\n{result.stderr.strip()[-3000:]}"])
+        scores = load_file(scratch / "scores.safetensors")
+        return [scores[str(index)] for index in range(len(folders))]
+
+
+def score_difference(scores: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest |Δ| over real items (column 0, padding, holds the dtype's minimum in both), relative to the scale."""
+    if scores.shape != reference.shape:
+        return float("inf")
+    scale = max(1.0, reference[:, 1:].abs().max().item())
+    return (scores[:, 1:].double() - reference[:, 1:].double()).abs().max().item() / scale
+
+
+def verify_folder(folder, source_model, extra_folders=()) -> dict:
+    """Refuse (raise VerificationError) unless `folder` is complete, pickle-free, imports only what it may, and loads
+    in a fresh offline process with the same scores as `source_model` (the model as loaded from the run folder).
+
+    `extra_folders`: other folders that must score the same too (push.py passes the run folder when its code files
+    differ from the ones being published, so that the metrics measured with the old code still describe the model).
+    Returns a summary: {"python_files": [...], "histories": B, "max_difference": float}.
+    """
+    folder = Path(folder)
+    problems = check_files(folder) + check_imports(folder)
+    if problems:  # no point starting a process for a folder that is refused anyway
+        raise VerificationError(problems)
+
+    config = source_model.config
+    input_ids = reference_histories(config.num_items, config.max_len)  # (B, L)
+    with torch.no_grad():
+        reference = source_model.eval()(input_ids, last_position_only=True).logits  # (B, I)
+    folders = [folder, *extra_folders]
+    differences = [score_difference(scores, reference) for scores in fresh_load_scores(folders, input_ids)]
+    for path, difference in zip(folders, differences):
+        if not difference <= SCORE_TOLERANCE:
+            problems.append(f"{path} loaded in a fresh process scores {len(input_ids)} fixed histories differently "
+                            f"from the source model: max relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g} "
+                            f"(weights or code differ from what was trained)")
+    if problems:
+        raise VerificationError(problems)
+    return {"python_files": sorted(path.name for path in folder.rglob("*.py")), "histories": len(input_ids),
+            "max_difference": max(differences)}

@@ -1,0 +1,32 @@
+"""M2Rec as a Hugging Face transformers model.
+
+Importing this package registers `M2RecConfig` and `M2RecForSequentialRecommendation` with `AutoConfig` and
+`AutoModel`, so installed users load checkpoints without `trust_remote_code`. The same files, copied next to a
+checkpoint by `save_pretrained`, are the remote code for everyone else.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_m2rec import M2RecConfig
+from .modeling_m2rec import (
+    M2RecForSequentialRecommendation,
+    M2RecModel,
+    M2RecModelOutput,
+    M2RecPreTrainedModel,
+    M2RecRecommendationOutput,
+)
+from .selective_scan import causal_conv1d, selective_scan
+
+AutoConfig.register(M2RecConfig.model_type, M2RecConfig, exist_ok=True)
+AutoModel.register(M2RecConfig, M2RecForSequentialRecommendation, exist_ok=True)
+
+__all__ = [
+    "M2RecConfig",
+    "M2RecForSequentialRecommendation",
+    "M2RecModel",
+    "M2RecModelOutput",
+    "M2RecPreTrainedModel",
+    "M2RecRecommendationOutput",
+    "causal_conv1d",
+    "selective_scan",
+]

@@ -1,0 +1,150 @@
+"""Configuration of M2Rec (arXiv 2505.04445): every hyperparameter of the model, with the paper's defaults."""
+
+import math
+
+from transformers import PreTrainedConfig
+
+
+FFT_MODES = ("causal", "global", "none")
+SELECTION_SOURCES = ("unfiltered", "filtered")
+FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
+
+
+class M2RecConfig(PreTrainedConfig):
+    """Hyperparameters of [`M2RecForSequentialRecommendation`].
+
+    Item ids run from 1 to `num_items`; 0 is padding. Shapes: B batch, L sequence, D `hidden_size`,
+    N `state_size`, I `num_items` + 1, E `text_embedding_dim`.
+
+    Args:
+        num_items (`int`, defaults to 3416):
+            Catalogue size, padding excluded (ML-1M 5-core has 3,416 items).
+        max_len (`int`, defaults to 200):
+            Longest history the model accepts; the paper uses 200 for ML-1M and 50 for sparse Amazon-style data.
+            Longer inputs raise a `ValueError` (keep the most recent `max_len` items before calling the model).
+        hidden_size (`int`, defaults to 64):
+            Model width D.
+        num_hidden_layers (`int`, defaults to 1):
+            Number of AFFM (Mamba + feed-forward) layers; the paper finds 1 best.
+        state_size (`int`, defaults to 32):
+            SSM state size N.
+        conv_kernel (`int`, defaults to 4):
+            Width of the causal depthwise convolution before the scan.
+        expand (`int`, defaults to 2):
+            Inner width of the Mamba mixer is `expand * hidden_size`.
+        time_step_rank (`int` or `"auto"`, defaults to `"auto"`):
+            Rank of the Δ projection; `"auto"` is `ceil(hidden_size / 16)` as in Mamba.
+        time_step_min / time_step_max (`float`, defaults to 0.001 / 0.1):
+            Range of the initial Δ, sampled log-uniformly (Mamba's initialisation).
+        time_step_floor (`float`, defaults to 1e-4):
+            Smallest initial Δ.
+        intermediate_size (`int`, *optional*):
+            Width of the position-wise feed-forward; defaults to `4 * hidden_size`.
+        hidden_dropout_prob (`float`, defaults to 0.2):
+            Dropout after the embedding, the filter, the mixer and the feed-forward.
+        layer_norm_eps (`float`, defaults to 1e-12):
+            LayerNorm epsilon (Mamba4Rec's value).
+        initializer_range (`float`, defaults to 0.02):
+            Std of the normal initialisation of embeddings and linear layers.
+        fft_mode (`str`, defaults to `"causal"`):
+            `"causal"`: the learnable frequency response becomes a causal time-domain kernel, so position t never
+            sees items after t (safe with next-item training at every position). `"global"`: the paper's literal
+            circular filter over the whole (padded) sequence; it leaks later items into earlier positions, so it can
+            only be trained on the last position (labels of shape (B,)). `"none"`: no filter (ablation "w/o AFFT").
+        fft_cut_ratio (`float`, defaults to 0.1):
+            Fraction of the highest-frequency bins that the binary low-pass mask removes (the paper's best value).
+        fft_adaptive (`bool`, defaults to `True`):
+            Learn the complex frequency response W. `False` keeps only the fixed mask (ablation "w/o Ada").
+        selection_source (`str`, defaults to `"unfiltered"`):
+            Where Δ, B, C and the output gate of each Mamba layer come from. `"unfiltered"` follows the paper's
+            Algorithm 2: the scan runs over the filtered sequence, selection reads the embedded sequence before the
+            filter. `"filtered"` is plain Mamba on the filtered sequence.
+        text_embedding_dim (`int`, defaults to 1024):
+            Width E of the frozen item-text embeddings (bge-large-en-v1.5 gives 1024). No buffer exists when
+            `fusion="none"`.
+        fusion (`str`, defaults to `"gate"`):
+            How text and sequence features are fused: `"gate"` is the paper's `Linear(α·E_text + β·E_mamba)`
+            (eq. 16) with learnable scalars; `"context_gate"` a per-dimension sigmoid gate computed from both;
+            `"sum"` and `"concat"` the ablations; `"none"` the model without text.
+        tie_word_embeddings (`bool`, defaults to `True`):
+            Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
+    """
+
+    model_type = "m2rec"
+
+    num_items: int = 3416
+    max_len: int = 200
+    hidden_size: int = 64
+    num_hidden_layers: int = 1
+    state_size: int = 32
+    conv_kernel: int = 4
+    expand: int = 2
+    time_step_rank: int | str = "auto"
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    intermediate_size: int | None = None
+    hidden_dropout_prob: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    fft_mode: str = "causal"
+    fft_cut_ratio: float = 0.1
+    fft_adaptive: bool = True
+    selection_source: str = "unfiltered"
+    text_embedding_dim: int = 1024
+    fusion: str = "gate"
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        _check_choice("fft_mode", self.fft_mode, FFT_MODES)
+        _check_choice("selection_source", self.selection_source, SELECTION_SOURCES)
+        _check_choice("fusion", self.fusion, FUSIONS)
+        for name in ("num_items", "max_len", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
+                     "expand", "text_embedding_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.fft_cut_ratio < 1.0:
+            raise ValueError(f"fft_cut_ratio must be in [0, 1), got {self.fft_cut_ratio!r}")
+        if self.pad_token_id != 0:
+            raise ValueError(f"item id 0 is the padding id; pad_token_id must be 0, got {self.pad_token_id!r}")
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        """Rows of the item-embedding and score matrices: the items plus padding (I)."""
+        return self.num_items + 1
+
+    @property
+    def mixer_size(self):
+        """Inner width of the Mamba mixer (d_inner)."""
+        return self.expand * self.hidden_size
+
+    @property
+    def fft_size(self):
+        """FFT length n: 2·max_len for the causal filter (linear convolution, no wrap-around), max_len for the
+        paper's circular filter."""
+        return 2 * self.max_len if self.fft_mode == "causal" else self.max_len
+
+    @property
+    def fft_num_bins(self):
+        """Number F of rfft frequency bins the learnable response W covers."""
+        return self.fft_size // 2 + 1
+
+    @property
+    def fft_kept_bins(self):
+        """Bins kept by the low-pass mask: the lowest (1 - fft_cut_ratio) share, at least the DC bin."""
+        return max(1, round(self.fft_num_bins * (1.0 - self.fft_cut_ratio)))
+
+
+M2RecConfig.register_for_auto_class()

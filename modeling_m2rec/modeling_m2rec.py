@@ -1,0 +1,529 @@
+"""M2Rec: multi-scale Mamba with an adaptive FFT filter, LLM item text and a learnable gate (arXiv 2505.04445).
+
+The forward path reads top to bottom:
+
+    item ids ─► id embedding ─► LayerNorm, dropout ─┬─► adaptive FFT filter ─► AFFM layers (Mamba mixer + FFN) ─┐
+                                                    └──────────── selection (Δ, B, C, gate) ──────────────────────┤
+    item ids ─► frozen text buffer ─► projection ──────────────────────────────────────────► fusion (gate) ─► Y ─► Y·E_idᵀ
+
+Item ids run 1..num_items, 0 is padding, sequences are right-padded (real items first). Every operator is causal in
+the default configuration, so position t never sees items after t and a sequence scores the same whether it is
+batched alone or with longer ones.
+
+Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F frequency bins, I items + padding,
+E text-embedding width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_m2rec import M2RecConfig
+from .selective_scan import causal_conv1d, selective_scan
+
+
+@dataclass
+class M2RecModelOutput(ModelOutput):
+    """Output of [`M2RecModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape (B, L, D)): the fused user representation Y at every position.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the sequence after the embedding, after the FFT filter
+            and after each AFFM layer, each (B, L, D); returned with `output_hidden_states=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class M2RecRecommendationOutput(ModelOutput):
+    """Output of [`M2RecForSequentialRecommendation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape (), *optional*): mean cross-entropy over the full catalogue at every
+            labelled position; returned when `labels` is given.
+        logits (`torch.FloatTensor`): scores over all items, (B, L, I), or (B, I) with `last_position_only=True`.
+            Column 0 (padding) holds the dtype's lowest value so that it is never ranked.
+        last_hidden_state (`torch.FloatTensor` of shape (B, L, D)): the fused user representation.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`M2RecModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class M2RecFrequencyFilter(nn.Module):
+    """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
+
+    W (F × D, complex) is learnable when `fft_adaptive`, else fixed to 1; M keeps the lowest `1 - fft_cut_ratio`
+    of the F bins. In `"causal"` mode W ⊙ M is turned into a time-domain kernel over n = 2·max_len, only its causal
+    half (lags 0..max_len−1) is kept, and it is applied as a linear convolution through zero-padded FFTs, so output t
+    depends on inputs ≤ t only. In `"global"` mode W ⊙ M multiplies the spectrum of the sequence zero-padded to
+    max_len (the paper's circular filter: every position sees the whole sequence).
+    """
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__()
+        self.mode = config.fft_mode
+        self.fft_size = config.fft_size
+        self.num_kept_bins = config.fft_kept_bins
+        if config.fft_adaptive:
+            # (F, D, 2): real and imaginary parts; initialised to the all-pass response 1 in _init_weights.
+            self.frequency_response = nn.Parameter(torch.empty(config.fft_num_bins, config.hidden_size, 2))
+        else:
+            self.frequency_response = None
+        self.num_bins = config.fft_num_bins
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def masked_response(self, device) -> torch.Tensor:
+        """W ⊙ M as a complex (F, D) tensor, or a real (F, 1) mask when W is not learned."""
+        low_pass = (torch.arange(self.num_bins, device=device) < self.num_kept_bins).float()  # (F,)
+        if self.frequency_response is None:
+            return low_pass[:, None]
+        return torch.view_as_complex(self.frequency_response.float()) * low_pass[:, None]
+
+    def filter(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32."""
+        seq_len = hidden_states.shape[1]
+        x = hidden_states.float()
+        response = self.masked_response(x.device)
+        if self.mode == "global":
+            spectrum = torch.fft.rfft(x, n=self.fft_size, dim=1)  # (B, F, D)
+            return torch.fft.irfft(spectrum * response, n=self.fft_size, dim=1)[:, :seq_len]
+        kernel = torch.fft.irfft(response, n=self.fft_size, dim=0)[:seq_len]  # (L, D) or (L, 1): causal lags 0..L-1
+        # A linear convolution of two length-L signals needs n >= 2L - 1 to avoid wrap-around.
+        n = 2 * seq_len
+        spectrum = torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(kernel, n=n, dim=0)  # (B, n//2+1, D)
+        return torch.fft.irfft(spectrum, n=n, dim=1)[:, :seq_len]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        filtered = self.filter(hidden_states).to(hidden_states.dtype)
+        return self.layer_norm(hidden_states + self.dropout(filtered))
+
+
+class M2RecMixer(nn.Module):
+    """Mamba selective-SSM mixer (paper Algorithm 2, lines 5–12).
+
+    in_proj → causal depthwise conv1d → SiLU → x_proj → (Δ via dt_proj + softplus, B, C) → selective scan with
+    A = −exp(A_log) and skip D → × SiLU(z) → out_proj. The scan reads `hidden_states`; Δ, B, C and the gate z are
+    computed from `selection_states` (the unfiltered sequence, Algorithm 2) or, when that is None, from
+    `hidden_states` as in plain Mamba.
+    """
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__()
+        self.state_size = config.state_size
+        self.time_step_rank = config.time_step_rank
+        self.mixer_size = config.mixer_size
+        self.in_proj = nn.Linear(config.hidden_size, 2 * self.mixer_size, bias=False)
+        self.conv1d = nn.Conv1d(self.mixer_size, self.mixer_size, config.conv_kernel, groups=self.mixer_size,
+                                padding=config.conv_kernel - 1)
+        self.x_proj = nn.Linear(self.mixer_size, self.time_step_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.mixer_size, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.mixer_size, self.state_size))
+        self.D = nn.Parameter(torch.empty(self.mixer_size))
+        self.out_proj = nn.Linear(self.mixer_size, config.hidden_size, bias=False)
+        # Marks read by the trainer's weight-decay groups (as in mamba-ssm): decaying these would pull A towards -1
+        # and the skip towards 0.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.dt_proj.bias._no_weight_decay = True
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv + SiLU, (B, Di, L) → (B, Di, L)."""
+        return causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+
+    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D)."""
+        if selection_states is None:
+            x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # 2 × (B, Di, L)
+            x = self._conv(x)
+            selection = x
+        else:
+            # Only the x half of in_proj is needed for the scanned sequence; z comes from the selection sequence.
+            x = F.linear(hidden_states, self.in_proj.weight[: self.mixer_size]).transpose(1, 2)  # (B, Di, L)
+            x = self._conv(x)
+            selection, z = self.in_proj(selection_states).transpose(1, 2).chunk(2, dim=1)  # 2 × (B, Di, L)
+            selection = self._conv(selection)
+
+        x_dbl = self.x_proj(selection.transpose(1, 2))  # (B, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, Di, L); bias is added inside the scan
+        y = selective_scan(
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),  # (Di, N)
+            B.transpose(1, 2).contiguous(),  # (B, N, L)
+            C.transpose(1, 2).contiguous(),  # (B, N, L)
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )  # (B, Di, L)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+
+
+class M2RecLayer(nn.Module):
+    """One AFFM layer: Mamba mixer, dropout, residual, LayerNorm; then a position-wise feed-forward (GELU) with
+    dropout, residual and LayerNorm."""
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__()
+        self.mixer = M2RecMixer(config)
+        self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D)."""
+        hidden_states = self.mixer_norm(hidden_states + self.dropout(self.mixer(hidden_states, selection_states)))
+        feed_forward = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden_states))))
+        return self.ffn_norm(hidden_states + self.dropout(feed_forward))
+
+
+class M2RecFusion(nn.Module):
+    """Fuses the text features E_text and the sequence features E_mamba, both (B, L, D), into Y (B, L, D).
+
+    `"gate"` is the paper's eq. 16, `Y = Linear(α·E_text + β·E_mamba)` with learnable scalars α, β;
+    `"context_gate"` uses a per-dimension gate g = σ(Linear([E_text; E_mamba])), `Y = Linear(g·E_text + (1−g)·E_mamba)`;
+    `"sum"` is `Linear(E_text + E_mamba)` and `"concat"` is `Linear([E_text; E_mamba])` (the paper's ablations).
+    """
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__()
+        self.fusion = config.fusion
+        hidden = config.hidden_size
+        if self.fusion == "gate":
+            self.text_weight = nn.Parameter(torch.ones(()))  # α
+            self.sequence_weight = nn.Parameter(torch.ones(()))  # β
+        if self.fusion == "context_gate":
+            self.gate_proj = nn.Linear(2 * hidden, hidden)
+        self.out_proj = nn.Linear(2 * hidden if self.fusion == "concat" else hidden, hidden)
+
+    def forward(self, text_features: torch.Tensor, sequence_features: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "gate":
+            mixed = self.text_weight * text_features + self.sequence_weight * sequence_features
+        elif self.fusion == "context_gate":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([text_features, sequence_features], dim=-1)))
+            mixed = gate * text_features + (1 - gate) * sequence_features
+        elif self.fusion == "sum":
+            mixed = text_features + sequence_features
+        else:  # concat
+            mixed = torch.cat([text_features, sequence_features], dim=-1)  # (B, L, 2D)
+        return self.out_proj(mixed)
+
+
+class M2RecPreTrainedModel(PreTrainedModel):
+    config_class = M2RecConfig
+    base_model_prefix = "m2rec"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["M2RecLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear/Embedding ~ N(0, initializer_range), padding row 0, LayerNorm 1/0
+        config = self.config
+        if isinstance(module, M2RecMixer):
+            # Mamba's initialisation: S4D-real A = −(1..N), unit skip, Δ log-uniform in [dt_min, dt_max].
+            A = torch.arange(1, config.state_size + 1, dtype=torch.float32).expand(config.mixer_size, -1)
+            module.A_log.copy_(torch.log(A))
+            module.D.fill_(1.0)
+            dt_std = config.time_step_rank ** -0.5
+            nn.init.uniform_(module.dt_proj.weight, -dt_std, dt_std)
+            log_min, log_max = torch.log(torch.tensor([config.time_step_min, config.time_step_max]))
+            dt = torch.exp(torch.rand(config.mixer_size) * (log_max - log_min) + log_min)
+            dt = dt.clamp(min=config.time_step_floor)
+            module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            nn.init.kaiming_uniform_(module.conv1d.weight, a=5 ** 0.5)
+            module.conv1d.bias.zero_()
+        elif isinstance(module, M2RecFrequencyFilter) and module.frequency_response is not None:
+            # Start from the all-pass response W = 1 (so the filter starts as the plain low-pass mask), with a little
+            # noise so that the bins do not move in lockstep.
+            module.frequency_response.normal_(0.0, config.initializer_range)
+            module.frequency_response[..., 0] += 1.0
+        elif isinstance(module, M2RecFusion) and module.fusion == "gate":
+            module.text_weight.fill_(1.0)
+            module.sequence_weight.fill_(1.0)
+
+
+class M2RecModel(M2RecPreTrainedModel):
+    """The M2Rec encoder: item ids (B, L) → fused user representation Y (B, L, D)."""
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__(config)
+        self.item_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.frequency_filter = M2RecFrequencyFilter(config) if config.fft_mode != "none" else None
+        self.layers = nn.ModuleList(M2RecLayer(config) for _ in range(config.num_hidden_layers))
+        if config.fusion != "none":
+            # Frozen item-text embeddings (I, E), persistent so that model.safetensors carries them and a published
+            # model needs no text encoder. Row 0 (padding) stays zero. Fill with `set_text_embeddings`.
+            self.register_buffer("text_embeddings", torch.zeros(config.vocab_size, config.text_embedding_dim))
+            self.text_proj = nn.Linear(config.text_embedding_dim, config.hidden_size)
+            self.text_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.fusion = M2RecFusion(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.item_embeddings
+
+    def set_input_embeddings(self, value):
+        self.item_embeddings = value
+
+    @torch.no_grad()
+    def set_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
+        """Replace the frozen item-text embeddings, or grow them for new items.
+
+        Args:
+            text_embeddings: (num_items + 1, text_embedding_dim) floating tensor, row i for item i; row 0 (padding) must
+                be zero. More rows than `config.num_items + 1` grow the catalogue: `config.num_items` and the item
+                embeddings grow with it (new item rows initialised like the others).
+        """
+        if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
+            raise ValueError(f"text_embeddings must be a floating-point tensor, got "
+                             f"{getattr(text_embeddings, 'dtype', type(text_embeddings))}")
+        if self.config.fusion == "none":
+            raise ValueError("this model was built with fusion='none' and has no text embeddings")
+        expected_dim = self.config.text_embedding_dim
+        if text_embeddings.dim() != 2 or text_embeddings.shape[1] != expected_dim:
+            raise ValueError(f"text_embeddings must have shape (num_items + 1, {expected_dim}), "
+                             f"got {tuple(text_embeddings.shape)}")
+        if text_embeddings.shape[0] < self.config.vocab_size:
+            raise ValueError(f"text_embeddings has {text_embeddings.shape[0]} rows but the model has "
+                             f"{self.config.vocab_size} (num_items + 1, padding row 0 included); a catalogue can only grow")
+        bad_rows = (~torch.isfinite(text_embeddings)).any(dim=1).nonzero().flatten()
+        if len(bad_rows):
+            raise ValueError(f"text_embeddings has non-finite values (NaN or inf) in rows {bad_rows[:10].tolist()}")
+        if text_embeddings[0].abs().max() > 0:
+            raise ValueError("row 0 of text_embeddings is the padding item and must be all zeros")
+        if text_embeddings.shape[0] > self.config.vocab_size:
+            self._grow_catalogue(text_embeddings.shape[0] - 1)
+        self.text_embeddings = text_embeddings.to(self.text_embeddings.device, self.text_embeddings.dtype).clone()
+
+    def _grow_catalogue(self, num_items: int) -> None:
+        old = self.item_embeddings
+        new = nn.Embedding(num_items + 1, old.embedding_dim, padding_idx=0, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
+        new.weight[: old.num_embeddings] = old.weight
+        self.item_embeddings = new
+        self.config.num_items = num_items
+
+    def _validate_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Checks ids and padding; returns the (B, L) boolean mask of real items."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_len:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions but max_len is {self.config.max_len}; "
+                             f"keep each user's most recent {self.config.max_len} items")
+        out_of_range = (input_ids < 0) | (input_ids > self.config.num_items)
+        if out_of_range.any():
+            row, pos = out_of_range.nonzero()[0].tolist()
+            raise ValueError(f"item id {input_ids[row, pos].item()} at (row {row}, position {pos}) is outside "
+                             f"0..{self.config.num_items} (0 is padding)")
+        if attention_mask is None:
+            mask = input_ids != 0
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"input_ids {tuple(input_ids.shape)}")
+            mask = attention_mask.bool()
+            padded_item = mask & (input_ids == 0)
+            if padded_item.any():
+                row, pos = padded_item.nonzero()[0].tolist()
+                raise ValueError(f"attention_mask marks padding id 0 at (row {row}, position {pos}) as a real item")
+        not_right_padded = mask[:, 1:] & ~mask[:, :-1]
+        if not_right_padded.any():
+            row = not_right_padded.nonzero()[0, 0].item()
+            raise ValueError(f"row {row} is not right-padded: real items must come first, padding (0) after")
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            raise ValueError(f"rows {empty.nonzero().flatten()[:10].tolist()} contain only padding; every sequence "
+                             f"needs at least one item")
+        return mask
+
+    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings of the items in the sequence, (B, L) → (B, L, D)."""
+        if input_ids.numel() < self.text_embeddings.shape[0]:
+            projected = self.text_proj(self.text_embeddings[input_ids])  # (B, L, E) → (B, L, D)
+        else:  # projecting the whole table once is cheaper than projecting every position
+            projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
+        return self.text_norm(projected)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> M2RecModelOutput | tuple:
+        """
+        Args:
+            input_ids: (B, L) item ids, right-padded with 0; at most `config.max_len` positions.
+            attention_mask: (B, L), 1 for real items; derived from `input_ids != 0` when omitted.
+        Returns:
+            [`M2RecModelOutput`] with `last_hidden_state` (B, L, D).
+        """
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        mask = self._validate_inputs(input_ids, attention_mask)
+
+        embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
+        # Zero the padding so that the global filter's spectrum only contains real items.
+        embedded = embedded * mask.unsqueeze(-1).to(embedded.dtype)
+        all_hidden = (embedded,)
+
+        hidden = embedded if self.frequency_filter is None else self.frequency_filter(embedded)
+        all_hidden += (hidden,)
+        selection = embedded if self.config.selection_source == "unfiltered" else None
+        for layer in self.layers:
+            hidden = layer(hidden, selection)  # (B, L, D)
+            all_hidden += (hidden,)
+
+        if self.config.fusion != "none":
+            hidden = self.fusion(self.text_features(input_ids), hidden)
+
+        if not return_dict:
+            return (hidden, all_hidden) if output_hidden_states else (hidden,)
+        return M2RecModelOutput(last_hidden_state=hidden, hidden_states=all_hidden if output_hidden_states else None)
+
+
+class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
+    """M2Rec with the scoring head: Y · E_idᵀ over the whole catalogue, cross-entropy loss and `recommend`.
+
+    Scoring is tied to the item-id embeddings (one copy in model.safetensors).
+    """
+
+    _tied_weights_keys = {"item_scorer.weight": "m2rec.item_embeddings.weight"}
+
+    def __init__(self, config: M2RecConfig):
+        super().__init__(config)
+        self.m2rec = M2RecModel(config)
+        self.item_scorer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.m2rec.item_embeddings
+
+    def set_input_embeddings(self, value):
+        self.m2rec.item_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.item_scorer
+
+    def set_output_embeddings(self, value):
+        self.item_scorer = value
+
+    def set_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
+        """See [`M2RecModel.set_text_embeddings`]; growing the catalogue grows the tied scorer too."""
+        self.m2rec.set_text_embeddings(text_embeddings)
+        if self.item_scorer.out_features != self.config.vocab_size:
+            self.item_scorer = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False,
+                                         device=self.item_scorer.weight.device, dtype=self.item_scorer.weight.dtype)
+            self.item_scorer.weight = self.m2rec.item_embeddings.weight
+
+    def score(self, user_states: torch.Tensor) -> torch.Tensor:
+        """Scores over all items, (..., D) → (..., I); the padding column gets the dtype's lowest value."""
+        logits = self.item_scorer(user_states)
+        logits[..., 0] = torch.finfo(logits.dtype).min
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        last_position_only: bool = False,
+        return_logits: bool = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> M2RecRecommendationOutput | tuple:
+        """
+        Args:
+            input_ids: (B, L) item ids, right-padded with 0.
+            attention_mask: (B, L), 1 for real items; derived from `input_ids` when omitted.
+            labels: the next item to predict. (B, L) trains every position (labels[b, t] is the item after position t,
+                −100 where there is none); (B,) trains the last real position only. `fft_mode="global"` accepts only
+                (B,): its filter shows every position the whole sequence, so earlier positions would see their target.
+            last_position_only: return logits (B, I) at each sequence's last real item instead of (B, L, I).
+            return_logits: set False during training to skip the (B, L, I) logits; the loss is then computed only at
+                labelled positions, which saves the memory of the padding positions.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            if labels.dim() == 2 and self.config.fft_mode == "global":
+                raise ValueError("fft_mode='global' lets every position see later items, so it cannot be trained on "
+                                 "every position: pass labels of shape (batch,) for the last position (each prefix a "
+                                 "sample), or use fft_mode='causal'")
+            if labels.shape not in (input_ids.shape, input_ids.shape[:1]):
+                raise ValueError(f"labels must have shape {tuple(input_ids.shape)} (every position) or "
+                                 f"{tuple(input_ids.shape[:1])} (last position), got {tuple(labels.shape)}")
+
+        outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+                             return_dict=True)
+        user_states = outputs.last_hidden_state  # (B, L, D)
+        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        last_index = mask.sum(dim=1) - 1  # (B,)
+        last_states = user_states[torch.arange(len(input_ids), device=input_ids.device), last_index]  # (B, D)
+
+        loss = None
+        if labels is not None:
+            if labels.dim() == 1:
+                loss = F.cross_entropy(self.score(last_states), labels, ignore_index=-100)
+            else:
+                labelled = labels != -100
+                loss = F.cross_entropy(self.score(user_states[labelled]), labels[labelled])  # (M, D) → (M, I)
+
+        logits = None
+        if return_logits:
+            logits = self.score(last_states if last_position_only else user_states)
+
+        if not return_dict:
+            return tuple(v for v in (loss, logits, user_states, outputs.hidden_states) if v is not None)
+        return M2RecRecommendationOutput(loss=loss, logits=logits, last_hidden_state=user_states,
+                                         hidden_states=outputs.hidden_states)
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 10,
+        exclude_seen: bool = False,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """Top-k next items for each history, best first.
+
+        Args:
+            input_ids: (B, L) histories, right-padded with 0 (oldest item first).
+            k: how many items to return, at most `num_items`.
+            exclude_seen: drop items already in the history from the ranking.
+        Returns:
+            `(item_ids, scores)`, both (B, k). Never contains the padding id 0; with `exclude_seen`, items excluded
+            rank after all others (so they appear only if k exceeds the unseen items).
+        """
+        if not 1 <= k <= self.config.num_items:
+            raise ValueError(f"k must be between 1 and num_items={self.config.num_items}, got {k}")
+        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True).logits.float()  # (B, I)
+        if exclude_seen:
+            seen = input_ids if attention_mask is None else input_ids * attention_mask.long()
+            scores.scatter_(1, seen, torch.finfo(scores.dtype).min)
+        scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
+        top_scores, top_items = scores.topk(k, dim=1)
+        return top_items, top_scores
+
+
+M2RecForSequentialRecommendation.register_for_auto_class("AutoModel")

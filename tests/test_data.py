@@ -1,0 +1,285 @@
+"""Readers, preprocessing, cache and leave-one-out views on small fixture files written here."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+import training.data as data
+from training.data import (
+    DataArguments,
+    EvalDataset,
+    PreparedDataset,
+    TrainDataset,
+    collate_eval,
+    collate_train,
+    prepare_dataset,
+    read_raw,
+)
+
+
+def write(path, text, encoding="utf-8"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding=encoding) as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding=encoding)
+    return path
+
+
+def args(tmp_path, **kwargs):
+    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+    return DataArguments(**kwargs)
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+
+def test_movielens_1m_files(tmp_path):
+    write(tmp_path / "ratings.dat", "1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n")
+    write(tmp_path / "movies.dat", "10::Café Society (1995)::Comedy|Romance\n20::Heat (1995)::Action\n", "latin-1")
+    raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path)))
+    assert raw.users == ["1", "1", "2"] and raw.items == ["10", "20", "10"]
+    assert raw.ratings == [5.0, 3.0, 4.0] and raw.timestamps == [978300760.0, 978302109.0, 978301968.0]
+    assert raw.item_text == {"10": "Café Society (1995), Comedy, Romance", "20": "Heat (1995), Action"}
+
+
+def test_movielens_100k_files(tmp_path):
+    write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    flags = ["0"] * 19
+    flags[1] = flags[16] = "1"  # Action, Thriller
+    write(tmp_path / "u.item", "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags) + "\n", "latin-1")
+    raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path / "u.data")))
+    assert raw.items == ["242", "302"] and raw.ratings == [3.0, 3.0]
+    assert raw.item_text == {"242": "Kolya (1996), Action, Thriller"}
+    raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path),
+                        text_template="{title} ({release_date})"))
+    assert raw.item_text == {"242": "Kolya (1996) (24-Jan-1997)"}
+
+
+def test_recbole_atomic_files(tmp_path):
+    write(tmp_path / "ml" / "ml.inter",
+          "timestamp:float\tuser_id:token\titem_id:token\trating:float\n5\tu1\ti1\t4\n6\tu1\ti2\t2\n")
+    write(tmp_path / "ml" / "ml.item",
+          "item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni1\tHeat\tAction Crime\n")
+    raw = read_raw(args(tmp_path, format="recbole", data_path=str(tmp_path / "ml"), rating_threshold=3))
+    assert raw.users == ["u1", "u1"] and raw.items == ["i1", "i2"]
+    assert raw.timestamps == [5.0, 6.0] and raw.ratings == [4.0, 2.0]
+    assert raw.item_text == {"i1": "Heat, Action Crime"}
+
+
+def test_sequence_file_with_item_table(tmp_path):
+    write(tmp_path / "seq.txt.gz", "A x y z\nB z x\n")
+    write(tmp_path / "titles.tsv", 'asin\ttitle\nx\t12" "Brush" set\nz\tLip balm\n')
+    raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt.gz"),
+                        item_path=str(tmp_path / "titles.tsv"), item_id_column="asin"))
+    assert raw.users == ["A", "A", "A", "B", "B"] and raw.items == ["x", "y", "z", "z", "x"]
+    assert raw.timestamps is None
+    assert raw.item_text == {"x": '12" "Brush" set', "z": "Lip balm"}
+
+
+def test_table_with_text_from_interactions_and_lookup(tmp_path):
+    # Foursquare-like: item text is a category code in the interaction table, named in a mapping file.
+    write(tmp_path / "checkins.csv.gz", "Uid,Pid,Catname,Time\n1,p1,25,2012-04-03 14:00\n1,p2,3,2012-04-03 15:30\n"
+                                        "2,p1,3,2012-04-04 09:00\n")
+    write(tmp_path / "cat.csv", "Original_Catname,Mapped_Catname\n\"Bar, Pub\",25\nFood,3\n")
+    raw = read_raw(args(tmp_path, format="table", data_path=str(tmp_path / "checkins.csv.gz"), user_column="Uid",
+                        item_column="Pid", time_column="Time", text_columns=["Catname"],
+                        text_lookup_path=str(tmp_path / "cat.csv"), text_lookup_column="Catname",
+                        text_lookup_key="Mapped_Catname", text_lookup_value="Original_Catname"))
+    assert raw.items == ["p1", "p2", "p1"]
+    assert raw.timestamps[1] - raw.timestamps[0] == 90 * 60
+    assert raw.item_text == {"p1": "Bar, Pub", "p2": "Food"}  # first value per item wins
+
+
+def test_table_jsonl_and_parquet_agree(tmp_path):
+    rows = [{"u": "a", "i": 1, "t": 3}, {"u": "a", "i": 2, "t": 1}]
+    write(tmp_path / "x.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    for name in ("x.jsonl", "x.parquet"):
+        raw = read_raw(args(tmp_path, format="table", data_path=str(tmp_path / name), user_column="u",
+                            item_column="i", time_column="t"))
+        assert (raw.users, raw.items, raw.timestamps) == (["a", "a"], ["1", "2"], [3.0, 1.0])
+
+
+@pytest.mark.parametrize("name, text, options, expected", [
+    ("ratings.dat", "1::2::3::4\n1::2::3\n", {"format": "movielens"}, "line 2"),
+    ("ratings.dat", "1::2::3::4\n\n1::2::x::4\n", {"format": "movielens"}, "line 3: rating must be a number"),
+    ("seq.txt", "u1 a b\nu2\n", {"format": "sequence"}, "line 2: expected 'user item"),
+    ("seq.txt", "u1 a b\nu1 c\n", {"format": "sequence"}, "line 2: user 'u1' already has a line (1)"),
+    ("t.csv", "user_id,item_id,timestamp\n1,2,3\n1,2\n", {"format": "table"}, "line 3: expected 3 fields"),
+    ("t.csv", "user_id,item_id,timestamp\n1,2,yesterday\n", {"format": "table"}, "line 2: cannot read time"),
+    ("t.csv", "user_id,item_id,timestamp\n1,,3\n", {"format": "table"}, "line 2: empty 'item_id'"),
+    ("t.csv", "user,item_id,timestamp\n1,2,3\n", {"format": "table"}, "line 2: no column 'user_id'"),
+    ("t.jsonl", '{"user_id": 1, "item_id": 2, "timestamp": 3}\n{"user_id": 1,\n', {"format": "table"},
+     "line 2: not valid JSON"),
+    ("x.inter", "user_id:token\titem_id:token\n1\t2\t3\n", {"format": "recbole", "time_column": None},
+     "line 2: expected 2 fields"),
+])
+def test_malformed_input_names_file_and_line(tmp_path, name, text, options, expected):
+    path = write(tmp_path / name, text)
+    with pytest.raises(ValueError) as error:
+        read_raw(args(tmp_path, data_path=str(path), **options))
+    assert str(path) in str(error.value) and expected in str(error.value)
+
+
+def test_malformed_item_file_names_file_and_line(tmp_path):
+    write(tmp_path / "ratings.dat", "1::10::5::1\n")
+    write(tmp_path / "movies.dat", "10::Heat::Action\n11::Broken\n", "latin-1")
+    with pytest.raises(ValueError, match=r"movies\.dat, line 2: expected 3 fields"):
+        read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path)))
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def sequence_file(tmp_path, lines, name="seq.txt"):
+    return str(write(tmp_path / name, "".join(line + "\n" for line in lines)))
+
+
+def test_iterative_k_core(tmp_path):
+    # One pass would keep u3 and d; removing u4 drops e below 2, then u3 below 3, then d below 2.
+    path = sequence_file(tmp_path, ["u1 a b c", "u2 a b c d", "u3 a d e", "u4 e f"])
+    prepared = prepare_dataset(args(tmp_path, format="sequence", data_path=path, user_core=3, item_core=2))
+    assert prepared.user_ids == ["u1", "u2"]
+    assert prepared.item_id_map == {"a": 1, "b": 2, "c": 3}
+    assert prepared.sequences == [[1, 2, 3], [1, 2, 3]]
+
+
+def test_user_core_is_at_least_three(tmp_path):
+    path = sequence_file(tmp_path, ["u1 a b c", "u2 a b"])
+    prepared = prepare_dataset(args(tmp_path, format="sequence", data_path=path, user_core=0, item_core=0))
+    assert prepared.user_ids == ["u1"]
+
+
+def test_empty_after_filtering_is_an_error(tmp_path):
+    path = sequence_file(tmp_path, ["u1 a b c", "u2 d e f"])
+    with pytest.raises(ValueError, match="no interactions left after filtering.*item_core=2"):
+        prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+
+
+def test_rating_threshold(tmp_path):
+    write(tmp_path / "ratings.dat", "".join(f"1::{i}::{1 + i % 5}::{i}\n" for i in range(10)))
+    prepared = prepare_dataset(args(tmp_path, format="movielens", data_path=str(tmp_path), rating_threshold=4,
+                                    user_core=3, item_core=0))
+    assert list(prepared.item_id_map) == ["3", "4", "8", "9"]  # ratings 4 and 5
+    with pytest.raises(ValueError, match="gave no ratings"):
+        prepare_dataset(args(tmp_path, format="sequence", data_path=sequence_file(tmp_path, ["u a b c"]),
+                             rating_threshold=4))
+
+
+def test_stable_time_sort_and_id_remap(tmp_path):
+    # User x: times 5, 3, 3, 1 -> s, q, r, p (q before r: ties keep file order). User y: r and q tie.
+    rows = ["x,p,5", "y,r,2", "x,q,3", "x,r,3", "y,q,2", "x,s,1", "y,p,1"]
+    path = write(tmp_path / "t.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    prepared = prepare_dataset(args(tmp_path, format="table", data_path=str(path), user_core=3, item_core=0))
+    assert prepared.item_id_map == {"p": 1, "r": 2, "q": 3, "s": 4}  # first appearance in the file
+    assert prepared.user_ids == ["x", "y"]
+    assert prepared.sequences == [[4, 3, 2, 1], [1, 2, 3]]
+    assert prepared.num_items == 4 and prepared.num_interactions == 7
+    saved = json.loads((prepared.path / "item_id_map.json").read_text())
+    assert saved == {"p": 1, "r": 2, "q": 3, "s": 4}
+
+
+def test_item_texts_aligned_to_new_ids(tmp_path):
+    path = sequence_file(tmp_path, ["u1 b a c"])
+    write(tmp_path / "items.tsv", "item_id\ttitle\nc\tCee\nb\tBee\n")
+    prepared = prepare_dataset(args(tmp_path, format="sequence", data_path=path, user_core=3, item_core=0,
+                                    item_path=str(tmp_path / "items.tsv")))
+    assert prepared.item_texts == ["", "Bee", None, "Cee"]  # ids: b=1, a=2 (no text), c=3
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+
+def test_cache_hit_and_miss(tmp_path, monkeypatch):
+    path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
+    first = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+    assert (first.path / "meta.json").exists()
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    def no_reading(_):
+        raise AssertionError("read_raw called")
+
+    monkeypatch.setattr(data, "read_raw", no_reading)
+    again = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2, max_len=3))
+    assert again.path == first.path and again.sequences == first.sequences
+    assert again.item_id_map == first.item_id_map and again.user_ids == first.user_ids
+    with pytest.raises(AssertionError, match="read_raw called"):  # a changed setting misses
+        prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=1))
+    sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d f"])
+    with pytest.raises(AssertionError, match="read_raw called"):  # changed file bytes miss
+        prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+
+
+# --- leave-one-out views ------------------------------------------------------------------------
+
+
+def hand_dataset():
+    return PreparedDataset(sequences=[[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 1, 2]], user_ids=["a", "b"],
+                           item_id_map={str(i): i for i in range(1, 8)}, item_texts=[""] + [None] * 7)
+
+
+def test_leave_one_out_split():
+    prepared = hand_dataset()
+    assert prepared.train_sequences() == [[1, 2, 3], [3, 4, 5, 6, 7]]
+    assert prepared.eval_examples("valid") == [([1, 2, 3], 4), ([3, 4, 5, 6, 7], 1)]
+    assert prepared.eval_examples("test") == [([1, 2, 3, 4], 5), ([3, 4, 5, 6, 7, 1], 2)]
+    assert prepared.eval_examples("test", max_len=2) == [([3, 4], 5), ([7, 1], 2)]
+
+
+def test_train_dataset_all_positions_and_truncation():
+    prepared = hand_dataset()
+    full = TrainDataset(prepared, max_len=10)
+    assert [full[k] for k in range(len(full))] == [
+        {"input_ids": [1, 2], "labels": [2, 3]},
+        {"input_ids": [3, 4, 5, 6], "labels": [4, 5, 6, 7]},
+    ]
+    short = TrainDataset(prepared, max_len=2)  # most recent max_len + 1 training items
+    assert short[1] == {"input_ids": [5, 6], "labels": [6, 7]}
+    batch = collate_train([short[0], full[1]])
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 6]]
+    assert batch["labels"].tolist() == [[2, 3, -100, -100], [4, 5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert collate_train([short[0]], pad_to=3)["input_ids"].shape == (1, 3)
+
+
+def test_train_dataset_every_prefix():
+    prefixes = TrainDataset(hand_dataset(), max_len=2, mode="last")
+    samples = [prefixes[k] for k in range(len(prefixes))]
+    assert samples[:2] == [{"input_ids": [1], "labels": [2]}, {"input_ids": [1, 2], "labels": [-100, 3]}]
+    assert samples[-1] == {"input_ids": [5, 6], "labels": [-100, 7]}
+    assert len(samples) == 2 + 4
+    batch = collate_train(samples[:2])
+    assert batch["labels"].tolist() == [[2, -100], [-100, 3]]
+
+
+def test_eval_dataset_and_collate():
+    dataset = EvalDataset(hand_dataset(), "test", max_len=3, include_history=True)
+    batch = collate_eval([dataset[0], dataset[1]])
+    assert batch["input_ids"].tolist() == [[2, 3, 4], [6, 7, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert batch["target"].tolist() == [5, 2] and batch["user_index"].tolist() == [0, 1]
+    assert batch["history"].tolist() == [[1, 2, 3, 4, 0, 0], [3, 4, 5, 6, 7, 1]]
+    batch = collate_eval([EvalDataset(hand_dataset(), "valid", max_len=10)[0]], pad_to=5)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0]] and "history" not in batch
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_data_arguments_parse_and_validate():
+    (parsed,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(
+        ["--format", "table", "--data_path", "x.csv", "--text_columns", "name", "genre", "--time_column", "",
+         "--rating_threshold", "4"])
+    assert parsed.text_columns == ["name", "genre"] and parsed.time_column is None and parsed.rating_threshold == 4
+    with pytest.raises(ValueError, match="needs data_path"):
+        DataArguments(format="table")
+    with pytest.raises(ValueError, match="format='csv'"):
+        DataArguments(format="csv", data_path="x")
+    with pytest.raises(ValueError, match="go together"):
+        DataArguments(format="table", data_path="x", text_lookup_path="y")

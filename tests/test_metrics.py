@@ -1,0 +1,55 @@
+"""Full-ranking metrics against rankings worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from training.metrics import MetricAccumulator, metrics_from_ranks, rank_targets
+
+SCORES = torch.tensor([
+    [9.0, 0.1, 0.5, 0.3, 0.9, 0.2],  # padding column 0 scores highest but is never ranked
+    [0.0, 0.5, 0.5, 0.1, 0.5, 0.0],  # target 1 ties with items 2 and 4
+])
+TARGETS = torch.tensor([3, 1])
+
+
+def test_rank_ignores_padding_and_ties_are_pessimistic():
+    # Row 0: items 4 (0.9) and 2 (0.5) beat item 3 (0.3). Row 1: items 2 and 4 tie with the target.
+    assert rank_targets(SCORES, TARGETS).tolist() == [2, 2]
+    assert rank_targets(torch.zeros(1, 11), torch.tensor([7])).tolist() == [9]  # constant scores: last
+
+
+def test_exclude_history_keeps_the_target():
+    history = torch.tensor([[4, 0, 0], [2, 1, 4]])  # row 1's history contains its own target
+    assert rank_targets(SCORES, TARGETS, history).tolist() == [1, 0]
+
+
+def test_metric_values():
+    values = metrics_from_ranks(torch.tensor([0, 2, 5, 19, 20]))
+    assert values["hr@5"].tolist() == [1, 1, 0, 0, 0]
+    assert values["hr@10"].tolist() == [1, 1, 1, 0, 0]
+    assert values["hr@20"].tolist() == [1, 1, 1, 1, 0]
+    assert values["ndcg@5"].tolist() == pytest.approx([1, 0.5, 0, 0, 0])
+    assert values["ndcg@10"].tolist() == pytest.approx([1, 0.5, 1 / math.log2(7), 0, 0])
+    assert values["mrr@20"].tolist() == pytest.approx([1, 1 / 3, 1 / 6, 1 / 20, 0])
+
+
+def test_ranking_a_known_order():
+    scores = torch.linspace(1, 0, 31)[None].repeat(3, 1)  # item i has the i-th highest score
+    scores[:, 0] = 5
+    assert rank_targets(scores, torch.tensor([1, 6, 30])).tolist() == [0, 5, 29]
+
+
+def test_accumulator_counts_each_user_once():
+    accumulator = MetricAccumulator(ks=(1, 3))
+    accumulator.add(torch.tensor([0, 2]), torch.tensor([10, 11]))
+    accumulator.add(torch.tensor([0, 1]), torch.tensor([11, 12]))  # user 11 again (distributed padding)
+    results = accumulator.compute()
+    assert results["num_users"] == 3
+    assert results["hr@1"] == pytest.approx(1 / 3)  # ranks 0, 2, 1
+    assert results["hr@3"] == pytest.approx(1.0)
+    assert results["ndcg@3"] == pytest.approx((1 + 0.5 + 1 / math.log2(3)) / 3)
+    assert results["mrr@3"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    with pytest.raises(ValueError, match="no users"):
+        MetricAccumulator().compute()

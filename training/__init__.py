@@ -1,0 +1,1 @@
+"""Training, evaluation and data preparation for M2Rec (see DESIGN.md §4–§5)."""

@@ -1,0 +1,723 @@
+"""Interaction data: readers, preprocessing, on-disk cache, leave-one-out views and batching.
+
+    read_raw(args)            one reader per format -> RawData: interactions in file order + item text
+    preprocess(raw, args)     rating threshold, iterative k-core, stable per-user time sort, item ids 1..N
+    prepare_dataset(args)     read + preprocess, cached on disk -> PreparedDataset (full sequences)
+    TrainDataset, EvalDataset leave-one-out views, truncated to the most recent `max_len` items
+    collate_train/eval        right-padded LongTensor batches (real items first, 0 after)
+
+Ids: items are 1..num_items in order of first appearance in the (filtered) input file, 0 is
+padding; users are indexed 0..num_users-1 in the same way (`PreparedDataset.user_ids`).
+
+The cache is plain JSON files, not `datasets`: a prepared dataset is a few MB of integer lists that
+load in well under a second, stay readable with any tool, and need no second cache layer (datasets
+keeps its own fingerprints and cache files) beside ours. The cache holds full sequences; truncation
+to `max_len` happens in the views, because all-prefix training and `exclude_history` need the whole
+history.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+
+from . import synthetic
+from .text import format_item_text
+
+logger = logging.getLogger(__name__)
+
+# Bump when preprocessing changes what a cache directory holds, so old caches miss.
+PIPELINE_VERSION = 1
+FORMATS = ("synthetic", "movielens", "recbole", "sequence", "table")
+MOVIELENS_100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+
+
+@dataclass
+class DataArguments:
+    """What data to read and how to prepare it (parsable by transformers' HfArgumentParser)."""
+
+    format: Literal["synthetic", "movielens", "recbole", "sequence", "table"] = field(
+        default="synthetic",
+        metadata={"help": "Input format: synthetic (embedded default, no files), movielens (ratings.dat+movies.dat "
+                          "or u.data+u.item), recbole (.inter+.item), sequence (one 'user item item ...' line per "
+                          "user, oldest first), table (CSV/TSV/JSONL/Parquet, optionally .gz)."})
+    data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Interaction file. For movielens and recbole also a folder holding the usual files."})
+    item_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Item table with text: movies.dat, u.item, a RecBole .item or a CSV/TSV/JSONL/Parquet "
+                          "table. movielens/recbole default to the file next to the interactions."})
+    user_column: str = field(default="user_id", metadata={"help": "User column (table, recbole)."})
+    item_column: str = field(default="item_id", metadata={"help": "Item column (table, recbole)."})
+    time_column: Optional[str] = field(
+        default="timestamp",
+        metadata={"help": "Time column (table, recbole): numbers or ISO dates. Empty/null: file order is time order."})
+    rating_column: str = field(
+        default="rating", metadata={"help": "Rating column (table, recbole); read only when rating_threshold is set."})
+    item_id_column: Optional[str] = field(
+        default=None, metadata={"help": "Id column of a generic item table; default: item_column."})
+    text_columns: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Columns joined with ', ' into the item text. Default: title, genres (MovieLens); all "
+                          "non-id columns of an item table. Without an item table they are read from the "
+                          "interaction table, first value per item."})
+    text_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "str.format template over the item's columns instead of joining text_columns, "
+                          "e.g. '{title}, {genres}'."})
+    text_lookup_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Table that replaces the codes of one text column by text (e.g. category id -> name)."})
+    text_lookup_column: Optional[str] = field(
+        default=None, metadata={"help": "Text column whose values are codes to look up."})
+    text_lookup_key: Optional[str] = field(default=None, metadata={"help": "Code column of the lookup table."})
+    text_lookup_value: Optional[str] = field(default=None, metadata={"help": "Text column of the lookup table."})
+    rating_threshold: Optional[float] = field(
+        default=None, metadata={"help": "Keep interactions with rating >= this. Default: every interaction counts."})
+    user_core: int = field(
+        default=5, metadata={"help": "Iterative k-core: minimum interactions per user (raised to 3, which "
+                                     "leave-one-out needs)."})
+    item_core: int = field(default=5, metadata={"help": "Iterative k-core: minimum interactions per item."})
+    max_len: int = field(default=200, metadata={"help": "Most recent items a model input keeps."})
+    cache_dir: Optional[str] = field(
+        default="~/.cache/m2rec", metadata={"help": "Where prepared data and text embeddings are cached; null: none."})
+    synthetic_users: int = field(default=1000, metadata={"help": "Users of the synthetic dataset."})
+    synthetic_items: int = field(default=500, metadata={"help": "Items of the synthetic dataset."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic dataset."})
+    text_encoder: str = field(
+        default="BAAI/bge-large-en-v1.5",
+        metadata={"help": "sentence-transformers model id or local folder that encodes item text."})
+    text_batch_size: int = field(default=64, metadata={"help": "Batch size of the text encoder."})
+
+    def __post_init__(self):
+        # The command line cannot pass None; an empty string means "not set".
+        for name in ("data_path", "item_path", "time_column", "item_id_column", "text_template", "text_lookup_path",
+                     "text_lookup_column", "text_lookup_key", "text_lookup_value", "cache_dir"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}; choose one of {FORMATS}")
+        if self.format != "synthetic" and self.data_path is None:
+            raise ValueError(f"format={self.format!r} needs data_path")
+        lookup = [self.text_lookup_path, self.text_lookup_column, self.text_lookup_key, self.text_lookup_value]
+        if any(v is not None for v in lookup) and not all(v is not None for v in lookup):
+            raise ValueError("text_lookup_path, text_lookup_column, text_lookup_key and text_lookup_value go together; "
+                             f"got {lookup}")
+        if self.user_core < 0 or self.item_core < 0 or self.max_len < 1:
+            raise ValueError(f"need user_core >= 0, item_core >= 0, max_len >= 1; got "
+                             f"{self.user_core}, {self.item_core}, {self.max_len}")
+
+
+@dataclass
+class RawData:
+    """What every reader returns: interactions in file order, and item text by raw item id.
+
+    timestamps is None when file order is time order (sequence files); ratings is None when the
+    format has none or they were not asked for.
+    """
+
+    users: list[str]
+    items: list[str]
+    timestamps: Optional[list[float]]
+    ratings: Optional[list[float]]
+    item_text: dict[str, str]
+
+
+# --- reading files -----------------------------------------------------------------------------
+
+
+def _error(path: Path, number: int, message: str) -> ValueError:
+    unit = "row" if _table_kind(path) == "parquet" else "line"
+    return ValueError(f"{path}, {unit} {number}: {message}")
+
+
+def _open_text(path: Path, encoding: str = "utf-8"):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding=encoding, newline="")
+    return open(path, encoding=encoding, newline="")
+
+
+def _iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline), blank lines skipped."""
+    with _open_text(path, encoding) as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _table_kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    for kind, suffixes in (("csv", (".csv",)), ("tsv", (".tsv", ".tab", ".txt", ".inter", ".item")),
+                           ("jsonl", (".jsonl", ".ndjson")), ("parquet", (".parquet", ".pq"))):
+        if name.endswith(suffixes):
+            return kind
+    return "unknown"
+
+
+def _iter_rows(path: Path, recbole: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a table as (line number, or row number for Parquet; {column: value})."""
+    kind = _table_kind(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+            yield from enumerate(pq.read_table(f).to_pylist(), start=1)
+    elif kind == "jsonl":
+        for number, line in _iter_lines(path):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _error(path, number, f"not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise _error(path, number, f"expected a JSON object, got {type(row).__name__}")
+            yield number, row
+    elif kind in ("csv", "tsv"):
+        # TSV has no quoting convention (titles contain bare quotes), so quotes are plain text there.
+        options = {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+        with _open_text(path) as f:
+            reader = csv.reader(f, **options)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path} is empty")
+            if recbole:  # RecBole headers are "name:type"
+                header = [h.split(":")[0] for h in header]
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise _error(path, reader.line_num, f"expected {len(header)} fields {header}, got {len(row)}")
+                yield reader.line_num, dict(zip(header, row))
+    else:
+        raise ValueError(f"{path}: unknown table type; use .csv, .tsv, .jsonl or .parquet (optionally .gz)")
+
+
+def _value(row: dict[str, Any], column: str, path: Path, number: int) -> str:
+    if column not in row:
+        raise _error(path, number, f"no column {column!r}; columns are {list(row)}")
+    value = row[column]
+    if value is None or str(value).strip() == "":
+        raise _error(path, number, f"empty {column!r}")
+    return str(value).strip()
+
+
+def _number(text: str, what: str, path: Path, number: int) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _error(path, number, f"{what} must be a number, got {text!r}") from None
+    if math.isnan(value):
+        raise _error(path, number, f"{what} is NaN")
+    return value
+
+
+def _parse_time(value: Any, path: Path, number: int) -> float:
+    """Seconds: numbers as they are, ISO dates as POSIX time (naive dates read as UTC)."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        text = str(value).strip()
+        try:
+            return _number(text, "time", path, number)
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise _error(path, number, f"cannot read time {text!r}: expected a number or an ISO date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _item_texts(rows: Iterator[tuple[int, str, dict[str, Any]]], path: Path, args: DataArguments,
+                default_columns: Optional[tuple[str, ...]] = None) -> dict[str, str]:
+    """Raw item id -> text, from (line number, item id, fields) rows; the first row of an item wins.
+
+    Columns: args.text_columns, else `default_columns`, else every field but the id.
+    """
+    lookup = _read_lookup(args)
+    id_column = args.item_id_column or args.item_column
+    texts: dict[str, str] = {}
+    for number, item, fields in rows:
+        if item in texts:
+            continue
+        columns = args.text_columns or default_columns or [c for c in fields if c != id_column]
+        missing = [c for c in columns if c not in fields]
+        if missing:
+            raise _error(path, number, f"text columns {missing} not found; columns are {list(fields)}")
+        if lookup is not None:
+            code = _value(fields, args.text_lookup_column, path, number)
+            if code not in lookup:
+                raise _error(path, number, f"{args.text_lookup_column}={code!r} is not in {args.text_lookup_path}")
+            fields = {**fields, args.text_lookup_column: lookup[code]}
+        try:
+            texts[item] = format_item_text(fields, columns, args.text_template)
+        except ValueError as e:
+            raise _error(path, number, str(e)) from None
+    return texts
+
+
+def _read_lookup(args: DataArguments) -> Optional[dict[str, str]]:
+    if args.text_lookup_path is None:
+        return None
+    path = Path(args.text_lookup_path).expanduser()
+    return {_value(row, args.text_lookup_key, path, n): _value(row, args.text_lookup_value, path, n)
+            for n, row in _iter_rows(path)}
+
+
+def _read_item_file(path: Path, args: DataArguments) -> dict[str, str]:
+    """Item text from movies.dat, u.item, a RecBole .item or a generic table (chosen by file name)."""
+    name = path.name.lower().removesuffix(".gz")
+    if name == "u.item":
+        return _item_texts(_movielens_100k_items(path), path, args, ("title", "genres"))
+    if name.endswith(".dat"):
+        return _item_texts(_movielens_items(path), path, args, ("title", "genres"))
+    id_column = args.item_id_column or args.item_column
+    rows = ((n, _value(row, id_column, path, n), row) for n, row in _iter_rows(path, recbole=name.endswith(".item")))
+    return _item_texts(rows, path, args)
+
+
+def _movielens_items(path: Path) -> Iterator[tuple[int, str, dict[str, str]]]:
+    for number, line in _iter_lines(path, "latin-1"):
+        parts = line.split("::")
+        if len(parts) != 3:
+            raise _error(path, number, f"expected 3 fields item::title::genres, got {len(parts)}: {line!r}")
+        yield number, parts[0].strip(), {"title": parts[1], "genres": parts[2].replace("|", ", ")}
+
+
+def _movielens_100k_items(path: Path) -> Iterator[tuple[int, str, dict[str, str]]]:
+    for number, line in _iter_lines(path, "latin-1"):
+        parts = line.split("|")
+        if len(parts) != 5 + len(MOVIELENS_100K_GENRES):
+            raise _error(path, number, f"expected {5 + len(MOVIELENS_100K_GENRES)} '|'-separated fields (id|title|"
+                                       f"release date|video release date|url|19 genre flags), got {len(parts)}")
+        flags = parts[5:]
+        if any(flag not in ("0", "1") for flag in flags):
+            raise _error(path, number, f"genre flags must be 0 or 1, got {flags}")
+        genres = ", ".join(g for g, flag in zip(MOVIELENS_100K_GENRES, flags) if flag == "1")
+        yield number, parts[0].strip(), {"title": parts[1], "release_date": parts[2],
+                                         "video_release_date": parts[3], "url": parts[4], "genres": genres}
+
+
+def _input_files(args: DataArguments) -> dict[str, Path]:
+    """The files a format reads: 'data', and 'items' / 'lookup' when there are any."""
+    if args.format == "synthetic":
+        # The generator's source is the input: editing it must invalidate cached copies.
+        return {"data": Path(synthetic.__file__)}
+    data = Path(args.data_path).expanduser()
+    items = Path(args.item_path).expanduser() if args.item_path else None
+    if args.format == "movielens":
+        if data.is_dir():
+            data = data / "ratings.dat" if (data / "ratings.dat").exists() else data / "u.data"
+        if items is None:
+            items = data.parent / ("u.item" if data.name.startswith("u.data") else "movies.dat")
+            items = items if items.exists() else None
+    elif args.format == "recbole":
+        if data.is_dir():
+            inter = sorted(data.glob("*.inter"))
+            if len(inter) != 1:
+                raise ValueError(f"{data}: expected one .inter file, found {[p.name for p in inter]}")
+            data = inter[0]
+        if items is None:
+            items = data.with_suffix(".item") if data.with_suffix(".item").exists() else None
+    files = {"data": data, "items": items}
+    if args.text_lookup_path:
+        files["lookup"] = Path(args.text_lookup_path).expanduser()
+    for path in files.values():
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file (format={args.format!r})")
+    return {role: path for role, path in files.items() if path is not None}
+
+
+def _read_movielens(files: dict[str, Path], args: DataArguments) -> RawData:
+    path = files["data"]
+    double_colon = path.name.lower().removesuffix(".gz").endswith(".dat")  # ratings.dat; u.data is tab-separated
+    form = "user::item::rating::timestamp" if double_colon else "user<TAB>item<TAB>rating<TAB>timestamp"
+    users, items, timestamps, ratings = [], [], [], []
+    for number, line in _iter_lines(path, "latin-1"):
+        parts = line.split("::") if double_colon else line.split()
+        if len(parts) != 4 or not parts[0].strip() or not parts[1].strip():
+            raise _error(path, number, f"expected {form}, got {line!r}")
+        users.append(parts[0].strip())
+        items.append(parts[1].strip())
+        ratings.append(_number(parts[2], "rating", path, number))
+        timestamps.append(_number(parts[3], "timestamp", path, number))
+    item_text = _read_item_file(files["items"], args) if "items" in files else {}
+    return RawData(users, items, timestamps, ratings, item_text)
+
+
+def _read_table(files: dict[str, Path], args: DataArguments) -> RawData:
+    """Generic tables and RecBole .inter files (their headers read as field names)."""
+    path = files["data"]
+    recbole = args.format == "recbole"
+    use_ratings = args.rating_threshold is not None
+    text_from_rows = "items" not in files and bool(args.text_columns)
+    users, items, timestamps, ratings = [], [], [], []
+    first_rows: dict[str, tuple[int, dict[str, Any]]] = {}
+    for number, row in _iter_rows(path, recbole=recbole):
+        user = _value(row, args.user_column, path, number)
+        item = _value(row, args.item_column, path, number)
+        users.append(user)
+        items.append(item)
+        if args.time_column is not None:
+            timestamps.append(_parse_time(_value(row, args.time_column, path, number), path, number))
+        if use_ratings:
+            ratings.append(_number(_value(row, args.rating_column, path, number), "rating", path, number))
+        if text_from_rows and item not in first_rows:
+            first_rows[item] = (number, row)
+    if "items" in files:
+        item_text = _read_item_file(files["items"], args)
+    else:
+        item_text = _item_texts(((n, item, row) for item, (n, row) in first_rows.items()), path, args)
+    return RawData(users, items, timestamps if args.time_column else None, ratings if use_ratings else None, item_text)
+
+
+def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
+    path = files["data"]
+    users, items = [], []
+    first_line: dict[str, int] = {}
+    for number, line in _iter_lines(path):
+        tokens = line.split()
+        if len(tokens) < 2:
+            raise _error(path, number, f"expected 'user item [item ...]', got {line!r}")
+        if tokens[0] in first_line:
+            raise _error(path, number, f"user {tokens[0]!r} already has a line ({first_line[tokens[0]]})")
+        first_line[tokens[0]] = number
+        users += [tokens[0]] * (len(tokens) - 1)
+        items += tokens[1:]
+    item_text = _read_item_file(files["items"], args) if "items" in files else {}
+    return RawData(users, items, None, None, item_text)
+
+
+def _read_synthetic(files: dict[str, Path], args: DataArguments) -> RawData:
+    data = synthetic.generate_synthetic(args.synthetic_users, args.synthetic_items, seed=args.synthetic_seed)
+    return RawData(data.users, data.items, data.timestamps, None, data.item_text)
+
+
+_READERS = {"synthetic": _read_synthetic, "movielens": _read_movielens, "recbole": _read_table,
+            "sequence": _read_sequences, "table": _read_table}
+
+
+def read_raw(args: DataArguments) -> RawData:
+    """Read the interactions and item text that `args` points at (no filtering)."""
+    raw = _READERS[args.format](_input_files(args), args)
+    if not raw.users:
+        raise ValueError(f"{args.data_path}: no interactions")
+    return raw
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedDataset:
+    """Preprocessed interactions: one full sequence per user, oldest first, item ids 1..num_items.
+
+    sequences[u]: item ids of user u (user_ids[u] is the raw id); item_id_map: raw item id -> id;
+    item_texts[i]: text of item i, index 0 = "" (padding), None for items without text;
+    path: the cache directory it lives in (holds item_id_map.json), None when not cached.
+    """
+
+    sequences: list[list[int]]
+    user_ids: list[str]
+    item_id_map: dict[str, int]
+    item_texts: list[Optional[str]]
+    path: Optional[Path] = None
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_texts) - 1
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def train_sequences(self) -> list[list[int]]:
+        """Per user, the history minus its last two items (validation and test targets)."""
+        return [s[:-2] for s in self.sequences]
+
+    def eval_examples(self, split: str, max_len: Optional[int] = None) -> list[tuple[list[int], int]]:
+        """Per user, (input, target). valid: input = all but the last two items, target = second-to-last;
+        test: input = all but the last item, target = last. Inputs keep their most recent max_len items."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split={split!r}; choose 'valid' or 'test'")
+        cut = 2 if split == "valid" else 1
+        start = -max_len if max_len else None
+        return [(s[:-cut][start:], s[-cut]) for s in self.sequences]
+
+    def save(self, directory: str | os.PathLike, meta: Optional[dict] = None) -> Path:
+        """Write the dataset to `directory` atomically (temporary folder, then rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        try:
+            _write_json(tmp / "sequences.json", {"user_ids": self.user_ids, "sequences": self.sequences})
+            _write_json(tmp / "item_id_map.json", self.item_id_map)
+            _write_json(tmp / "item_texts.json", self.item_texts)
+            _write_json(tmp / "meta.json", {"num_users": self.num_users, "num_items": self.num_items,
+                                            "num_interactions": self.num_interactions, **(meta or {})})
+            os.rename(tmp, directory)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (directory / "meta.json").exists():
+                raise
+            # Another process finished the same cache entry first; its copy is identical.
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PreparedDataset":
+        directory = Path(directory)
+        with open(directory / "sequences.json") as f:
+            sequences = json.load(f)
+        with open(directory / "item_id_map.json") as f:
+            item_id_map = json.load(f)
+        with open(directory / "item_texts.json") as f:
+            item_texts = json.load(f)
+        return cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, ensure_ascii=False, separators=(",", ":"))
+
+
+def _first_appearance_codes(values: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Integer codes 0.. in order of first appearance, and the value of each code."""
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return codes, list(index)
+
+
+def k_core(users: np.ndarray, items: np.ndarray, keep: np.ndarray, user_core: int, item_core: int) -> np.ndarray:
+    """Iterative k-core: drop interactions of users with < user_core or items with < item_core kept
+    interactions (repeats count), recount, repeat until nothing changes. Returns the new keep mask."""
+    keep = keep.copy()
+    while True:
+        user_counts = np.bincount(users[keep], minlength=users.max() + 1)
+        item_counts = np.bincount(items[keep], minlength=items.max() + 1)
+        drop = keep & ((user_counts[users] < user_core) | (item_counts[items] < item_core))
+        if not drop.any():
+            return keep
+        keep &= ~drop
+
+
+def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
+    """Rating threshold, k-core, per-user stable time sort and id remapping (see module docstring)."""
+    keep = np.ones(len(raw.users), dtype=bool)
+    if args.rating_threshold is not None:
+        if raw.ratings is None:
+            raise ValueError(f"rating_threshold={args.rating_threshold} but format {args.format!r} gave no ratings")
+        keep &= np.asarray(raw.ratings) >= args.rating_threshold
+    users, user_names = _first_appearance_codes(raw.users)
+    items, item_names = _first_appearance_codes(raw.items)
+    # Leave-one-out needs a training item, a validation target and a test target per user.
+    keep = k_core(users, items, keep, max(args.user_core, 3), args.item_core)
+    if not keep.any():
+        raise ValueError(f"no interactions left after filtering {args.data_path or args.format!r} "
+                         f"(rating_threshold={args.rating_threshold}, user_core={args.user_core}, "
+                         f"item_core={args.item_core}, {len(keep)} interactions before)")
+    rows = np.flatnonzero(keep)  # kept interactions in file order
+    users, items = users[rows], items[rows]
+
+    # Item ids 1..N in order of first appearance among kept interactions.
+    kept_items, first_row = np.unique(items, return_index=True)
+    new_id = np.zeros(len(item_names), dtype=np.int64)
+    new_id[kept_items[np.argsort(first_row)]] = np.arange(1, len(kept_items) + 1)
+
+    # Group by user (codes are in first-appearance order), then by time; both sorts are stable, so
+    # equal timestamps keep file order.
+    if raw.timestamps is None:
+        order = np.argsort(users, kind="stable")
+    else:
+        order = np.lexsort((np.asarray(raw.timestamps)[rows], users))
+    user_codes, lengths = np.unique(users[order], return_counts=True)
+    sequences = [s.tolist() for s in np.split(new_id[items[order]], np.cumsum(lengths)[:-1])]
+
+    item_id_map = {item_names[code]: int(new_id[code]) for code in kept_items}
+    item_texts: list[Optional[str]] = [""] + [None] * len(item_id_map)
+    for name, item_id in item_id_map.items():
+        item_texts[item_id] = raw.item_text.get(name) or None
+    return PreparedDataset(sequences, [user_names[u] for u in user_codes], item_id_map, item_texts)
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+# Settings that do not change the prepared data (max_len truncates in the views).
+_NOT_IN_FINGERPRINT = {"data_path", "item_path", "text_lookup_path", "max_len", "cache_dir", "text_encoder",
+                       "text_batch_size"}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(args: DataArguments) -> str:
+    """sha256 of the input files' bytes and of every setting that changes the prepared data.
+
+    Content, not size+mtime: a copied or moved file still hits, an edit within the same second
+    still misses, and hashing is much cheaper than parsing the same bytes.
+    """
+    settings = {k: v for k, v in asdict(args).items() if k not in _NOT_IN_FINGERPRINT}
+    files = {role: _sha256_file(path) for role, path in _input_files(args).items()}
+    blob = json.dumps({"version": PIPELINE_VERSION, "settings": settings, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_dataset(args: DataArguments) -> PreparedDataset:
+    """Read and preprocess the data `args` describes, or load it from the cache.
+
+    Cache entry: <cache_dir>/<format>-<fingerprint[:16]>/ with sequences.json, item_id_map.json,
+    item_texts.json and meta.json. Concurrent processes may all build it; the first rename wins.
+    """
+    key = fingerprint(args)
+    directory = Path(args.cache_dir).expanduser() / f"{args.format}-{key[:16]}" if args.cache_dir else None
+    if directory is not None and (directory / "meta.json").exists():
+        logger.info("loading prepared data from %s", directory)
+        return PreparedDataset.load(directory)
+
+    start = time.perf_counter()
+    raw = read_raw(args)
+    prepared = preprocess(raw, args)
+    missing_text = sum(t is None for t in prepared.item_texts[1:])
+    logger.info("prepared %s in %.1fs: %d users, %d items, %d interactions (%d read); %d items without text",
+                args.data_path or args.format, time.perf_counter() - start, prepared.num_users, prepared.num_items,
+                prepared.num_interactions, len(raw.users), missing_text)
+    if directory is not None:
+        prepared.save(directory, meta={"fingerprint": key, "settings": asdict(args)})
+    return prepared
+
+
+# --- views and batches --------------------------------------------------------------------------
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Training samples from each user's history minus the last two items.
+
+    mode="all": one sample per user, for next-item loss at every position. The window is the most
+    recent max_len + 1 training items; input_ids = window[:-1], labels = window[1:]. So labels[t] is
+    the item after input_ids[t] (input_ids[t + 1], and for the last input the next item that did not
+    fit), and every real position has a label.
+    mode="last": every prefix is a sample (RecBole style): input_ids = the up to max_len items before
+    position e, one label (the item at e) at the last real position, -100 elsewhere.
+    Users with fewer than two training items give no sample.
+    """
+
+    def __init__(self, prepared: PreparedDataset, max_len: int, mode: str = "all"):
+        if mode not in ("all", "last"):
+            raise ValueError(f"mode={mode!r}; choose 'all' (every position) or 'last' (every prefix)")
+        self.sequences, self.max_len, self.mode = prepared.train_sequences(), max_len, mode
+        users, ends = [], []  # sample k predicts sequences[users[k]][ends[k]]
+        for user, sequence in enumerate(self.sequences):
+            if len(sequence) >= 2:
+                positions = [len(sequence) - 1] if mode == "all" else range(1, len(sequence))
+                users += [user] * len(positions)
+                ends += positions
+        self.users, self.ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, k: int) -> dict[str, list[int]]:
+        sequence, end = self.sequences[self.users[k]], int(self.ends[k])
+        start = max(0, end - self.max_len)
+        input_ids = sequence[start:end]
+        if self.mode == "all":
+            labels = sequence[start + 1:end + 1]
+        else:
+            labels = [-100] * (len(input_ids) - 1) + [sequence[end]]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """One example per user: the leave-one-out input (most recent max_len items) and target.
+
+    With include_history=True an example also carries the user's full history before the target,
+    for `exclude_history` metrics (the input alone is truncated to max_len).
+    """
+
+    def __init__(self, prepared: PreparedDataset, split: str, max_len: int, include_history: bool = False):
+        self.examples = prepared.eval_examples(split)  # full histories; truncated per item below
+        self.max_len, self.include_history = max_len, include_history
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, user: int) -> dict[str, Any]:
+        history, target = self.examples[user]
+        example = {"input_ids": history[-self.max_len:], "target": target, "user_index": user}
+        if self.include_history:
+            example["history"] = history
+        return example
+
+
+def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
+    """Right-pad lists into a (B, length) LongTensor."""
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _batch_length(rows: list[list[int]], pad_to: Optional[int]) -> int:
+    longest = max(len(r) for r in rows)
+    if pad_to is not None and longest > pad_to:
+        raise ValueError(f"a sequence of length {longest} does not fit pad_to={pad_to}")
+    return pad_to or longest
+
+
+def collate_train(examples: list[dict], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """input_ids (B, L) padded with 0, labels (B, L) padded with -100, attention_mask (B, L).
+
+    L = the longest input, or pad_to (e.g. max_len for a model that needs a fixed length;
+    use functools.partial(collate_train, pad_to=...)).
+    """
+    inputs = [e["input_ids"] for e in examples]
+    length = _batch_length(inputs, pad_to)
+    input_ids = _pad(inputs, 0, length)
+    return {"input_ids": input_ids, "labels": _pad([e["labels"] for e in examples], -100, length),
+            "attention_mask": (input_ids != 0).long()}
+
+
+def collate_eval(examples: list[dict], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """input_ids (B, L), attention_mask (B, L), target (B,), user_index (B,), and history (B, H)
+    padded with 0 when the dataset includes it."""
+    inputs = [e["input_ids"] for e in examples]
+    input_ids = _pad(inputs, 0, _batch_length(inputs, pad_to))
+    batch = {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(),
+             "target": torch.tensor([e["target"] for e in examples], dtype=torch.long),
+             "user_index": torch.tensor([e["user_index"] for e in examples], dtype=torch.long)}
+    if "history" in examples[0]:
+        histories = [e["history"] for e in examples]
+        batch["history"] = _pad(histories, 0, max(len(h) for h in histories))
+    return batch

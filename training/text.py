@@ -1,0 +1,114 @@
+"""Item text -> sentence embeddings (paper §III-C).
+
+Each item's text ("name, category, description") is rendered from its columns, encoded once by a
+sentence encoder and handed to the model as a frozen (num_items + 1, E) buffer. Row 0 (padding) and
+items without text are zero vectors, so they contribute nothing through the text branch.
+
+sentence-transformers is an optional dependency (the `text` extra); it is imported only when
+texts actually have to be encoded, never on a cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import string
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The paper's encoder (1024-d). Any sentence-transformers model id or local folder works.
+DEFAULT_TEXT_ENCODER = "BAAI/bge-large-en-v1.5"
+
+
+def format_item_text(fields: Mapping[str, Any], columns: Sequence[str], template: Optional[str] = None) -> str:
+    """Render one item's text from its fields.
+
+    template: a `str.format` template over the field names, e.g. "{title}, {genres}".
+    Without a template the non-empty values of `columns` are joined with ", ".
+    Returns "" when every field used is empty, so callers can count items without text.
+    """
+    values = {name: "" if value is None else str(value).strip() for name, value in fields.items()}
+    if template is None:
+        return ", ".join(values[c] for c in columns if values.get(c))
+    used = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    missing = [name for name in used if name not in values]
+    if missing:
+        raise ValueError(f"text_template {template!r} uses {missing}, available fields: {sorted(values)}")
+    if not any(values[name] for name in used):
+        return ""
+    return template.format_map(values).strip()
+
+
+def _cache_file(cache_dir: str | os.PathLike, model_name_or_path: str, texts: list[str]) -> Path:
+    # Keyed by the encoder name and the exact texts (with their positions): new items, edited text
+    # or another encoder all miss. A local encoder folder is keyed by its path, not its weights.
+    digest = hashlib.sha256(json.dumps([model_name_or_path, texts]).encode("utf-8")).hexdigest()
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name_or_path.strip("/"))[-60:]
+    return Path(cache_dir).expanduser() / f"text-emb-{safe_name}-{digest[:16]}.npy"
+
+
+def encode_item_texts(
+    item_texts: Sequence[Optional[str]],
+    model_name_or_path: str | os.PathLike = DEFAULT_TEXT_ENCODER,
+    cache_dir: Optional[str | os.PathLike] = None,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """Encode item texts into a (num_items + 1, E) float32 tensor.
+
+    item_texts: index = item id, item_texts[0] is padding; None or "" means "no text".
+    Embeddings are L2-normalised. Returns (embeddings, number of items 1..N without text); rows 0
+    and rows of items without text are zeros. With `cache_dir` the array is stored as .npy and a
+    second call with the same encoder and texts loads it without loading the encoder.
+    """
+    model_name_or_path = str(model_name_or_path)
+    texts = ["" if t is None else t.strip() for t in item_texts]
+    texts[0] = ""  # padding never has text
+    with_text = [i for i, t in enumerate(texts) if t]
+    num_missing = len(texts) - 1 - len(with_text)
+    if not with_text:
+        raise ValueError(f"none of the {len(texts) - 1} items has text; train without text (fusion='none') instead")
+    if num_missing:
+        logger.warning("%d of %d items have no text; their text embedding is a zero vector",
+                       num_missing, len(texts) - 1)
+
+    cache_file = _cache_file(cache_dir, model_name_or_path, texts) if cache_dir is not None else None
+    if cache_file is not None and cache_file.exists():
+        logger.info("loading item text embeddings from %s", cache_file)
+        return torch.from_numpy(np.load(cache_file)), num_missing
+
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ImportError("encoding item text needs sentence-transformers: pip install 'm2rec[text]'") from e
+    logger.info("encoding %d item texts with %s", len(with_text), model_name_or_path)
+    encoder = SentenceTransformer(model_name_or_path, device=device)
+    encoded = encoder.encode(
+        [texts[i] for i in with_text],
+        batch_size=batch_size,
+        show_progress_bar=show_progress,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+    )  # (number with text, E)
+    embeddings = np.zeros((len(texts), encoded.shape[1]), dtype=np.float32)  # (I + 1, E)
+    embeddings[with_text] = encoded
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Write under a temporary name and rename: a killed run or a concurrent process never
+        # leaves a half-written file under the final name.
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".tmp-", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, embeddings)
+        os.replace(tmp, cache_file)
+    return torch.from_numpy(embeddings), num_missing
