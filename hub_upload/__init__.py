@@ -1,19 +1,8 @@
-"""Publishing M2Rec models on the Hugging Face Hub: `m2rec-push` (push.py), the model card (model_card.py) and the
-checks a repository folder must pass before it is uploaded (verify.py)."""
+"""Publishing M2Rec models on the Hugging Face Hub.
 
-from .model_card import build_model_card
-from .push import PushError, UploadError, build_repo_folder, main, upload
-from .verify import VerificationError, check_files, check_imports, verify_folder
+- `push.py`: the `m2rec-push` command (build the repository folder, verify it, upload it);
+- `model_card.py`: the README.md model card, built from the run's training_info.json;
+- `verify.py`: the checks a folder must pass before it is uploaded.
 
-__all__ = [
-    "PushError",
-    "UploadError",
-    "VerificationError",
-    "build_model_card",
-    "build_repo_folder",
-    "check_files",
-    "check_imports",
-    "main",
-    "upload",
-    "verify_folder",
-]
+Nothing is imported here, so `python -m hub_upload.push` runs cleanly and `import hub_upload` stays cheap.
+"""

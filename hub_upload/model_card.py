@@ -138,8 +138,8 @@ def _usage(repo_id, config, item_id_map):
         "",
         "`trust_remote_code=True` runs the Python files of this repository (`modeling_m2rec.py` and its siblings); "
         "read them first, and pin the commit you reviewed with `revision=\"<commit sha>\"`. They import only torch and "
-        "transformers, never touch the network, and use the `mamba-ssm` / `causal-conv1d` CUDA kernels when those "
-        "are installed (plain PyTorch otherwise).",
+        "transformers, never touch the network, and use the `mamba-ssm` / `causal-conv1d` CUDA kernels when those are "
+        "installed (plain PyTorch otherwise).",
         "",
         "## Recommend",
         "",
@@ -223,7 +223,7 @@ def _training(config, training_info):
             f". Each item's text was encoded once and is stored in the model (`m2rec.text_embeddings`, "
             f"{config.get('text_embedding_dim')} dimensions), so inference needs no encoder; new items need their text "
             f"encoded with the same encoder and `model.set_text_embeddings(...)`, and their id embeddings are "
-            f"untrained until the model is trained again")
+            f"untrained until the model is trained again.")
     lines.append(f"- Item-text encoder: {text}")
     lines.append("")
     command = training_info.get("train_command")

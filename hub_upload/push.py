@@ -172,6 +172,11 @@ def upload(folder, repo_id, *, endpoint, token, private=False, revision=None, co
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # create_repo leaves an existing repository's visibility alone: never publish what was meant to stay private
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            raise UploadError(f"{repo_id} exists already and is public, but --private was given; make it private "
+                              f"first (its settings page, or HfApi().update_repo_settings(repo_id, private=True)) "
+                              f"or drop --private")
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
@@ -183,6 +188,8 @@ def upload(folder, repo_id, *, endpoint, token, private=False, revision=None, co
         status = error.response.status_code if error.response is not None else "?"
         reason = str(error).strip().splitlines()[0]
         raise UploadError(f"the Hub at {endpoint} refused the request (HTTP {status}): {reason}") from None
+    except ValueError as error:  # huggingface_hub's answer to a model card the Hub's metadata check rejected
+        raise UploadError(f"the Hub at {endpoint} rejected the upload: {error}") from None
     except _network_errors() as error:
         raise UploadError(f"could not reach the Hub at {endpoint}: {type(error).__name__}: {error}") from None
     return commit.commit_url

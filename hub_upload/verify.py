@@ -1,12 +1,12 @@
 """Checks a repository folder must pass before it is uploaded.
 
 1. Files: the ones a user needs are there, and no pickle-based weight file is (loading a pickle runs arbitrary code).
-2. Imports: every `.py` file imports only the standard library, torch, transformers (and huggingface_hub, which
-   transformers itself requires) and its sibling files, except inside `try` blocks. This is the rule transformers
-   applies when it loads remote code (`dynamic_module_utils.check_imports`): it scans the *whole* file, function
-   bodies included, skipping only `try` blocks and `if is_..._available()` blocks, and refuses to load if any scanned
-   import is missing. So an optional CUDA package imported in a function without `try` breaks loading on every
-   machine without that package; this check catches it before users do.
+2. Imports: every `.py` file imports only the standard library, torch, transformers and (relatively) its sibling
+   files, except inside `try` blocks (DESIGN.md §6). Where it looks follows transformers' remote-code loader
+   (`dynamic_module_utils.check_imports`): that scans the *whole* file, function bodies included, skipping only
+   `try` blocks and `if is_..._available()` blocks, and refuses to load if any scanned import is missing. So an
+   optional CUDA package imported in a function without `try` breaks loading on every machine without that
+   package; this check catches it before users do.
 3. A fresh load: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new Python process, offline, with
    sockets disabled and its own module cache, must score a few fixed histories like the source model does.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-# huggingface_hub is a hard dependency of transformers (transformers' own configs use huggingface_hub.dataclasses),
-# so it is present wherever transformers is; nothing else outside the standard library is.
-ALLOWED_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub"})
+# What every user of a transformers model has. (huggingface_hub and safetensors are installed with transformers too,
+# but the project's rule, DESIGN.md §6, is the narrower one, and the model code does not need them.)
+ALLOWED_PACKAGES = frozenset({"torch", "transformers"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 REQUIRED_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json", "README.md")
 
@@ -213,11 +213,16 @@ def verify_folder(folder, source_model, extra_folders=()) -> dict:
         reference = source_model.eval()(input_ids, last_position_only=True).logits  # (B, I)
     folders = [folder, *extra_folders]
     differences = [score_difference(scores, reference) for scores in fresh_load_scores(folders, input_ids)]
-    for path, difference in zip(folders, differences):
-        if not difference <= SCORE_TOLERANCE:
-            problems.append(f"{path} loaded in a fresh process scores {len(input_ids)} fixed histories differently "
-                            f"from the source model: max relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g} "
-                            f"(weights or code differ from what was trained)")
+    for index, (path, difference) in enumerate(zip(folders, differences)):
+        if difference <= SCORE_TOLERANCE:
+            continue
+        what = ("the repository folder" if index == 0 else
+                f"the run folder {path}, loaded with the code it was saved with,")
+        cause = ("its weights or code differ from the source model's" if index == 0 else
+                 "the code being published changes the model's scores, so the metrics measured by the run do not "
+                 "describe the uploaded model; evaluate again with the current code, or publish with the old one")
+        problems.append(f"{what} scores {len(input_ids)} fixed histories differently in a fresh process: max "
+                        f"relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g}; {cause}")
     if problems:
         raise VerificationError(problems)
     return {"python_files": sorted(path.name for path in folder.rglob("*.py")), "histories": len(input_ids),

@@ -38,8 +38,8 @@ _CPP_SOURCE = r"""
 #include <optional>
 #include <vector>
 
-// One binary serves every x86-64 CPU: the row kernels are cloned for AVX-512/AVX2 and the loader
-// picks the best clone at run time, so the cached build never depends on the compiling machine.
+// One binary serves every x86-64 CPU: the kernels are cloned for AVX-512 and AVX2 and the loader
+// picks the best clone at run time, so a cached build never depends on the machine that built it.
 #if defined(__has_attribute)
 #if __has_attribute(target_clones) && defined(__x86_64__) && defined(__ELF__)
 #define M2REC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -57,10 +57,25 @@ _CPP_SOURCE = r"""
 
 namespace {
 
-// exp for float written so that the compiler can vectorise loops that call it (std::exp does not
-// vectorise without -ffast-math). Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, and the
-// Cephes degree-6 polynomial: about 1 ulp. Inputs below -87.3 (whose exp is below the smallest
-// normal float) give exactly 0 rather than slow denormals.
+// The state dimension is processed in groups of kLanes (one AVX-512 register of floats) with one
+// partial sum per lane, so a dot product over n ends in a short tree instead of a serial chain
+// of scalar adds. The state dimension is zero-padded to a multiple of kLanes (padded states stay
+// 0: their B, C and A are 0).
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+M2REC_INLINE T lane_sum(T* acc) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  return acc[0];
+}
+
+// exp for float written so that loops calling it vectorise (std::exp does not, without
+// -ffast-math). Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, then the Cephes
+// polynomial: about 1 ulp. Below -87.3 (exp under the smallest normal float) it returns exactly 0
+// through an integer mask, which keeps the loop free of branches and of slow denormals.
 M2REC_INLINE float exp_vec(float x) {
   const float lo = -87.33654f;
   const float xc = std::min(std::max(x, lo), 88.37626f);
@@ -75,216 +90,247 @@ M2REC_INLINE float exp_vec(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  const int32_t keep = -static_cast<int32_t>(x >= lo);
+  const int32_t bits = ((static_cast<int32_t>(k) + 127) << 23) & keep;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : p * scale;
+  return p * scale;
 }
 
-// float64 is the precision of tests, not of speed: the library exp is exact to the last bit.
+// float64 serves tests, not speed: the library exp, exact to the last bit.
 M2REC_INLINE double exp_vec(double x) { return std::exp(x); }
 
 template <typename T>
-M2REC_INLINE T softplus(T x) {
-  // torch.nn.functional.softplus with its default threshold of 20.
-  return x > T(20) ? x : std::log1p(std::exp(x));
+M2REC_INLINE T sigmoid_vec(T x) {
+  return T(1) / (T(1) + exp_vec(-x));
 }
 
+// Raw views of the (contiguous) inputs. u, dt, z: (B, D, L); A: (D, Np); Bt, Ct: (B, L, Np);
+// D: (D,). z and D are nullptr when absent. Np is N padded to a multiple of kLanes.
 template <typename T>
-M2REC_INLINE T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-struct Row {
-  // Pointers into contiguous tensors for one (b, d): u, delta, z, out are (L,); A is (N,);
-  // Bt, Ct are (L, N) (shared by every d of batch element b).
+struct Scan {
   const T* u;
-  const T* delta;
-  const T* z;  // nullptr without gating
+  const T* dt;
+  const T* z;
   const T* A;
   const T* Bt;
   const T* Ct;
-  T D;
-  T bias;
-  bool softplus;
-  int64_t L;
-  int64_t N;
+  const T* D;
+  int64_t dim, L, Np;
 };
 
+// One step of the recurrence for one (b, d): h_next = exp(dt A) * h_prev + dt u B_t, returns
+// C_t . h_next. h_prev and h_next may be the same array.
 template <typename T>
-M2REC_INLINE T step_size(const Row<T>& r, int64_t t) {
-  const T dt = r.delta[t] + r.bias;
-  return r.softplus ? softplus(dt) : dt;
+M2REC_INLINE T scan_step(const T* A, const T* Bn, const T* Cn, T dt, T dtu, const T* h_prev,
+                         T* h_next, int64_t Np) {
+  T acc[kLanes] = {};
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const T hn = exp_vec(dt * A[n]) * h_prev[n] + dtu * Bn[n];
+      h_next[n] = hn;
+      acc[j] += Cn[n] * hn;
+    }
+  }
+  return lane_sum(acc);
 }
 
-// Forward of one row: out (L,), h (N,) receives the last state.
+// Forward of rows [lo, hi) of the B * D rows: out (B, D, L), last (B, D, Np).
 template <typename T>
-M2REC_INLINE void forward_row(const Row<T>& r, T* out, T* h) {
-  const int64_t N = r.N;
-  for (int64_t n = 0; n < N; ++n) h[n] = T(0);
-  for (int64_t t = 0; t < r.L; ++t) {
-    const T dt = step_size(r, t);
-    const T dtu = dt * r.u[t];
-    const T* Bn = r.Bt + t * N;
-    const T* Cn = r.Ct + t * N;
-    T y = T(0);
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      const T hn = exp_vec(dt * r.A[n]) * h[n] + dtu * Bn[n];
-      h[n] = hn;
-      y += Cn[n] * hn;
+M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, int64_t hi) {
+  const int64_t L = s.L, Np = s.Np;
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t b = row / s.dim, d = row % s.dim;
+    const T* u = s.u + row * L;
+    const T* dt = s.dt + row * L;
+    const T* A = s.A + d * Np;
+    const T* Bt = s.Bt + b * L * Np;
+    const T* Ct = s.Ct + b * L * Np;
+    T* y = out + row * L;
+    T* h = last + row * Np;
+    std::fill(h, h + Np, T(0));
+    for (int64_t t = 0; t < L; ++t) {
+      y[t] = scan_step(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t], h, h, Np);
     }
-    y += r.D * r.u[t];
-    if (r.z != nullptr) {
-      const T zt = r.z[t];
-      y *= zt * sigmoid(zt);
+    // Skip connection and gate, vectorised over t.
+    const T Dd = s.D != nullptr ? s.D[d] : T(0);
+    if (s.z != nullptr) {
+      const T* z = s.z + row * L;
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) y[t] = (y[t] + Dd * u[t]) * z[t] * sigmoid_vec(z[t]);
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) y[t] += Dd * u[t];
     }
-    out[t] = y;
   }
 }
 
 template <typename T>
-struct RowGrad {
-  // Outputs of one row: du, ddelta, dz (nullptr without gating) are (L,) and written;
-  // dA (N,), dD, dbias are this row's partial sums over t (accumulation type);
-  // dBt, dCt (L, N) are summed over the rows of one batch element, so they are added to.
+struct Grads {
+  // du, ddt, dz (nullptr without z): (B, D, L). dA (B, D, Np) and dD (B, D): per-row sums over t
+  // in the accumulation type, added over b by the caller. dBt, dCt (blocks, B, L, Np): sums over
+  // the channels of one block (see bwd).
   using acc_t = at::acc_type<T, false>;
   T* du;
-  T* ddelta;
+  T* ddt;
   T* dz;
   acc_t* dA;
   acc_t* dD;
-  acc_t* dbias;
   T* dBt;
   T* dCt;
+  int64_t batch, blocks, block_dim;
 };
 
-// Backward of one row. `hs` ((L + 1) * N) receives h_{-1} = 0, h_0, ..., h_{L-1}; `dts` and `ys`
-// (L,) the step sizes and the outputs before gating. `g` (N,) is scratch.
+// Backward of tasks [lo, hi): task = (block of channels, batch element b).
 template <typename T>
-M2REC_INLINE void backward_row(const Row<T>& r, const T* dout, const RowGrad<T>& gr, T* hs,
-                               T* dts, T* ys, T* g) {
+M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>& g, int64_t lo,
+                                 int64_t hi) {
   using acc_t = at::acc_type<T, false>;
-  const int64_t N = r.N;
-  for (int64_t n = 0; n < N; ++n) hs[n] = T(0);
-  for (int64_t t = 0; t < r.L; ++t) {
-    const T dt = step_size(r, t);
-    const T dtu = dt * r.u[t];
-    const T* Bn = r.Bt + t * N;
-    const T* Cn = r.Ct + t * N;
-    const T* hprev = hs + t * N;
-    T* hn = hs + (t + 1) * N;
-    T y = T(0);
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      hn[n] = exp_vec(dt * r.A[n]) * hprev[n] + dtu * Bn[n];
-      y += Cn[n] * hn[n];
+  const int64_t L = s.L, Np = s.Np;
+  // hs holds h_{-1} = 0, h_0, ..., h_{L-1} of one row: recomputed, never stored across rows.
+  std::vector<T> hs((L + 1) * Np), dys(L), ys(L), gh(Np);
+  for (int64_t task = lo; task < hi; ++task) {
+    const int64_t block = task / g.batch, b = task % g.batch;
+    const int64_t d_end = std::min(s.dim, (block + 1) * g.block_dim);
+    T* dBt = g.dBt + (block * g.batch + b) * L * Np;
+    T* dCt = g.dCt + (block * g.batch + b) * L * Np;
+    const T* Bt = s.Bt + b * L * Np;
+    const T* Ct = s.Ct + b * L * Np;
+    for (int64_t d = block * g.block_dim; d < d_end; ++d) {
+      const int64_t row = b * s.dim + d;
+      const T* u = s.u + row * L;
+      const T* dt = s.dt + row * L;
+      const T* A = s.A + d * Np;
+      const T* dy_out = dout + row * L;
+      const T Dd = s.D != nullptr ? s.D[d] : T(0);
+
+      std::fill(hs.begin(), hs.begin() + Np, T(0));
+      for (int64_t t = 0; t < L; ++t) {
+        const T* h_prev = hs.data() + t * Np;
+        ys[t] = scan_step(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t], h_prev,
+                          hs.data() + (t + 1) * Np, Np);
+      }
+      // dys = dL/dy, y = C . h + D u being the output before the gate.
+      if (s.z != nullptr) {
+        const T* z = s.z + row * L;
+        T* dz = g.dz + row * L;
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) {
+          const T sz = sigmoid_vec(z[t]);
+          dz[t] = dy_out[t] * (ys[t] + Dd * u[t]) * sz * (T(1) + z[t] * (T(1) - sz));
+          dys[t] = dy_out[t] * z[t] * sz;
+        }
+      } else {
+        std::copy(dy_out, dy_out + L, dys.begin());
+      }
+      acc_t dD = 0;
+      for (int64_t t = 0; t < L; ++t) dD += static_cast<acc_t>(dys[t] * u[t]);
+      g.dD[row] = dD;
+
+      // Reverse sweep. Entering step t, gh = exp(dt_{t+1} A) * dL/dh_{t+1}.
+      acc_t* dA = g.dA + row * Np;
+      std::fill(dA, dA + Np, acc_t(0));
+      std::fill(gh.begin(), gh.end(), T(0));
+      T* ghp = gh.data();
+      T* du = g.du + row * L;
+      T* ddt = g.ddt + row * L;
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const T dtt = dt[t], dy = dys[t], dtu = dtt * u[t];
+        const T* Bn = Bt + t * Np;
+        const T* Cn = Ct + t * Np;
+        const T* h_prev = hs.data() + t * Np;
+        const T* hn = hs.data() + (t + 1) * Np;
+        T* dBn = dBt + t * Np;
+        T* dCn = dCt + t * Np;
+        T acc_gB[kLanes] = {};  // sum_n dL/dh_t[n] B_t[n]
+        T acc_gA[kLanes] = {};  // sum_n dL/d(dt A[n]) A[n]
+        for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const int64_t n = n0 + j;
+            const T gn = ghp[n] + dy * Cn[n];
+            const T a = exp_vec(dtt * A[n]);
+            const T ga = gn * h_prev[n] * a;  // dL/d(dt A[n])
+            dCn[n] += dy * hn[n];
+            dBn[n] += gn * dtu;
+            dA[n] += static_cast<acc_t>(ga * dtt);
+            acc_gA[j] += ga * A[n];
+            acc_gB[j] += gn * Bn[n];
+            ghp[n] = gn * a;
+          }
+        }
+        const T gB = lane_sum(acc_gB);
+        du[t] = dy * Dd + dtt * gB;
+        ddt[t] = lane_sum(acc_gA) + u[t] * gB;
+      }
     }
-    dts[t] = dt;
-    ys[t] = y + r.D * r.u[t];
   }
-
-  // g holds dL/dh_t; entering step t it holds exp(dt_{t+1} A) * dL/dh_{t+1}.
-  for (int64_t n = 0; n < N; ++n) g[n] = T(0);
-  acc_t dD = 0, dbias = 0;
-  for (int64_t t = r.L - 1; t >= 0; --t) {
-    const T dt = dts[t];
-    const T ut = r.u[t];
-    T dy = dout[t];
-    if (r.z != nullptr) {
-      const T zt = r.z[t];
-      const T sz = sigmoid(zt);
-      gr.dz[t] = dout[t] * ys[t] * sz * (T(1) + zt * (T(1) - sz));
-      dy = dout[t] * zt * sz;
-    }
-    dD += static_cast<acc_t>(dy * ut);
-    const T* Bn = r.Bt + t * N;
-    const T* Cn = r.Ct + t * N;
-    const T* hprev = hs + t * N;
-    const T* hn = hs + (t + 1) * N;
-    T* dBn = gr.dBt + t * N;
-    T* dCn = gr.dCt + t * N;
-    const T dtu = dt * ut;
-    T gB = T(0);   // sum_n dL/dh_t[n] * B_t[n]
-    T gdA = T(0);  // dL/d(dt) through the decays exp(dt A)
-#pragma omp simd reduction(+ : gB, gdA)
-    for (int64_t n = 0; n < N; ++n) {
-      const T gn = g[n] + dy * Cn[n];
-      const T a = exp_vec(dt * r.A[n]);
-      const T ga = gn * hprev[n] * a;  // dL/d(dt A[n])
-      dCn[n] += dy * hn[n];
-      dBn[n] += gn * dtu;
-      gr.dA[n] += static_cast<acc_t>(ga * dt);
-      gdA += ga * r.A[n];
-      gB += gn * Bn[n];
-      g[n] = gn * a;
-    }
-    gr.du[t] = dy * r.D + dt * gB;
-    T ddt = gdA + ut * gB;
-    if (r.softplus) {
-      const T x = r.delta[t] + r.bias;
-      ddt *= x > T(20) ? T(1) : sigmoid(x);
-    }
-    gr.ddelta[t] = ddt;
-    dbias += static_cast<acc_t>(ddt);
-  }
-  *gr.dD = dD;
-  *gr.dbias = dbias;
 }
 
-// Non-template entry points so that the target clones apply (float and double each).
-M2REC_CLONES void forward_rows_f32(const Row<float>* rows, float* const* outs, float* const* hs,
-                                   int64_t count) {
-  for (int64_t i = 0; i < count; ++i) forward_row(rows[i], outs[i], hs[i]);
+// Non-template entry points, so that the target clones apply; one per dtype.
+M2REC_CLONES void forward_f32(const Scan<float>& s, float* out, float* last, int64_t lo,
+                              int64_t hi) {
+  forward_rows(s, out, last, lo, hi);
 }
-M2REC_CLONES void forward_rows_f64(const Row<double>* rows, double* const* outs,
-                                   double* const* hs, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) forward_row(rows[i], outs[i], hs[i]);
+M2REC_CLONES void forward_f64(const Scan<double>& s, double* out, double* last, int64_t lo,
+                              int64_t hi) {
+  forward_rows(s, out, last, lo, hi);
 }
-M2REC_CLONES void backward_row_f32(const Row<float>& r, const float* dout,
-                                   const RowGrad<float>& gr, float* hs, float* dts, float* ys,
-                                   float* g) {
-  backward_row(r, dout, gr, hs, dts, ys, g);
+M2REC_CLONES void backward_f32(const Scan<float>& s, const float* dout, const Grads<float>& g,
+                               int64_t lo, int64_t hi) {
+  backward_tasks(s, dout, g, lo, hi);
 }
-M2REC_CLONES void backward_row_f64(const Row<double>& r, const double* dout,
-                                   const RowGrad<double>& gr, double* hs, double* dts,
-                                   double* ys, double* g) {
-  backward_row(r, dout, gr, hs, dts, ys, g);
+M2REC_CLONES void backward_f64(const Scan<double>& s, const double* dout, const Grads<double>& g,
+                               int64_t lo, int64_t hi) {
+  backward_tasks(s, dout, g, lo, hi);
 }
-
-void forward_rows(const Row<float>* rows, float* const* outs, float* const* hs, int64_t count) {
-  forward_rows_f32(rows, outs, hs, count);
+void forward(const Scan<float>& s, float* out, float* last, int64_t lo, int64_t hi) {
+  forward_f32(s, out, last, lo, hi);
 }
-void forward_rows(const Row<double>* rows, double* const* outs, double* const* hs,
-                  int64_t count) {
-  forward_rows_f64(rows, outs, hs, count);
+void forward(const Scan<double>& s, double* out, double* last, int64_t lo, int64_t hi) {
+  forward_f64(s, out, last, lo, hi);
 }
-void backward_one(const Row<float>& r, const float* dout, const RowGrad<float>& gr, float* hs,
-                  float* dts, float* ys, float* g) {
-  backward_row_f32(r, dout, gr, hs, dts, ys, g);
+void backward(const Scan<float>& s, const float* dout, const Grads<float>& g, int64_t lo,
+              int64_t hi) {
+  backward_f32(s, dout, g, lo, hi);
 }
-void backward_one(const Row<double>& r, const double* dout, const RowGrad<double>& gr,
-                  double* hs, double* dts, double* ys, double* g) {
-  backward_row_f64(r, dout, gr, hs, dts, ys, g);
+void backward(const Scan<double>& s, const double* dout, const Grads<double>& g, int64_t lo,
+              int64_t hi) {
+  backward_f64(s, dout, g, lo, hi);
 }
 
+// The inputs made contiguous, with B and C as (B, L, Np) so the n loops read contiguous memory
+// and A as (D, Np), both zero-padded in n.
 struct Inputs {
-  at::Tensor u, delta, A, Bt, Ct, D, z, delta_bias;  // D, z, delta_bias undefined when absent
-  int64_t batch, dim, L, N;
+  at::Tensor u, dt, A, Bt, Ct, D, z;  // D, z undefined when absent
+  int64_t batch, dim, L, N, Np;
+
+  template <typename T>
+  Scan<T> view() const {
+    return Scan<T>{u.data_ptr<T>(),
+                   dt.data_ptr<T>(),
+                   z.defined() ? z.data_ptr<T>() : nullptr,
+                   A.data_ptr<T>(),
+                   Bt.data_ptr<T>(),
+                   Ct.data_ptr<T>(),
+                   D.defined() ? D.data_ptr<T>() : nullptr,
+                   dim,
+                   L,
+                   Np};
+  }
 };
 
-Inputs check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
-                    const std::optional<at::Tensor>& z,
-                    const std::optional<at::Tensor>& delta_bias) {
+                    const std::optional<at::Tensor>& z) {
   TORCH_CHECK(u.dim() == 3, "u must be (B, D, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "A must be (D, N) with D=", dim, ", got ",
               A.sizes());
-  const int64_t N = A.size(1);
-  TORCH_CHECK(delta.sizes() == u.sizes(), "delta must match u ", u.sizes(), ", got ",
-              delta.sizes());
+  const int64_t N = A.size(1), Np = (N + kLanes - 1) / kLanes * kLanes;
+  TORCH_CHECK(dt.sizes() == u.sizes(), "delta must match u ", u.sizes(), ", got ", dt.sizes());
   for (const at::Tensor* t : {&B, &C}) {
     TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == N && t->size(2) == L,
                 "B and C must be (B, N, L) = (", batch, ", ", N, ", ", L, "), got ", t->sizes());
@@ -292,18 +338,21 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "float32 or float64 expected, got ",
               dtype);
-  Inputs in;
   auto prep = [&](const at::Tensor& t) {
     TORCH_CHECK(t.device().is_cpu(), "CPU tensors expected");
     TORCH_CHECK(t.scalar_type() == dtype, "all inputs must share u's dtype ", dtype, ", got ",
                 t.scalar_type());
     return t.contiguous();
   };
+  auto pad_n = [&](const at::Tensor& t) {  // (..., N) -> (..., Np), contiguous
+    return Np == N ? t.contiguous() : at::constant_pad_nd(t, {0, Np - N}).contiguous();
+  };
+  Inputs in;
   in.u = prep(u);
-  in.delta = prep(delta);
-  in.A = prep(A);
-  in.Bt = prep(B).transpose(1, 2).contiguous();  // (B, L, N): the n loop reads contiguous memory
-  in.Ct = prep(C).transpose(1, 2).contiguous();
+  in.dt = prep(dt);
+  in.A = pad_n(prep(A));
+  in.Bt = pad_n(prep(B).transpose(1, 2));  // (B, L, Np)
+  in.Ct = pad_n(prep(C).transpose(1, 2));
   if (D.has_value()) {
     TORCH_CHECK(D->numel() == dim, "D must have D=", dim, " entries, got ", D->sizes());
     in.D = prep(*D);
@@ -312,135 +361,99 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tens
     TORCH_CHECK(z->sizes() == u.sizes(), "z must match u ", u.sizes(), ", got ", z->sizes());
     in.z = prep(*z);
   }
-  if (delta_bias.has_value()) {
-    TORCH_CHECK(delta_bias->numel() == dim, "delta_bias must have D=", dim, " entries, got ",
-                delta_bias->sizes());
-    in.delta_bias = prep(*delta_bias);
-  }
   in.batch = batch;
   in.dim = dim;
   in.L = L;
   in.N = N;
+  in.Np = Np;
   return in;
 }
 
-template <typename T>
-Row<T> make_row(const Inputs& in, bool softplus, int64_t b, int64_t d) {
-  const int64_t L = in.L, N = in.N, row = b * in.dim + d;
-  Row<T> r;
-  r.u = in.u.data_ptr<T>() + row * L;
-  r.delta = in.delta.data_ptr<T>() + row * L;
-  r.z = in.z.defined() ? in.z.data_ptr<T>() + row * L : nullptr;
-  r.A = in.A.data_ptr<T>() + d * N;
-  r.Bt = in.Bt.data_ptr<T>() + b * L * N;
-  r.Ct = in.Ct.data_ptr<T>() + b * L * N;
-  r.D = in.D.defined() ? in.D.data_ptr<T>()[d] : T(0);
-  r.bias = in.delta_bias.defined() ? in.delta_bias.data_ptr<T>()[d] : T(0);
-  r.softplus = softplus;
-  r.L = L;
-  r.N = N;
-  return r;
+// Rows per task such that a task holds at least ~64k state updates: threads cost more below.
+int64_t grain_rows(const Inputs& in) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.Np));
 }
 
-// Rows per task such that a task holds at least ~64k state updates; threads cost more below.
-int64_t grain_rows(int64_t L, int64_t N) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, L * N));
-}
-
-std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+// Returns out (B, D, L) and the last state (B, D, N).
+std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
-  const Inputs in = check_inputs(u, delta, A, B, C, D, z, delta_bias);
+                            const std::optional<at::Tensor>& z) {
+  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
   at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
-  at::Tensor last = at::empty({in.batch, in.dim, in.N}, in.u.options());
+  at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_fwd", [&] {
-    at::parallel_for(0, in.batch * in.dim, grain_rows(in.L, in.N), [&](int64_t lo, int64_t hi) {
-      std::vector<Row<scalar_t>> rows;
-      std::vector<scalar_t*> outs, hs;
-      for (int64_t i = lo; i < hi; ++i) {
-        rows.push_back(make_row<scalar_t>(in, delta_softplus, i / in.dim, i % in.dim));
-        outs.push_back(out.data_ptr<scalar_t>() + i * in.L);
-        hs.push_back(last.data_ptr<scalar_t>() + i * in.N);
-      }
-      forward_rows(rows.data(), outs.data(), hs.data(), hi - lo);
+    const Scan<scalar_t> s = in.view<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    scalar_t* last_ptr = last.data_ptr<scalar_t>();
+    at::parallel_for(0, in.batch * in.dim, grain_rows(in), [&](int64_t lo, int64_t hi) {
+      forward(s, out_ptr, last_ptr, lo, hi);
     });
   });
-  return {out, last};
+  return {out, last.narrow(2, 0, in.N)};
 }
 
-// Returns du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (undefined where the input was absent).
-std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
+// Returns du, ddelta, dA, dB, dC, dD, dz (dD, dz undefined where the input was absent).
+std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& dt,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
-  const Inputs in = check_inputs(u, delta, A, B, C, D, z, delta_bias);
+                            const std::optional<at::Tensor>& z) {
+  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
-  const at::Tensor g_out = dout.to(in.u.scalar_type()).contiguous();
-  const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
-  const auto acc_dtype = at::toAccumulateType(in.u.scalar_type(), /*is_cuda=*/false);
+  const at::Tensor dout_c = dout.to(in.u.scalar_type()).contiguous();
+  const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np;
 
-  // dB and dC sum over channels. Tasks own a batch element and a block of channels; each block
-  // writes its own (B, L, N) partial sum, so no two threads touch the same memory. With at least
-  // as many batch elements as threads, a single block (no partials to add) keeps every thread busy.
+  // dB and dC are sums over channels. A task owns one batch element and one block of channels
+  // and adds into that block's own (B, L, Np) partial sums, so no two threads write the same
+  // memory. With at least as many batch elements as threads one block keeps every thread busy.
   const int64_t threads = at::get_num_threads();
-  const int64_t blocks = std::min<int64_t>(dim, (threads + batch - 1) / batch);
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(dim, (threads + batch - 1) / std::max<int64_t>(batch, 1)));
   const int64_t block_dim = (dim + blocks - 1) / blocks;
-  at::Tensor du = at::empty_like(in.u), ddelta = at::empty_like(in.u);
+  const auto acc_options =
+      in.u.options().dtype(at::toAccumulateType(in.u.scalar_type(), /*is_cuda=*/false));
+  at::Tensor du = at::empty_like(in.u), ddt = at::empty_like(in.u);
   at::Tensor dz = in.z.defined() ? at::empty_like(in.z) : at::Tensor();
-  at::Tensor dBt = at::zeros({blocks, batch, L, N}, in.u.options());
-  at::Tensor dCt = at::zeros({blocks, batch, L, N}, in.u.options());
-  // Per-(b, d) partial sums for the parameters, added over b at the end in the accumulation type.
-  const auto acc_options = in.u.options().dtype(acc_dtype);
-  at::Tensor dA_part = at::empty({batch, dim, N}, acc_options);
-  at::Tensor dD_part = at::empty({batch, dim}, acc_options);
-  at::Tensor dbias_part = at::empty({batch, dim}, acc_options);
+  at::Tensor dBt = at::zeros({blocks, batch, L, Np}, in.u.options());
+  at::Tensor dCt = at::zeros({blocks, batch, L, Np}, in.u.options());
+  at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
+  at::Tensor dD_rows = at::empty({batch, dim}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_bwd", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
-    const int64_t grain = std::max<int64_t>(1, grain_rows(L, N) / block_dim);
-    at::parallel_for(0, batch * blocks, grain, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> hs((L + 1) * N), dts(L), ys(L), g(N);
-      for (int64_t task = lo; task < hi; ++task) {
-        const int64_t b = task / blocks, block = task % blocks;
-        const int64_t bl_offset = (block * batch + b) * L * N;
-        for (int64_t d = block * block_dim; d < std::min(dim, (block + 1) * block_dim); ++d) {
-          const int64_t row = b * dim + d;
-          RowGrad<scalar_t> gr;
-          gr.du = du.data_ptr<scalar_t>() + row * L;
-          gr.ddelta = ddelta.data_ptr<scalar_t>() + row * L;
-          gr.dz = dz.defined() ? dz.data_ptr<scalar_t>() + row * L : nullptr;
-          gr.dA = dA_part.data_ptr<acc_t>() + row * N;
-          std::fill(gr.dA, gr.dA + N, acc_t(0));
-          gr.dD = dD_part.data_ptr<acc_t>() + row;
-          gr.dbias = dbias_part.data_ptr<acc_t>() + row;
-          gr.dBt = dBt.data_ptr<scalar_t>() + bl_offset;
-          gr.dCt = dCt.data_ptr<scalar_t>() + bl_offset;
-          backward_one(make_row<scalar_t>(in, delta_softplus, b, d),
-                       g_out.data_ptr<scalar_t>() + row * L, gr, hs.data(), dts.data(),
-                       ys.data(), g.data());
-        }
-      }
+    const Scan<scalar_t> s = in.view<scalar_t>();
+    const scalar_t* dout_ptr = dout_c.data_ptr<scalar_t>();
+    const Grads<scalar_t> g{du.data_ptr<scalar_t>(),
+                            ddt.data_ptr<scalar_t>(),
+                            dz.defined() ? dz.data_ptr<scalar_t>() : nullptr,
+                            dA_rows.data_ptr<acc_t>(),
+                            dD_rows.data_ptr<acc_t>(),
+                            dBt.data_ptr<scalar_t>(),
+                            dCt.data_ptr<scalar_t>(),
+                            batch,
+                            blocks,
+                            block_dim};
+    const int64_t grain = std::max<int64_t>(1, grain_rows(in) / block_dim);
+    at::parallel_for(0, blocks * batch, grain, [&](int64_t lo, int64_t hi) {
+      backward(s, dout_ptr, g, lo, hi);
     });
   });
 
   const auto dtype = in.u.scalar_type();
-  at::Tensor dA = dA_part.sum(0).to(dtype);
-  // (blocks, B, L, N) -> (B, N, L), the layout of the inputs B and C
-  at::Tensor dB = dBt.sum(0).transpose(1, 2).contiguous();
-  at::Tensor dC = dCt.sum(0).transpose(1, 2).contiguous();
-  at::Tensor dD = in.D.defined() ? dD_part.sum(0).to(dtype) : at::Tensor();
-  at::Tensor dbias = in.delta_bias.defined() ? dbias_part.sum(0).to(dtype) : at::Tensor();
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+  const int64_t N = in.N;
+  at::Tensor dA = dA_rows.sum(0).narrow(1, 0, N).to(dtype);
+  // (blocks, B, L, Np) -> (B, N, L), the layout of the inputs B and C
+  at::Tensor dB = dBt.sum(0).narrow(2, 0, N).transpose(1, 2).contiguous();
+  at::Tensor dC = dCt.sum(0).narrow(2, 0, N).transpose(1, 2).contiguous();
+  at::Tensor dD = in.D.defined() ? dD_rows.sum(0).to(dtype) : at::Tensor();
+  return {du, ddt, dA, dB, dC, dD, dz};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &fwd, "selective scan forward: (out (B, D, L), last state (B, D, N))");
-  m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz, ddelta_bias");
+  m.def("fwd", &fwd, "selective scan forward: out (B, D, L), last state (B, D, N)");
+  m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz");
 }
 """
 
@@ -501,22 +514,23 @@ def load_cpu_scan():
 
 
 class SelectiveScanCPUFn(torch.autograd.Function):
-    """Autograd wrapper of the fused forward and backward; the last state gets no gradient."""
+    """Autograd wrapper of the fused forward and backward, on the step sizes dt (softplus and
+    bias already applied); the last state gets no gradient, as in mamba-ssm.
+
+    Args: u, dt, z (B, D, L); A (D, N); B, C (B, N, L); D (D,); z and D may be None; all of one
+    dtype, float32 or float64. Returns out (B, D, L) and the last state (B, D, N).
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        extension = load_cpu_scan()
-        out, last_state = extension.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus = delta_softplus
+    def forward(ctx, u, dt, A, B, C, D, z):
+        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z)
+        ctx.save_for_backward(u, dt, A, B, C, D, z)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        grads = load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
-        return (*grads, None)
+        return tuple(load_cpu_scan().bwd(dout, *ctx.saved_tensors))
 
 
 def selective_scan_cpu(
@@ -536,12 +550,18 @@ def selective_scan_cpu(
     def cast(t):
         return None if t is None else t.to(compute_dtype)
 
+    dt = cast(delta)
+    # The step sizes are (B, D, L), N times smaller than the scan: PyTorch's vectorised softplus
+    # costs little here and its autograd gives the bias and softplus gradients.
+    if delta_bias is not None:
+        dt = dt + cast(delta_bias)[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
     out, last_state = SelectiveScanCPUFn.apply(
-        cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z), cast(delta_bias),
-        bool(delta_softplus),
+        cast(u), dt, cast(A), cast(B), cast(C), cast(D), cast(z)
     )
     out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["load_cpu_scan", "selective_scan_cpu", "SelectiveScanCPUFn"]
+__all__ = ["SelectiveScanCPUFn", "load_cpu_scan", "selective_scan_cpu"]

@@ -21,7 +21,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .cpu_scan import load_cpu_scan, selective_scan_cpu
 
@@ -86,41 +85,113 @@ def selective_scan_ref(
 
 
 def _chunk_length(batch, dim, state):
-    """Steps per chunk of the PyTorch scan: a power of two in [8, 64], as long as a chunk's
-    (B, D, T, N) tensors stay under ~2^23 elements; longer chunks save Python overhead, shorter
-    ones memory and the log2(T) passes of the scan."""
+    """Steps per chunk of the PyTorch scan: the largest power of two in [4, 64] that keeps a
+    chunk's (B, D, T, N) tensors under 2^22 elements. Long chunks cost log2(T) passes of the scan
+    per step, short ones Python overhead per chunk; memory-bound CPUs favour short chunks at
+    large B, small batches (and GPUs) long ones."""
     length = 64
-    while length > 8 and batch * dim * state * length > 2**23:
+    while length > 4 and batch * dim * state * length > 2**22:
         length //= 2
     return length
 
 
-def _scan_chunk(h0, u, delta, A, B, C):
-    """Scan of one chunk of T steps from the state h0.
+def _linear_scan(decay, x, reverse=False):
+    """Solves s_t = decay_t * s_{t-1} + x_t along dim 2 with s_{-1} = 0 (or, with `reverse`,
+    s_t = decay_t * s_{t+1} + x_t with s_T = 0).
 
-    Args: h0 (B, D, N); u, delta (B, D, T); A (D, N); B, C (B, N, T).
-    Returns: y (B, D, T) without the D u term, and the last state (B, D, N).
+    decay, x: (B, D, T, N), decay in [0, 1] when delta A <= 0. Returns s (B, D, T, N).
 
-    A Hillis-Steele scan of the pairs (decay, input) under (a1, b1) then (a2, b2) = (a1 a2,
-    a2 b1 + b2): log2(T) passes, each a few elementwise ops over (B, D, T, N). Decays are in
-    [0, 1] whenever delta A <= 0, so their products can only underflow to 0, never overflow.
+    Hillis-Steele: after the pass with offset k, each step holds the pair (decay product, sum) of
+    its window of 2k steps, so log2(T) passes suffice. Products of decays can only underflow to
+    0, never overflow. `decay` and `x` are overwritten.
     """
-    decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (B, D, T, N)
-    state = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (B, D, T, N)
-    # Folding the carried state into the first input makes the scan yield h_t itself.
-    state[:, :, 0] += decay[:, :, 0] * h0
-    length = u.shape[-1]
+    length = x.shape[2]
+    x_next, decay_next = torch.empty_like(x), torch.empty_like(decay)
     offset = 1
     while offset < length:
-        state = torch.cat(
-            [state[:, :, :offset], decay[:, :, offset:] * state[:, :, :-offset] + state[:, :, offset:]],
-            dim=2,
-        )
+        # The slices of the steps that receive (dst) and the earlier ones they combine with (src).
+        dst = slice(0, length - offset) if reverse else slice(offset, length)
+        src = slice(offset, length) if reverse else slice(0, length - offset)
+        keep = slice(length - offset, length) if reverse else slice(0, offset)
+        x_next[:, :, keep] = x[:, :, keep]
+        torch.addcmul(x[:, :, dst], decay[:, :, dst], x[:, :, src], out=x_next[:, :, dst])
+        x, x_next = x_next, x
         if 2 * offset < length:  # the last pass needs no decay products
-            decay = torch.cat([decay[:, :, :offset], decay[:, :, offset:] * decay[:, :, :-offset]], dim=2)
+            decay_next[:, :, keep] = decay[:, :, keep]
+            torch.mul(decay[:, :, dst], decay[:, :, src], out=decay_next[:, :, dst])
+            decay, decay_next = decay_next, decay
         offset *= 2
-    y = torch.einsum("bdtn,bnt->bdt", state, C)
-    return y, state[:, :, -1]
+    return x
+
+
+class _ScanTorchFn(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t, chunk by chunk.
+
+    Args: u, dt (B, D, L); A (D, N); B, C (B, N, L); chunk: steps per chunk.
+    Returns y (B, D, L) and the last state (B, D, N), which gets no gradient.
+
+    Only the state entering each chunk is kept for the backward, which recomputes one chunk's
+    (B, D, T, N) states at a time and runs the adjoint recurrence
+    g_t = dy_t C_t + exp(dt_{t+1} A) * g_{t+1} with the same scan, backwards.
+    """
+
+    @staticmethod
+    def _scan_inputs(h0, u, dt, A, B):
+        """Decays exp(dt A) and inputs of `_linear_scan` (both (B, D, T, N)) for one chunk
+        entered with the state h0 (B, D, N)."""
+        decay = torch.exp(dt.unsqueeze(-1) * A.unsqueeze(1))  # (B, D, T, N)
+        x = (dt * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (B, D, T, N)
+        # Folding the entering state into the first input makes the scan yield h_t itself.
+        x[:, :, 0] += decay[:, :, 0] * h0
+        return decay, x
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, chunk):
+        batch, dim, length = u.shape
+        h = u.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
+        entering, ys = [], []
+        for start in range(0, length, chunk):
+            steps = slice(start, start + chunk)
+            entering.append(h)
+            decay, x = _ScanTorchFn._scan_inputs(h, u[:, :, steps], dt[:, :, steps], A, B[:, :, steps])
+            states = _linear_scan(decay, x)  # (B, D, T, N)
+            ys.append(torch.einsum("bdtn,bnt->bdt", states, C[:, :, steps]))
+            h = states[:, :, -1].clone()
+        ctx.save_for_backward(u, dt, A, B, C, *entering)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(h)
+        y = torch.cat(ys, dim=-1) if ys else u.new_zeros(u.shape)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, _dlast_state):
+        u, dt, A, B, C, *entering = ctx.saved_tensors
+        chunk, length = ctx.chunk, u.shape[-1]
+        du, ddt = torch.empty_like(u), torch.empty_like(dt)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        carry = torch.zeros_like(entering[0]) if entering else None  # exp(dt_{t+1} A) g_{t+1}
+        for index in reversed(range(len(entering))):
+            steps = slice(index * chunk, min(length, (index + 1) * chunk))
+            u_c, dt_c, B_c, C_c, dy_c = u[:, :, steps], dt[:, :, steps], B[:, :, steps], C[:, :, steps], dy[:, :, steps]
+            h0 = entering[index]
+            decay, x = _ScanTorchFn._scan_inputs(h0, u_c, dt_c, A, B_c)
+            states = _linear_scan(decay.clone(), x)  # (B, D, T, N)
+            # g_t = dy_t C_t + decay_{t+1} g_{t+1}; the step after the chunk enters as `carry`.
+            x = dy_c.unsqueeze(-1) * C_c.transpose(1, 2).unsqueeze(1)  # (B, D, T, N)
+            x[:, :, -1] += carry
+            decay_after = torch.cat([decay[:, :, 1:], torch.ones_like(decay[:, :, :1])], dim=2)
+            g = _linear_scan(decay_after, x, reverse=True)  # (B, D, T, N): dL/dh_t
+            carry = decay[:, :, 0] * g[:, :, 0]
+            states_before = torch.cat([h0.unsqueeze(2), states[:, :, :-1]], dim=2)  # h_{t-1}
+            g_log_decay = g * states_before * decay  # dL/d(dt_t A), (B, D, T, N)
+            dA += torch.einsum("bdtn,bdt->dn", g_log_decay, dt_c)
+            g_B = torch.einsum("bdtn,bnt->bdt", g, B_c)  # sum_n g_t B_t
+            du[:, :, steps] = dt_c * g_B
+            ddt[:, :, steps] = torch.einsum("bdtn,dn->bdt", g_log_decay, A) + u_c * g_B
+            dB[:, :, steps] = torch.einsum("bdtn,bdt->bnt", g, dt_c * u_c)
+            dC[:, :, steps] = torch.einsum("bdtn,bdt->bnt", states, dy_c)
+        return du, ddt, dA, dB, dC, None
 
 
 def selective_scan_torch(
@@ -129,11 +200,10 @@ def selective_scan_torch(
     """The selective scan in plain PyTorch, exact and for any device; same signature and result
     as `selective_scan_ref`.
 
-    The sequence is cut into chunks of T steps (see `_chunk_length`) scanned in parallel
-    (`_scan_chunk`); a Python loop carries the (B, D, N) state from chunk to chunk. When
-    gradients are needed each chunk is checkpointed: autograd keeps only the chunk inputs and
-    states, and the backward recomputes one chunk's (B, D, T, N) tensors at a time, so memory is
-    O(B D L + B D N L/T) instead of O(B D L N).
+    The sequence is cut into chunks of T steps (see `_chunk_length`), each scanned in parallel
+    (`_linear_scan`), with a Python loop carrying the (B, D, N) state from chunk to chunk. Memory
+    is O(B D L + B D N L / T + B D T N): the backward recomputes states chunk by chunk instead of
+    keeping (B, D, L, N).
     """
     dtype_in = u.dtype
     compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -142,20 +212,8 @@ def selective_scan_torch(
         delta = delta + delta_bias.to(compute_dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, dim, length = u.shape
-    chunk = _chunk_length(batch, dim, A.shape[1])
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
-    h = u.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
-    ys = []
-    for start in range(0, length, chunk):
-        steps = slice(start, start + chunk)
-        args = (h, u[:, :, steps], delta[:, :, steps], A, B[:, :, steps], C[:, :, steps])
-        if recompute:
-            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y, h = _scan_chunk(*args)
-        ys.append(y)
-    y = torch.cat(ys, dim=-1)  # (B, D, L)
+    batch, dim, _ = u.shape
+    y, h = _ScanTorchFn.apply(u, delta, A, B, C, _chunk_length(batch, dim, A.shape[1]))
     if D is not None:
         y = y + u * D.to(compute_dtype)[:, None]
     if z is not None:

