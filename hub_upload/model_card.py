@@ -53,8 +53,9 @@ def numeric_metrics(metrics) -> dict:
     """{name: value} of the numeric entries, in display order (HR, NDCG, MRR; K ascending)."""
     if not isinstance(metrics, dict):
         return {}
+    # Only ranking metrics ("HR@10", ...): entries such as "num_users" are counts, not results.
     numeric = {name: value for name, value in metrics.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+               if "@" in name and isinstance(value, (int, float)) and not isinstance(value, bool)}
     return {name: numeric[name] for name in sorted(numeric, key=_metric_sort_key)}
 
 

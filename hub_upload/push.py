@@ -108,7 +108,7 @@ def load_source_model(model_dir):
 def build_repo_folder(model_dir, folder, repo_id, license=None):
     """Write the repository folder; returns (source model, folders that must also score the same)."""
     model_dir, folder = Path(model_dir), Path(folder)
-    config, training_info, item_id_map = read_run_folder(model_dir)
+    _, training_info, item_id_map = read_run_folder(model_dir)
     model = load_source_model(model_dir)
     model.save_pretrained(folder)  # config.json (auto_map), model.safetensors, code files
     for name in ("item_id_map.json", "training_info.json"):
@@ -205,8 +205,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="run folder: save_pretrained output, item_id_map.json, "
                                                        "training_info.json")
     parser.add_argument("--repo-id", required=True, help="target repository, namespace/name")
-    parser.add_argument("--private", action="store_true", help="create the repository private (ignored when it "
-                                                               "exists already)")
+    parser.add_argument("--private", action="store_true", help="create the repository private; refuse to upload "
+                                                               "into an existing public one")
     parser.add_argument("--revision", help="branch to push to; created from main if missing (default: main)")
     parser.add_argument("--commit-message", help="commit message (default: 'Upload M2Rec model with m2rec-push')")
     parser.add_argument("--license", help="license id for the card, e.g. apache-2.0 or other (default: "
@@ -268,7 +268,7 @@ def _run(args, folder):
 
     files = folder_files(folder)
     target = (f"{endpoint}/{args.repo_id} (revision {args.revision or constants.DEFAULT_REVISION}, "
-              f"{'private' if args.private else 'public unless it exists already'})")
+              f"{'private' if args.private else 'public if created now'})")
     if args.dry_run:
         print(f"dry run: nothing uploaded. Would upload {len(files)} files "
               f"({human_size(sum(size for _, size in files))}) to {target}:")

@@ -157,18 +157,20 @@ class M2RecMixer(nn.Module):
         x_dbl = self.x_proj(selection.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, Di, L); bias is added inside the scan
+        # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
+        # in half precision drifts.
         y = selective_scan(
-            x,
-            dt,
+            x.float(),
+            dt.float(),
             -torch.exp(self.A_log.float()),  # (Di, N)
-            B.transpose(1, 2).contiguous(),  # (B, N, L)
-            C.transpose(1, 2).contiguous(),  # (B, N, L)
+            B.transpose(1, 2).float().contiguous(),  # (B, N, L)
+            C.transpose(1, 2).float().contiguous(),  # (B, N, L)
             self.D.float(),
-            z=z,
+            z=z.float(),
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )  # (B, Di, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, D)
 
 
 class M2RecLayer(nn.Module):
@@ -405,6 +407,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
     """M2Rec with the scoring head: Y · E_idᵀ over the whole catalogue, cross-entropy loss and `recommend`.
 
     Scoring is tied to the item-id embeddings (one copy in model.safetensors).
+
+    `push_to_hub` (inherited from transformers) uploads a loadable repository (config.json with `auto_map`,
+    model.safetensors and the remote-code files) but with a generic model card and without the item-id mapping or
+    the run's metrics; publish trained models with `m2rec-push`, which adds them, writes the card from the run's
+    metrics and verifies a fresh offline load before uploading.
     """
 
     _tied_weights_keys = {"item_scorer.weight": "m2rec.item_embeddings.weight"}

@@ -68,14 +68,16 @@ def selective_scan_ref(
         delta = delta + delta_bias.to(compute_dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, dim, length = u.shape
+    batch, dim, _ = u.shape
     h = u.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
     ys = []
-    for t in range(length):
-        decay = torch.exp(delta[:, :, t, None] * A)  # (B, D, N)
-        h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    # unbind: one view per step whose backward is one stack (indexing u[:, :, t] would make the
+    # backward write a zero-filled gradient of u's full size at every step)
+    for u_t, delta_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(delta_t[..., None] * A)  # (B, D, N)
+        h = decay * h + (delta_t * u_t)[..., None] * B_t[:, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)  # (B, D, L)
     if D is not None:
         y = y + u * D.to(compute_dtype)[:, None]
     if z is not None:

@@ -27,12 +27,12 @@ def test_exclude_history_keeps_the_target():
 
 def test_metric_values():
     values = metrics_from_ranks(torch.tensor([0, 2, 5, 19, 20]))
-    assert values["hr@5"].tolist() == [1, 1, 0, 0, 0]
-    assert values["hr@10"].tolist() == [1, 1, 1, 0, 0]
-    assert values["hr@20"].tolist() == [1, 1, 1, 1, 0]
-    assert values["ndcg@5"].tolist() == pytest.approx([1, 0.5, 0, 0, 0])
-    assert values["ndcg@10"].tolist() == pytest.approx([1, 0.5, 1 / math.log2(7), 0, 0])
-    assert values["mrr@20"].tolist() == pytest.approx([1, 1 / 3, 1 / 6, 1 / 20, 0])
+    assert values["HR@5"].tolist() == [1, 1, 0, 0, 0]
+    assert values["HR@10"].tolist() == [1, 1, 1, 0, 0]
+    assert values["HR@20"].tolist() == [1, 1, 1, 1, 0]
+    assert values["NDCG@5"].tolist() == pytest.approx([1, 0.5, 0, 0, 0])
+    assert values["NDCG@10"].tolist() == pytest.approx([1, 0.5, 1 / math.log2(7), 0, 0])
+    assert values["MRR@20"].tolist() == pytest.approx([1, 1 / 3, 1 / 6, 1 / 20, 0])
 
 
 def test_ranking_a_known_order():
@@ -47,9 +47,9 @@ def test_accumulator_counts_each_user_once():
     accumulator.add(torch.tensor([0, 1]), torch.tensor([11, 12]))  # user 11 again (distributed padding)
     results = accumulator.compute()
     assert results["num_users"] == 3
-    assert results["hr@1"] == pytest.approx(1 / 3)  # ranks 0, 2, 1
-    assert results["hr@3"] == pytest.approx(1.0)
-    assert results["ndcg@3"] == pytest.approx((1 + 0.5 + 1 / math.log2(3)) / 3)
-    assert results["mrr@3"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert results["HR@1"] == pytest.approx(1 / 3)  # ranks 0, 2, 1
+    assert results["HR@3"] == pytest.approx(1.0)
+    assert results["NDCG@3"] == pytest.approx((1 + 0.5 + 1 / math.log2(3)) / 3)
+    assert results["MRR@3"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
     with pytest.raises(ValueError, match="no users"):
         MetricAccumulator().compute()

@@ -68,12 +68,12 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
     assert {"validation", "test"} <= set(info["metrics"])
     assert info["metrics"]["test"]["num_users"] == 300
     popular = most_popular_test_metrics(tmp_path)
-    assert info["metrics"]["test"]["ndcg@10"] > popular["ndcg@10"] * 1.2, (info["metrics"]["test"], popular)
+    assert info["metrics"]["test"]["NDCG@10"] > popular["NDCG@10"] * 1.2, (info["metrics"]["test"], popular)
     assert json.loads((best / "item_id_map.json").read_text())
 
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
-    assert info["best_epoch"] == max(records, key=lambda r: r["valid"]["ndcg@10"])["epoch"]
+    assert info["best_epoch"] == max(records, key=lambda r: r["valid"]["NDCG@10"])["epoch"]
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
 
     check = ("import torch; from transformers import AutoModel; "
@@ -84,11 +84,17 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 5
 
+    # What the trainer leaves is what m2rec-push publishes: the card's numbers are the run's own.
+    run_cli("hub_upload.push", ["--model", str(best), "--repo-id", "someone/m2rec-synthetic", "--dry-run",
+                                "--output-dir", str(tmp_path / "repo")], tmp_path)
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert f"value: {info['metrics']['test']['NDCG@10']}" in card
+
     # The evaluation command rebuilds the split from training_info.json and reproduces the test metrics.
     evaluated = run_cli("training.evaluate", ["--model", str(best), "--split", "test", "--output",
                                               str(tmp_path / "eval.json")], tmp_path)
-    assert json.loads((tmp_path / "eval.json").read_text())["ndcg@10"] == pytest.approx(
-        info["metrics"]["test"]["ndcg@10"], abs=1e-12)
+    assert json.loads((tmp_path / "eval.json").read_text())["NDCG@10"] == pytest.approx(
+        info["metrics"]["test"]["NDCG@10"], abs=1e-12)
     assert evaluated.returncode == 0
 
 
@@ -117,10 +123,10 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     assert [r["optimizer_step"] for r in resumed] == [steps_per_epoch * e for e in range(1, epochs + 1)]
     for a, b in zip(straight, resumed):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
-        assert b["valid"]["ndcg@10"] == pytest.approx(a["valid"]["ndcg@10"], rel=1e-5)
+        assert b["valid"]["NDCG@10"] == pytest.approx(a["valid"]["NDCG@10"], rel=1e-5)
     final = [json.loads((tmp_path / run / "best" / "training_info.json").read_text()) for run in ("straight", "killed")]
     assert final[1]["best_epoch"] == final[0]["best_epoch"]
-    assert final[1]["metrics"]["test"]["ndcg@10"] == pytest.approx(final[0]["metrics"]["test"]["ndcg@10"], rel=1e-5)
+    assert final[1]["metrics"]["test"]["NDCG@10"] == pytest.approx(final[0]["metrics"]["test"]["NDCG@10"], rel=1e-5)
 
 
 def test_two_process_evaluation_counts_each_user_once(tmp_path):
@@ -134,7 +140,7 @@ def test_two_process_evaluation_counts_each_user_once(tmp_path):
                                   "--output", str(two)], tmp_path, processes=2)
     single, double = json.loads(one.read_text()), json.loads(two.read_text())
     assert single["num_users"] == double["num_users"] == 300
-    for name in ("hr@10", "ndcg@10", "mrr@10", "hr@20"):
+    for name in ("HR@10", "NDCG@10", "MRR@10", "HR@20"):
         assert double[name] == pytest.approx(single[name], abs=1e-6)
 
 

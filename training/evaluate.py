@@ -44,7 +44,7 @@ def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = Fa
 
 
 def format_metrics(metrics: dict) -> str:
-    return "  ".join(f"{name.upper()} {metrics[name]:.4f}" for name in ("hr@10", "ndcg@10", "mrr@10"))
+    return "  ".join(f"{name} {metrics[name]:.4f}" for name in ("HR@10", "NDCG@10", "MRR@10"))
 
 
 @dataclass

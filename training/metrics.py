@@ -6,7 +6,7 @@ from it. In a distributed evaluation each process ranks its users, gathers (rank
 
     ranks = rank_targets(scores, batch["target"], batch.get("history") if exclude_history else None)
     accumulator.add(*accelerator.gather_for_metrics((ranks, batch["user_index"])))
-    results = accumulator.compute()   # {"hr@10": ..., "ndcg@10": ..., "mrr@10": ..., "num_users": ...}
+    results = accumulator.compute()   # {"HR@10": ..., "NDCG@10": ..., "MRR@10": ..., "num_users": ...}
 
 Ties are pessimistic: an item with the same score as the target ranks above it. A model that gives
 every item the same score therefore ranks every target last instead of first.
@@ -42,14 +42,14 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: Optional[
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, torch.Tensor]:
-    """Per-user HR@K, NDCG@K and MRR@K from 0-based ranks (B,): {"hr@10": (B,) float, ...}."""
+    """Per-user HR@K, NDCG@K and MRR@K from 0-based ranks (B,): {"HR@10": (B,) float, ...}."""
     ranks = ranks.double()
     values = {}
     for k in ks:
         hit = ranks < k
-        values[f"hr@{k}"] = hit.double()
-        values[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0)
-        values[f"mrr@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), 0.0)
+        values[f"HR@{k}"] = hit.double()
+        values[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0)
+        values[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), 0.0)
     return values
 
 

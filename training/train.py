@@ -199,8 +199,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
 
         state.epoch = epoch + 1
-        if valid["ndcg@10"] > state.best_ndcg:
-            state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["ndcg@10"], epoch + 1, 0
+        if valid["NDCG@10"] > state.best_ndcg:
+            state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["NDCG@10"], epoch + 1, 0
             save_best(accelerator, model, output_dir, data,
                       {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
         else:
@@ -215,7 +215,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", record)
-        epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['ndcg@10']:.4f}", best=state.best_epoch)
+        epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=state.best_epoch)
 
     results = test_best_model(accelerator, output_dir, data, data_args, train_args)
     if accelerator.is_main_process:

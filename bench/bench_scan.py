@@ -1,0 +1,189 @@
+"""CPU benchmark of the selective scan at the paper's sizes (d_model 64, expand 2: D = 128; N = 32).
+
+For each sequence length L in {50, 200, 1000, 2000} the batch holds the same number of tokens as
+B = 256, L = 200 (B = 51,200 // L), so every row does the same work per column and the columns
+show how each implementation scales with L. Each row is timed on the forward alone (under
+no_grad) and on forward + backward (with every input requiring a gradient).
+
+Time: median wall time of up to 3 calls after one warm-up call (1 call when the warm-up took over
+2 s, to keep the whole run to minutes).
+
+Memory: the peak growth of the process's resident memory during the warm-up call, read from the
+kernel's high-water mark (Linux): before the call, freed heap memory is returned to the OS
+(glibc malloc_trim) and /proc/self/clear_refs resets the high-water mark; after it the mark minus
+the resident size before the call is reported. It counts everything the call allocates (outputs,
+gradients, temporaries), not the inputs. Not available on other systems ("-").
+
+Rows are (name, make) pairs: make(batch, length) returns the two callables to time,
+(forward, forward_and_backward), closing over their inputs. Add a row by appending to ROWS.
+
+    python bench/bench_scan.py --out bench/scan.json
+"""
+
+import argparse
+import ctypes
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+kernels = importlib.import_module("modeling_m2rec.selective_scan")
+
+TOKENS = 256 * 200
+LENGTHS = (50, 200, 1000, 2000)
+DIM, STATE = 128, 32  # d_inner = expand 2 x d_model 64; d_state 32
+
+
+def scan_case(scan):
+    """A row for a selective scan with the signature of `selective_scan_ref`, on the inputs the
+    model gives it: softplus(delta + bias) step sizes, the D skip and the z gate."""
+
+    def make(batch, length):
+        gen = torch.Generator().manual_seed(0)
+        inputs = {
+            "u": torch.randn(batch, DIM, length, generator=gen),
+            "delta": torch.randn(batch, DIM, length, generator=gen) - 2.0,
+            "A": -torch.arange(1, STATE + 1, dtype=torch.float32).repeat(DIM, 1),  # S4D-real init
+            "B": torch.randn(batch, STATE, length, generator=gen),
+            "C": torch.randn(batch, STATE, length, generator=gen),
+            "D": torch.ones(DIM),
+            "z": torch.randn(batch, DIM, length, generator=gen),
+            "delta_bias": torch.randn(DIM, generator=gen) * 0.5,
+        }
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        grad_out = torch.randn(batch, DIM, length, generator=gen)
+
+        def forward():
+            with torch.no_grad():
+                scan(**inputs, delta_softplus=True)
+
+        def forward_backward():
+            for leaf in leaves.values():
+                leaf.grad = None
+            scan(**leaves, delta_softplus=True).backward(grad_out)
+
+        return forward, forward_backward
+
+    return make
+
+
+LOOP = "per-step loop (selective_scan_ref)"  # the baseline of the "vs loop" columns
+ROWS = [
+    ("selective_scan (dispatcher)", scan_case(kernels.selective_scan)),
+    ("selective_scan_torch", scan_case(kernels.selective_scan_torch)),
+    (LOOP, scan_case(kernels.selective_scan_ref)),
+]
+
+
+def _read_status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_mb(fn):
+    """Runs fn once; returns the peak growth of resident memory in MB (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        fn()
+        return None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the high-water mark to the current resident size
+    before = _read_status_kib("VmRSS")
+    fn()
+    return (_read_status_kib("VmHWM") - before) / 1024
+
+
+def measure(fn):
+    """(median seconds, number of timed calls, peak memory MB) of fn."""
+    start = time.perf_counter()
+    memory = peak_memory_mb(fn)
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(3 if warmup < 2.0 else 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times), memory
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(results):
+    lines = [
+        "| implementation | L | B | forward ms | fwd+bwd ms | forward peak MB | fwd+bwd peak MB | forward vs loop | fwd+bwd vs loop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    loop = {r["length"]: r for r in results if r["name"] == LOOP}
+    for r in results:
+        base = loop.get(r["length"])
+        lines.append(
+            f"| {r['name']} | {r['length']} | {r['batch']} | {_fmt(r['forward_s'] * 1e3)} "
+            f"| {_fmt(r['forward_backward_s'] * 1e3)} | {_fmt(r['forward_peak_mb'])} "
+            f"| {_fmt(r['forward_backward_peak_mb'])} "
+            f"| {_fmt(base and base['forward_s'] / r['forward_s'])}x "
+            f"| {_fmt(base and base['forward_backward_s'] / r['forward_backward_s'])}x |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    args = parser.parse_args()
+
+    environment = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "scan_backend_cpu": kernels.selective_scan_backend("cpu"),
+        "tokens_per_batch": TOKENS,
+        "D": DIM,
+        "N": STATE,
+    }
+    print(json.dumps(environment), flush=True)
+    results = []
+    for name, make in ROWS:
+        for length in args.lengths:
+            batch = TOKENS // length
+            forward, forward_backward = make(batch, length)
+            fwd_s, fwd_n, fwd_mb = measure(forward)
+            fb_s, fb_n, fb_mb = measure(forward_backward)
+            results.append(
+                {
+                    "name": name,
+                    "length": length,
+                    "batch": batch,
+                    "forward_s": fwd_s,
+                    "forward_calls": fwd_n,
+                    "forward_peak_mb": fwd_mb,
+                    "forward_backward_s": fb_s,
+                    "forward_backward_calls": fb_n,
+                    "forward_backward_peak_mb": fb_mb,
+                }
+            )
+            print(json.dumps(results[-1]), flush=True)
+    print()
+    print(markdown(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps({"environment": environment, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
