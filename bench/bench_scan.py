@@ -5,16 +5,18 @@ B = 256, L = 200 (B = 51,200 // L), so every row does the same work per column a
 show how each implementation scales with L. Each row is timed on the forward alone (under
 no_grad) and on forward + backward (with every input requiring a gradient).
 
-Time: median wall time of up to 3 calls after one warm-up call (1 call when the warm-up took over
-2 s, to keep the whole run to minutes).
+Time: median wall time of 3 calls after one warm-up call (1 call when the warm-up took over 2 s,
+to keep the whole run to minutes), with the default memory allocator.
 
-Memory: the peak growth of the process's resident memory during the warm-up call, read from the
-kernel's high-water mark (Linux): before the call, freed heap memory is returned to the OS
-(glibc malloc_trim) and /proc/self/clear_refs resets the high-water mark; after it the mark minus
-the resident size before the call is reported. It counts everything the call allocates (outputs,
-gradients, temporaries), not the inputs. Not available on other systems ("-").
+Memory: peak growth of resident memory during one call, measured in a child process (Linux only;
+"-" elsewhere). There glibc's mmap threshold is fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every
+tensor above 1 MiB is returned to the OS when freed and resident memory follows the live tensors
+instead of what the allocator keeps cached; before each call freed memory is trimmed and
+/proc/self/clear_refs resets the kernel's high-water mark, after it the mark minus the resident
+size before the call is reported. It counts everything the call allocates (outputs, gradients,
+temporaries), not the inputs. Timing is not taken there: allocating from the OS is slower.
 
-Rows are (name, make) pairs: make(batch, length) returns the two callables to time,
+Rows are (name, make) pairs: make(batch, length) returns the two callables to measure,
 (forward, forward_and_backward), closing over their inputs. Add a row by appending to ROWS.
 
     python bench/bench_scan.py --out bench/scan.json
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,10 +95,7 @@ def _read_status_kib(field):
 
 
 def peak_memory_mb(fn):
-    """Runs fn once; returns the peak growth of resident memory in MB (None off Linux)."""
-    if not sys.platform.startswith("linux"):
-        fn()
-        return None
+    """Runs fn once; returns the peak growth of resident memory in MB (see the module docstring)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -105,17 +105,39 @@ def peak_memory_mb(fn):
     return (_read_status_kib("VmHWM") - before) / 1024
 
 
-def measure(fn):
-    """(median seconds, number of timed calls, peak memory MB) of fn."""
+def median_seconds(fn):
+    """(median seconds, number of timed calls) of fn after one warm-up call."""
     start = time.perf_counter()
-    memory = peak_memory_mb(fn)
+    fn()
     warmup = time.perf_counter() - start
     times = []
     for _ in range(3 if warmup < 2.0 else 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times), memory
+    return statistics.median(times), len(times)
+
+
+def measure_memory(lengths):
+    """{(name, length): (forward MB, forward+backward MB)} from a child process (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    command = [sys.executable, __file__, "--memory-child", "--lengths", *map(str, lengths)]
+    child = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in child.stdout.splitlines()]
+    return {(r["name"], r["length"]): (r["forward_mb"], r["forward_backward_mb"]) for r in rows}
+
+
+def memory_child(lengths):
+    kernels.selective_scan_backend("cpu")  # loads the fused extension before anything is measured
+    for name, make in ROWS:
+        for length in lengths:
+            forward, forward_backward = make(TOKENS // length, length)
+            row = {"name": name, "length": length}
+            row["forward_mb"] = peak_memory_mb(forward)
+            row["forward_backward_mb"] = peak_memory_mb(forward_backward)
+            print(json.dumps(row), flush=True)
 
 
 def _fmt(value, digits=1):
@@ -124,7 +146,8 @@ def _fmt(value, digits=1):
 
 def markdown(results):
     lines = [
-        "| implementation | L | B | forward ms | fwd+bwd ms | forward peak MB | fwd+bwd peak MB | forward vs loop | fwd+bwd vs loop |",
+        "| implementation | L | B | forward ms | fwd+bwd ms | forward peak MB | fwd+bwd peak MB "
+        "| forward vs loop | fwd+bwd vs loop |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     loop = {r["length"]: r for r in results if r["name"] == LOOP}
@@ -144,13 +167,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.lengths)
+        return
 
     environment = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.selective_scan_backend("cpu"),
         "tokens_per_batch": TOKENS,
@@ -163,8 +189,8 @@ def main():
         for length in args.lengths:
             batch = TOKENS // length
             forward, forward_backward = make(batch, length)
-            fwd_s, fwd_n, fwd_mb = measure(forward)
-            fb_s, fb_n, fb_mb = measure(forward_backward)
+            fwd_s, fwd_n = median_seconds(forward)
+            fb_s, fb_n = median_seconds(forward_backward)
             results.append(
                 {
                     "name": name,
@@ -172,13 +198,15 @@ def main():
                     "batch": batch,
                     "forward_s": fwd_s,
                     "forward_calls": fwd_n,
-                    "forward_peak_mb": fwd_mb,
                     "forward_backward_s": fb_s,
                     "forward_backward_calls": fb_n,
-                    "forward_backward_peak_mb": fb_mb,
                 }
             )
             print(json.dumps(results[-1]), flush=True)
+    memory = measure_memory(args.lengths)
+    for r in results:
+        peaks = memory.get((r["name"], r["length"]), (None, None))
+        r["forward_peak_mb"], r["forward_backward_peak_mb"] = peaks
     print()
     print(markdown(results))
     if args.out is not None:

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
 
 
-@dataclass
-class SASRecConfig:
-    num_items: int
+class SASRecConfig(PreTrainedConfig):
+    model_type = "sasrec-bench"
+
+    num_items: int = 3416
     max_len: int = 200
     hidden_size: int = 64  # same width as M2Rec
     num_hidden_layers: int = 2
@@ -26,7 +29,7 @@ class SASRecConfig:
 
 
 @dataclass
-class SASRecOutput:
+class SASRecOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
@@ -56,24 +59,19 @@ class SASRecBlock(nn.Module):
         return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
 
 
-class SASRec(nn.Module):
+class SASRec(PreTrainedModel):
+    """A `PreTrainedModel` so that the trainer saves, selects and reloads it exactly as it does M2Rec."""
+
+    config_class = SASRecConfig
+
     def __init__(self, config: SASRecConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.item_embeddings = nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0)
         self.position_embeddings = nn.Embedding(config.max_len, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()
+        self.post_init()  # transformers' default init: N(0, initializer_range), padding row 0, LayerNorm 1/0
 
     def score(self, user_states: torch.Tensor) -> torch.Tensor:
         logits = user_states @ self.item_embeddings.weight.t()  # (..., I)

@@ -1,17 +1,21 @@
 """Fused CPU selective scan: a C++ loop compiled on first use with torch's cpp_extension.
 
-The plain-PyTorch scan has to materialise (B, D, T, N) tensors for every chunk of T steps and is
-bound by memory traffic; this loop keeps the state h (N,) of one (batch, channel) row in registers,
-so it reads each input once and writes each output once. The backward recomputes the states of a
-row into a thread-local (L, N) buffer instead of storing them, so nothing of size (B, D, L, N)
-ever exists.
+The plain-PyTorch scan materialises (B, D, T, N) tensors for every chunk of T steps and is bound
+by memory traffic. This loop walks one (batch, channel) row at a time with its state h (N,) in L1
+cache, so it reads each input once and writes each output once; the backward recomputes the
+states of a row into a thread-local (L, N) buffer instead of storing them, so nothing of size
+(B, D, L, N) ever exists. Rows run in parallel on torch's intra-op threads (at::parallel_for), and
+the loops over n are vectorised. The bias and softplus of delta are applied by PyTorch before the
+kernel (they cost little next to the scan, and autograd then gives their gradients); the D skip
+connection and the z gate are fused.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
 mamba-ssm's `selective_scan_fn` (see `selective_scan.selective_scan_ref`).
 
-The extension is compiled once per source/torch version into TORCH_EXTENSIONS_DIR (the first build
-takes about half a minute on two cores) and loaded from there afterwards. Where no compiler or
-ninja is found, `load_cpu_scan` returns None, logs why once, and callers fall back to PyTorch.
+The extension is compiled once per source, torch version and architecture into
+TORCH_EXTENSIONS_DIR (the first build takes about 30 s on two cores) and loaded from there
+afterwards. Where it cannot be built (no compiler, no ninja), `load_cpu_scan` returns None and
+logs why once, and `selective_scan` falls back to PyTorch.
 """
 
 import hashlib
@@ -26,8 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# load_inline puts `#include <torch/extension.h>` before this source.
 _CPP_SOURCE = r"""
-#include <torch/extension.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 
@@ -75,7 +79,8 @@ M2REC_INLINE T lane_sum(T* acc) {
 // exp for float written so that loops calling it vectorise (std::exp does not, without
 // -ffast-math). Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, then the Cephes
 // polynomial: about 1 ulp. Below -87.3 (exp under the smallest normal float) it returns exactly 0
-// through an integer mask, which keeps the loop free of branches and of slow denormals.
+// through an integer mask, which keeps the loop free of branches and of slow denormals; above
+// 88.4 (overflow) it saturates at 2.4e38. The scan only meets x = dt A <= 0.
 M2REC_INLINE float exp_vec(float x) {
   const float lo = -87.33654f;
   const float xc = std::min(std::max(x, lo), 88.37626f);
@@ -120,16 +125,19 @@ struct Scan {
 };
 
 // One step of the recurrence for one (b, d): h_next = exp(dt A) * h_prev + dt u B_t, returns
-// C_t . h_next. h_prev and h_next may be the same array.
-template <typename T>
+// C_t . h_next. h_prev and h_next may be the same array. With kKeepDecay, exp(dt A) is also
+// written to `decay` (the backward reuses it instead of computing the exponentials again).
+template <bool kKeepDecay, typename T>
 M2REC_INLINE T scan_step(const T* A, const T* Bn, const T* Cn, T dt, T dtu, const T* h_prev,
-                         T* h_next, int64_t Np) {
+                         T* h_next, T* decay, int64_t Np) {
   T acc[kLanes] = {};
   for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t n = n0 + j;
-      const T hn = exp_vec(dt * A[n]) * h_prev[n] + dtu * Bn[n];
+      const T a = exp_vec(dt * A[n]);
+      if constexpr (kKeepDecay) decay[n] = a;
+      const T hn = a * h_prev[n] + dtu * Bn[n];
       h_next[n] = hn;
       acc[j] += Cn[n] * hn;
     }
@@ -160,7 +168,8 @@ M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, in
         T* y = out + row * L;
         T* h = last + row * Np;
         for (int64_t t = t0; t < t1; ++t) {
-          y[t] = scan_step(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t], h, h, Np);
+          y[t] = scan_step<false>(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t], h, h,
+                                  static_cast<T*>(nullptr), Np);
         }
       }
     }
@@ -204,8 +213,9 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
                                  int64_t hi) {
   using acc_t = at::acc_type<T, false>;
   const int64_t L = s.L, Np = s.Np;
-  // hs holds h_{-1} = 0, h_0, ..., h_{L-1} of one row: recomputed, never stored across rows.
-  std::vector<T> hs((L + 1) * Np), dys(L), ys(L), gh(Np);
+  // hs holds h_{-1} = 0, h_0, ..., h_{L-1} of one row and decays exp(dt_t A) for each t:
+  // recomputed for every row, never stored across rows.
+  std::vector<T> hs((L + 1) * Np), decays(L * Np), dys(L), ys(L), gh(Np);
   for (int64_t task = lo; task < hi; ++task) {
     const int64_t block = task / g.batch, b = task % g.batch;
     const int64_t d_end = std::min(s.dim, (block + 1) * g.block_dim);
@@ -223,9 +233,9 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
 
       std::fill(hs.begin(), hs.begin() + Np, T(0));
       for (int64_t t = 0; t < L; ++t) {
-        const T* h_prev = hs.data() + t * Np;
-        ys[t] = scan_step(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t], h_prev,
-                          hs.data() + (t + 1) * Np, Np);
+        ys[t] = scan_step<true>(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t],
+                                hs.data() + t * Np, hs.data() + (t + 1) * Np,
+                                decays.data() + t * Np, Np);
       }
       // dys = dL/dy, y = C . h + D u being the output before the gate.
       if (s.z != nullptr) {
@@ -257,6 +267,7 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
         const T* Cn = Ct + t * Np;
         const T* h_prev = hs.data() + t * Np;
         const T* hn = hs.data() + (t + 1) * Np;
+        const T* decay = decays.data() + t * Np;
         T* dBn = dBt + t * Np;
         T* dCn = dCt + t * Np;
         T acc_gB[kLanes] = {};  // sum_n dL/dh_t[n] B_t[n]
@@ -266,7 +277,7 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
           for (int64_t j = 0; j < kLanes; ++j) {
             const int64_t n = n0 + j;
             const T gn = ghp[n] + dy * Cn[n];
-            const T a = exp_vec(dtt * A[n]);
+            const T a = decay[n];
             const T ga = gn * h_prev[n] * a;  // dL/d(dt A[n])
             dCn[n] += dy * hn[n];
             dBn[n] += gn * dtu;
@@ -474,11 +485,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
 def _build_flags():
-    """Compiler flags: -O3, `omp simd` for the n loops, and OpenMP so that at::parallel_for runs
-    on torch's thread pool (torch's wheels ship libgomp, which the extension then shares)."""
+    """(compile flags, link flags): -O3; `omp simd` for the loops over n; -fno-trapping-math,
+    without which GCC keeps the branches of the clamps in exp_vec and does not vectorise the
+    backward loop (it changes no result: nothing here reads floating-point exception flags);
+    OpenMP so that at::parallel_for runs on torch's thread pool (torch's Linux wheels ship
+    libgomp, which the extension then shares)."""
     if sys.platform == "win32":
         return ["/O2", "/openmp"], []
-    flags = ["-O3", "-fopenmp-simd"]
+    flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     if sys.platform.startswith("linux"):
         return flags + ["-fopenmp"], ["-fopenmp"]
     return flags, []

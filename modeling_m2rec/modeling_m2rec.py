@@ -59,6 +59,58 @@ class M2RecRecommendationOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `user_states @ item_weights.T` over the whole catalogue, computed in row chunks.
+
+    The plain version materialises (M, I) logits and their softmax for every labelled position (hundreds of MB per
+    batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
+    log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
+    arithmetic as `F.cross_entropy` on the full logits, in float32. Column 0 (padding) never takes probability.
+    """
+
+    @staticmethod
+    def forward(ctx, user_states, item_weights, labels):
+        dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
+        states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
+        chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
+        log_normalizers = states.new_empty(len(states))  # (M,)
+        target_logits = states.new_empty(len(states))  # (M,)
+        for start in range(0, len(states), chunk):
+            logits = states[start:start + chunk] @ weights.t()  # (chunk, I)
+            logits[:, 0] = float("-inf")
+            log_normalizers[start:start + chunk] = torch.logsumexp(logits, dim=1)
+            target_logits[start:start + chunk] = logits.gather(1, labels[start:start + chunk, None]).squeeze(1)
+        ctx.save_for_backward(user_states, item_weights, labels, log_normalizers)
+        ctx.chunk = chunk
+        return (log_normalizers - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        user_states, item_weights, labels, log_normalizers = ctx.saved_tensors
+        states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
+        grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
+        scale = grad_loss.to(states.dtype) / len(states)
+        for start in range(0, len(states), ctx.chunk):
+            chunk_states = states[start:start + ctx.chunk]
+            probabilities = chunk_states @ weights.t()  # (chunk, I) logits → softmax → d loss / d logits
+            probabilities[:, 0] = float("-inf")
+            probabilities.sub_(log_normalizers[start:start + ctx.chunk, None]).exp_()
+            probabilities[torch.arange(len(chunk_states)), labels[start:start + ctx.chunk]] -= 1.0
+            probabilities.mul_(scale)
+            grad_states[start:start + ctx.chunk] = probabilities @ weights
+            grad_weights.addmm_(probabilities.t(), chunk_states)
+        return grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None
+
+
+def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor,
+                               labels: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1.
+    Equals `F.cross_entropy(scores, labels)` with the padding column excluded, without storing (M, I) scores."""
+    if len(labels) == 0:
+        raise ValueError("no labelled position in the batch: every label is -100")
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels)
+
+
 class M2RecFrequencyFilter(nn.Module):
     """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
 
@@ -137,6 +189,12 @@ class M2RecMixer(nn.Module):
         self.D._no_weight_decay = True
         self.dt_proj.bias._no_weight_decay = True
 
+    def _project(self, hidden_states: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows of in_proj applied channel-first, (B, L, D) → (B, rows, L), contiguous for the convolution (a
+        transposed view of a (B, L, rows) result makes the depthwise conv several times slower)."""
+        weight = self.in_proj.weight[rows]  # (rows, D)
+        return torch.matmul(weight.to(hidden_states.dtype), hidden_states.transpose(1, 2))
+
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv + SiLU, (B, Di, L) → (B, Di, L)."""
         return causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
@@ -144,15 +202,14 @@ class M2RecMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D)."""
         if selection_states is None:
-            x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # 2 × (B, Di, L)
+            x, z = self._project(hidden_states, slice(None)).chunk(2, dim=1)  # 2 × (B, Di, L)
             x = self._conv(x)
             selection = x
         else:
             # Only the x half of in_proj is needed for the scanned sequence; z comes from the selection sequence.
-            x = F.linear(hidden_states, self.in_proj.weight[: self.mixer_size]).transpose(1, 2)  # (B, Di, L)
-            x = self._conv(x)
-            selection, z = self.in_proj(selection_states).transpose(1, 2).chunk(2, dim=1)  # 2 × (B, Di, L)
-            selection = self._conv(selection)
+            x = self._conv(self._project(hidden_states, slice(0, self.mixer_size)))  # (B, Di, L)
+            selection = self._conv(self._project(selection_states, slice(0, self.mixer_size)))
+            z = self._project(selection_states, slice(self.mixer_size, None))  # (B, Di, L)
 
         x_dbl = self.x_proj(selection.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
@@ -479,6 +536,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             if labels.shape not in (input_ids.shape, input_ids.shape[:1]):
                 raise ValueError(f"labels must have shape {tuple(input_ids.shape)} (every position) or "
                                  f"{tuple(input_ids.shape[:1])} (last position), got {tuple(labels.shape)}")
+            bad = (labels != -100) & ((labels < 1) | (labels > self.config.num_items))
+            if bad.any():
+                where = bad.nonzero()[0].tolist()
+                raise ValueError(f"label {labels[tuple(where)].item()} at {tuple(where)} is not an item id in "
+                                 f"1..{self.config.num_items} (use -100 for positions without a target)")
 
         outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
                              return_dict=True)
@@ -489,11 +551,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
-            if labels.dim() == 1:
-                loss = F.cross_entropy(self.score(last_states), labels, ignore_index=-100)
-            else:
-                labelled = labels != -100
-                loss = F.cross_entropy(self.score(user_states[labelled]), labels[labelled])  # (M, D) → (M, I)
+            states, targets = (last_states, labels) if labels.dim() == 1 else (user_states, labels)
+            labelled = targets != -100
+            loss = full_softmax_cross_entropy(states[labelled], self.item_scorer.weight, targets[labelled])
 
         logits = None
         if return_logits:

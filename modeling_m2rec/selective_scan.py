@@ -154,7 +154,8 @@ class _ScanTorchFn(torch.autograd.Function):
         entering, ys = [], []
         for start in range(0, length, chunk):
             steps = slice(start, start + chunk)
-            entering.append(h)
+            if any(ctx.needs_input_grad):
+                entering.append(h)
             decay, x = _ScanTorchFn._scan_inputs(h, u[:, :, steps], dt[:, :, steps], A, B[:, :, steps])
             states = _linear_scan(decay, x)  # (B, D, T, N)
             ys.append(torch.einsum("bdtn,bnt->bdt", states, C[:, :, steps]))
@@ -168,14 +169,15 @@ class _ScanTorchFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dlast_state):
         u, dt, A, B, C, *entering = ctx.saved_tensors
-        chunk, length = ctx.chunk, u.shape[-1]
+        chunk = ctx.chunk
         du, ddt = torch.empty_like(u), torch.empty_like(dt)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA = torch.zeros_like(A)
         carry = torch.zeros_like(entering[0]) if entering else None  # exp(dt_{t+1} A) g_{t+1}
         for index in reversed(range(len(entering))):
-            steps = slice(index * chunk, min(length, (index + 1) * chunk))
-            u_c, dt_c, B_c, C_c, dy_c = u[:, :, steps], dt[:, :, steps], B[:, :, steps], C[:, :, steps], dy[:, :, steps]
+            steps = slice(index * chunk, (index + 1) * chunk)
+            u_c, dt_c, dy_c = u[:, :, steps], dt[:, :, steps], dy[:, :, steps]  # (B, D, T)
+            B_c, C_c = B[:, :, steps], C[:, :, steps]  # (B, N, T)
             h0 = entering[index]
             decay, x = _ScanTorchFn._scan_inputs(h0, u_c, dt_c, A, B_c)
             states = _linear_scan(decay.clone(), x)  # (B, D, T, N)
@@ -293,9 +295,12 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     """Causal depthwise convolution on the fastest available path; same signature and result as
     `causal_conv1d_torch`: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
     if x.is_cuda:
-        if causal_conv1d_fn is not None:
+        # the CUDA kernel supports widths 2 to 4 (Mamba uses 4)
+        if causal_conv1d_fn is not None and 2 <= weight.shape[1] <= 4:
             return causal_conv1d_fn(x, weight, bias, activation=activation)
-        _log_once("causal-conv1d is not installed: the convolution runs in plain PyTorch on CUDA")
+        _log_once(
+            "causal-conv1d is not installed (or not for this width): the convolution runs in plain PyTorch on CUDA"
+        )
     return causal_conv1d_torch(x, weight, bias, activation=activation)
 
 

@@ -20,12 +20,12 @@ cpu_scan = importlib.import_module("modeling_m2rec.cpu_scan")
 
 # Max-norm relative error of a float32 implementation against the float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-11}
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def make_inputs(batch, dim, length, state, *, use_D, use_z, use_bias, softplus):
     """Float64 inputs of realistic size: delta is softplus(randn) (or randn that the scan puts
-    through softplus itself), A = -exp(randn), the rest randn."""
+    through softplus itself), A = -exp(randn), the rest randn. Every value is a float32, so that
+    float32 runs see exactly the reference's inputs and only their arithmetic is compared."""
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -42,7 +42,7 @@ def make_inputs(batch, dim, length, state, *, use_D, use_z, use_bias, softplus):
         "z": randn(batch, dim, length) if use_z else None,
         "delta_bias": 0.5 * randn(dim) if use_bias else None,
     }
-    return inputs
+    return {k: None if v is None else v.float().double() for k, v in inputs.items()}
 
 
 def run_with_grads(scan, inputs, softplus, dtype):
@@ -50,8 +50,8 @@ def run_with_grads(scan, inputs, softplus, dtype):
     all in `dtype`."""
     leaves = {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
     out, last_state = scan(**leaves, delta_softplus=softplus, return_last_state=True)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * cotangent.to(dtype)).sum().backward()
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (out * cotangent).sum().backward()
     grads = {f"d{k}": v.grad for k, v in leaves.items() if v is not None}
     return {"out": out.detach(), "last_state": last_state.detach(), **grads}
 
@@ -99,13 +99,14 @@ def test_scan_matches_reference(case, implementation, dtype):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_large_decays_stay_finite_and_exact(implementation):
-    """delta * A reaches -50 per step (and -5000 on some channels): the decays' products
-    underflow to 0 instead of overflowing, in the forward and the backward."""
+    """delta * A goes from -0.5 to below -50 per step (to -9000 on one channel): the decays and
+    their products underflow to 0 instead of overflowing, in the forward and the backward."""
     softplus = False
     inputs = make_inputs(2, 4, 150, 8, use_D=True, use_z=True, use_bias=False, softplus=softplus)
     inputs["delta"] = 5.0 + inputs["delta"]  # delta in [5, ~10]
     inputs["A"] = -torch.linspace(0.1, 10.0, 8, dtype=torch.float64).repeat(4, 1)  # (D, N)
     inputs["A"][0] *= 100.0
+    inputs.update({name: inputs[name].float().double() for name in ("delta", "A")})  # float32 values
     reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
     results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, torch.float32)
     assert all(torch.isfinite(v).all() for v in results.values())
@@ -118,7 +119,8 @@ def test_half_precision_inputs_compute_in_float32(implementation):
     inputs = make_inputs(2, 4, 20, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
     half = {k: None if v is None else v.to(torch.bfloat16) for k, v in inputs.items()}
     out = IMPLEMENTATIONS[implementation](**half, delta_softplus=softplus)
-    expected = kernels.selective_scan_ref(**{k: None if v is None else v.double() for k, v in half.items()}, delta_softplus=softplus)
+    widened = {k: None if v is None else v.double() for k, v in half.items()}
+    expected = kernels.selective_scan_ref(**widened, delta_softplus=softplus)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+from modeling_m2rec.modeling_m2rec import full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -62,7 +64,8 @@ def test_loss_without_logits_matches_and_last_position_logits():
     model = tiny_model()
     input_ids = random_histories(4, 12)
     input_ids[1, 7:] = 0
-    labels = torch.where(input_ids > 0, torch.roll(input_ids, -1, dims=1), torch.full_like(input_ids, -100))
+    next_items = torch.roll(input_ids, -1, dims=1)
+    labels = torch.where((input_ids > 0) & (next_items > 0), next_items, torch.full_like(input_ids, -100))
     full = model(input_ids, labels=labels)
     lean = model(input_ids, labels=labels, return_logits=False)
     assert lean.logits is None
@@ -71,6 +74,33 @@ def test_loss_without_logits_matches_and_last_position_logits():
     torch.testing.assert_close(last[1], full.logits[1, 6])
     torch.testing.assert_close(last[0], full.logits[0, 11])
     assert (full.logits[..., 0] == torch.finfo(full.logits.dtype).min).all()
+
+
+def test_chunked_cross_entropy_equals_full_logits_cross_entropy():
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
+    labels = torch.randint(1, 5000, (700,), generator=generator)
+    logits = states @ weights.t()
+    logits[:, 0] = float("-inf")
+    expected = F.cross_entropy(logits, labels)
+    expected_grads = torch.autograd.grad(expected, (states, weights))
+    loss = full_softmax_cross_entropy(states, weights, labels)
+    grads = torch.autograd.grad(loss, (states, weights))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_bad_labels_are_refused():
+    model = tiny_model()
+    input_ids = random_histories(2, 5)
+    labels = torch.full_like(input_ids, -100)
+    labels[1, 3] = NUM_ITEMS + 1
+    with pytest.raises(ValueError, match=f"label {NUM_ITEMS + 1} at \\(1, 3\\)"):
+        model(input_ids, labels=labels)
+    with pytest.raises(ValueError, match="label 0"):
+        model(input_ids, labels=torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("overrides", CAUSAL_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")

@@ -137,8 +137,12 @@ def append_jsonl(path: Path, record: dict, keep_epochs_up_to: int | None = None)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
-          command: str = "m2rec-train") -> dict:
-    """Train, select on validation NDCG@10, test once. Returns {"validation": {...}, "test": {...}}."""
+          command: str = "m2rec-train", model_builder=None) -> dict:
+    """Train, select on validation NDCG@10, test once. Returns {"best_epoch", "validation", "test"}.
+
+    `model_builder(max_len, num_items, text_embeddings)` replaces the M2Rec built from `model_args` by another
+    `PreTrainedModel` with the same forward protocol (the benchmarks train their SASRec baseline this way).
+    """
     output_dir = Path(train_args.output_dir)
     accelerator = Accelerator(
         cpu=train_args.cpu, mixed_precision=train_args.mixed_precision,
@@ -156,7 +160,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         data = prepare_dataset(data_args)
         text_embeddings = (None if model_args.fusion == "none"
                            else item_text_embeddings(data, data_args, accelerator.is_main_process))
-    model = build_model(model_args, data_args.max_len, data.num_items, text_embeddings)
+    if model_builder is None:
+        model_builder = partial(build_model, model_args)
+    model = model_builder(data_args.max_len, data.num_items, text_embeddings)
+    model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -217,7 +224,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             append_jsonl(output_dir / "metrics.jsonl", record)
         epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=state.best_epoch)
 
-    results = test_best_model(accelerator, output_dir, data, data_args, train_args)
+    results = test_best_model(accelerator, model_class, output_dir, data, data_args, train_args)
     if accelerator.is_main_process:
         print(f"best epoch {results['best_epoch']}\n"
               f"validation: {format_metrics(results['validation'])}\n"
@@ -247,11 +254,12 @@ def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: b
     return accelerator.reduce(total, reduction="mean").item() / max(batches, 1)
 
 
-def test_best_model(accelerator, output_dir: Path, data, data_args: DataArguments, train_args: TrainArguments) -> dict:
+def test_best_model(accelerator, model_class, output_dir: Path, data, data_args: DataArguments,
+                    train_args: TrainArguments) -> dict:
     """Evaluate the selected checkpoint on the test split (the only time the test split is read) and record the
     metrics in best/training_info.json."""
     best_dir = output_dir / "best"
-    model = M2RecForSequentialRecommendation.from_pretrained(best_dir)
+    model = model_class.from_pretrained(best_dir)
     test_loader = eval_loader(data, "test", data_args.max_len, train_args)
     model, test_loader = accelerator.prepare(model, test_loader)
     test = evaluate(model, test_loader, accelerator, train_args.exclude_history)
