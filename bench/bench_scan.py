@@ -1,4 +1,5 @@
-"""CPU benchmark of the selective scan at the paper's sizes (d_model 64, expand 2: D = 128; N = 32).
+"""CPU benchmark of the selective scan and of the whole encoder at the paper's sizes (d_model 64, expand 2:
+D = 128; N = 32), against a same-width causal-transformer (SASRec) layer and encoder.
 
 For each sequence length L in {50, 200, 1000, 2000} the batch holds the same number of tokens as
 B = 256, L = 200 (B = 51,200 // L), so every row does the same work per column and the columns
@@ -15,6 +16,10 @@ instead of what the allocator keeps cached; before each call freed memory is tri
 /proc/self/clear_refs resets the kernel's high-water mark, after it the mark minus the resident
 size before the call is reported. It counts everything the call allocates (outputs, gradients,
 temporaries), not the inputs. Timing is not taken there: allocating from the OS is slower.
+
+The encoder rows run from item ids to the user representation (B, L, 64), without the catalogue scoring that
+every model shares: M2Rec (embedding, causal FFT filter, 1 AFFM layer, text gate with a 1024-d buffer) and SASRec
+with 1 layer (2 heads, PyTorch's scaled_dot_product_attention).
 
 Rows are (name, make) pairs: make(batch, length) returns the two callables to measure,
 (forward, forward_and_backward), closing over their inputs. Add a row by appending to ROWS.
@@ -39,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 kernels = importlib.import_module("modeling_m2rec.selective_scan")
+from bench.sasrec import SASRec, SASRecBlock, SASRecConfig  # noqa: E402
+from modeling_m2rec import M2RecConfig, M2RecModel  # noqa: E402
 
 TOKENS = 256 * 200
 LENGTHS = (50, 200, 1000, 2000)
@@ -78,11 +85,70 @@ def scan_case(scan):
     return make
 
 
+def module_case(build, make_inputs):
+    """A row for a module: forward under no_grad in eval mode, forward + backward of a random projection of its
+    output in train mode (dropout 0, so both do the same arithmetic)."""
+
+    def make(batch, length):
+        torch.manual_seed(0)
+        module = build(length)
+        inputs = make_inputs(batch, length)
+
+        def forward():
+            module.eval()
+            with torch.no_grad():
+                module(inputs)
+
+        def forward_backward():
+            module.train()
+            module.zero_grad(set_to_none=True)
+            output = module(inputs)
+            output.backward(torch.ones_like(output))
+
+        return forward, forward_backward
+
+    return make
+
+
+def item_ids(batch, length):
+    return torch.randint(1, 3417, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+class M2RecEncoder(torch.nn.Module):
+    def __init__(self, length):
+        super().__init__()
+        self.model = M2RecModel(M2RecConfig(num_items=3416, max_len=max(LENGTHS), hidden_dropout_prob=0.0))
+
+    def forward(self, input_ids):
+        return self.model(input_ids).last_hidden_state
+
+
+class SASRecEncoder(torch.nn.Module):
+    def __init__(self, length):
+        super().__init__()
+        self.model = SASRec(SASRecConfig(num_items=3416, max_len=max(LENGTHS), num_hidden_layers=1,
+                                         hidden_dropout_prob=0.0))
+
+    def forward(self, input_ids):
+        return self.model(input_ids, return_logits=False).last_hidden_state
+
+
+def transformer_layer(length):
+    return SASRecBlock(SASRecConfig(num_items=1, hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0))
+
+
+def layer_inputs(batch, length):
+    return torch.randn(batch, length, 64, generator=torch.Generator().manual_seed(0))
+
+
 LOOP = "per-step loop (selective_scan_ref)"  # the baseline of the "vs loop" columns
 ROWS = [
     ("selective_scan (dispatcher)", scan_case(kernels.selective_scan)),
     ("selective_scan_torch", scan_case(kernels.selective_scan_torch)),
     (LOOP, scan_case(kernels.selective_scan_ref)),
+    ("causal transformer layer (SASRec block, d 64)", module_case(transformer_layer, layer_inputs)),
+    ("M2Rec encoder (1 layer)", module_case(M2RecEncoder, item_ids)),
+    ("SASRec encoder (1 layer)", module_case(SASRecEncoder, item_ids)),
 ]
 
 

