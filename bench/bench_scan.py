@@ -30,7 +30,6 @@ Rows are (name, make) pairs: make(batch, length) returns the two callables to me
 import argparse
 import ctypes
 import gc
-import importlib
 import json
 import os
 import platform
@@ -43,9 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-kernels = importlib.import_module("modeling_m2rec.selective_scan")
 from bench.sasrec import SASRec, SASRecBlock, SASRecConfig  # noqa: E402
-from modeling_m2rec import M2RecConfig, M2RecModel  # noqa: E402
+from modeling_m2rec import M2RecConfig, M2RecModel, kernels  # noqa: E402
 
 TOKENS = 256 * 200
 LENGTHS = (50, 200, 1000, 2000)

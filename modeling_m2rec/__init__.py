@@ -15,7 +15,7 @@ from .modeling_m2rec import (
     M2RecPreTrainedModel,
     M2RecRecommendationOutput,
 )
-from .selective_scan import causal_conv1d, selective_scan
+from .kernels import causal_conv1d, selective_scan
 
 AutoConfig.register(M2RecConfig.model_type, M2RecConfig, exist_ok=True)
 AutoModel.register(M2RecConfig, M2RecForSequentialRecommendation, exist_ok=True)

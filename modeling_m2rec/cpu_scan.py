@@ -10,7 +10,7 @@ kernel (they cost little next to the scan, and autograd then gives their gradien
 connection and the z gate are fused.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
-mamba-ssm's `selective_scan_fn` (see `selective_scan.selective_scan_ref`).
+mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
 
 The extension is compiled once per source, torch version and architecture into
 TORCH_EXTENSIONS_DIR (the first build takes about 30 s on two cores) and loaded from there

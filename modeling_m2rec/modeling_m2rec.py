@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
-from .selective_scan import causal_conv1d, selective_scan
+from .kernels import causal_conv1d, selective_scan
 
 
 @dataclass
@@ -211,17 +211,18 @@ class M2RecMixer(nn.Module):
             selection = self._conv(self._project(selection_states, slice(0, self.mixer_size)))
             z = self._project(selection_states, slice(self.mixer_size, None))  # (B, Di, L)
 
-        x_dbl = self.x_proj(selection.transpose(1, 2))  # (B, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, Di, L); bias is added inside the scan
+        # Channel-first projections (weight @ (B, Di, L)) keep Δ contiguous for the scan, with no transposed copies.
+        x_dbl = torch.matmul(self.x_proj.weight, selection)  # (B, R + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=1)
+        dt = torch.matmul(self.dt_proj.weight, dt)  # (B, Di, L); the bias is added inside the scan
         # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
         # in half precision drifts.
         y = selective_scan(
             x.float(),
             dt.float(),
             -torch.exp(self.A_log.float()),  # (Di, N)
-            B.transpose(1, 2).float().contiguous(),  # (B, N, L)
-            C.transpose(1, 2).float().contiguous(),  # (B, N, L)
+            B.float(),  # (B, N, L)
+            C.float(),  # (B, N, L)
             self.D.float(),
             z=z.float(),
             delta_bias=self.dt_proj.bias.float(),

@@ -1,4 +1,4 @@
-"""The kernels of `modeling_m2rec.selective_scan` and `modeling_m2rec.cpu_scan` against the step-by-step
+"""The kernels of `modeling_m2rec.kernels` and `modeling_m2rec.cpu_scan` against the step-by-step
 reference in float64: outputs, last states and the gradients of every input.
 
 The fused CPU extension must build here (a compiler exists on every development and CI machine), so
@@ -6,17 +6,13 @@ its tests fail rather than skip when it does not; the fallback for machines with
 tested by making the build fail on purpose. GPU parity tests run only where CUDA is available.
 """
 
-import importlib
 import logging
 
 import pytest
 import torch
 import torch.utils.cpp_extension
 
-# `import modeling_m2rec.selective_scan` would give the function the package re-exports under the
-# same name, so the modules are taken from the import system.
-kernels = importlib.import_module("modeling_m2rec.selective_scan")
-cpu_scan = importlib.import_module("modeling_m2rec.cpu_scan")
+from modeling_m2rec import cpu_scan, kernels
 
 # Max-norm relative error of a float32 implementation against the float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-11}

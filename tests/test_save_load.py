@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel
 from modeling_m2rec import M2RecForSequentialRecommendation
 from test_model import random_histories, tiny_model
 
-CODE_FILES = {"configuration_m2rec.py", "modeling_m2rec.py", "selective_scan.py", "cpu_scan.py"}
+CODE_FILES = {"configuration_m2rec.py", "modeling_m2rec.py", "kernels.py", "cpu_scan.py"}
 
 
 def saved_model(tmp_path, **overrides):
