@@ -14,6 +14,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from modeling_m2rec.modeling_m2rec import full_softmax_cross_entropy
+
 
 class SASRecConfig(PreTrainedConfig):
     model_type = "sasrec-bench"
@@ -93,12 +95,10 @@ class SASRec(PreTrainedModel):
         mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
         last_states = hidden[torch.arange(len(input_ids), device=input_ids.device), mask.sum(1) - 1]  # (B, D)
         loss = None
-        if labels is not None:
-            if labels.dim() == 1:
-                loss = F.cross_entropy(self.score(last_states), labels, ignore_index=-100)
-            else:
-                labelled = labels != -100
-                loss = F.cross_entropy(self.score(hidden[labelled]), labels[labelled])
+        if labels is not None:  # the same exact chunked full-softmax loss as M2Rec, so costs compare like for like
+            states, targets = (last_states, labels) if labels.dim() == 1 else (hidden, labels)
+            labelled = targets != -100
+            loss = full_softmax_cross_entropy(states[labelled], self.item_embeddings.weight, targets[labelled])
         logits = None
         if return_logits:
             logits = self.score(last_states if last_position_only else hidden)

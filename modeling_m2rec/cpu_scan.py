@@ -19,7 +19,10 @@ logs why once, and `selective_scan` falls back to PyTorch.
 """
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
+import os
 import platform
 import sys
 import threading
@@ -499,10 +502,39 @@ def _build_flags():
 
 
 def _extension_name():
-    # A new source, torch version or architecture gets its own build folder instead of loading a
+    # A new source, torch or Python version or architecture gets its own build folder instead of loading a
     # stale binary compiled for another one.
-    key = "\n".join([_CPP_SOURCE, torch.__version__, platform.machine(), repr(_build_flags())])
+    key = "\n".join([_CPP_SOURCE, torch.__version__, platform.machine(), repr(_build_flags()), sys.version])
     return "m2rec_cpu_scan_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_directory(name):
+    """Where the extension is built: TORCH_EXTENSIONS_DIR (or torch's default cache) / name."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions")
+    return os.path.join(root, name)
+
+
+def _import_built(name, directory):
+    """Imports a finished build directly. load_inline would first take its build lock, and a lock file left by a
+    process killed while compiling makes every later load wait forever."""
+    path = os.path.join(directory, name + importlib.machinery.EXTENSION_SUFFIXES[0])
+    if not os.path.exists(path):
+        path = os.path.join(directory, name + ".so")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _remove_stale_lock(directory, max_age_s=600):
+    """A build takes well under a minute: an older lock belongs to a compile that was killed."""
+    lock = os.path.join(directory, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > max_age_s:
+        logger.warning("removing the stale build lock %s left by an interrupted compile", lock)
+        os.remove(lock)
 
 
 _UNSET = object()
@@ -523,13 +555,20 @@ def load_cpu_scan():
                 from torch.utils.cpp_extension import load_inline
 
                 start = time.perf_counter()
-                _module = load_inline(
-                    name=_extension_name(),
-                    cpp_sources=[_CPP_SOURCE],
-                    extra_cflags=_build_flags()[0],
-                    extra_ldflags=_build_flags()[1],
-                    verbose=False,
-                )
+                name = _extension_name()
+                directory = _build_directory(name)
+                _module = _import_built(name, directory)
+                if _module is None:
+                    os.makedirs(directory, exist_ok=True)
+                    _remove_stale_lock(directory)
+                    _module = load_inline(
+                        name=name,
+                        cpp_sources=[_CPP_SOURCE],
+                        extra_cflags=_build_flags()[0],
+                        extra_ldflags=_build_flags()[1],
+                        build_directory=directory,
+                        verbose=False,
+                    )
                 logger.info("fused CPU selective scan ready in %.1f s", time.perf_counter() - start)
             except Exception as error:  # any failure to build means: use the PyTorch scan
                 logger.warning(

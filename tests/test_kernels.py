@@ -7,6 +7,8 @@ tested by making the build fail on purpose. GPU parity tests run only where CUDA
 """
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -174,6 +176,7 @@ def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
 
     monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(cpu_scan, "_import_built", lambda name, directory: None)  # as on a machine with no build
     monkeypatch.setattr(cpu_scan, "_module", cpu_scan._UNSET)  # restored to the built module afterwards
     monkeypatch.setattr(kernels, "_logged", set())
     with caplog.at_level(logging.WARNING):
@@ -259,3 +262,16 @@ def test_cuda_causal_conv1d_matches_torch():
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_a_lock_left_by_a_killed_compile_does_not_block_loading(tmp_path):
+    """torch's build lock waits forever on a lock file whose owner was killed: an old one is removed, a fresh one
+    (a compile in progress elsewhere) is kept, and a finished build is imported without taking the lock."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_scan._remove_stale_lock(str(tmp_path))
+    assert lock.exists()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    cpu_scan._remove_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    assert cpu_scan._import_built("m2rec_cpu_scan_missing", str(tmp_path)) is None

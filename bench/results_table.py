@@ -1,0 +1,52 @@
+"""Markdown tables from the rows `bench/reproduce.py` appends to <runs-root>/results.jsonl.
+
+    python bench/results_table.py runs/repro/results.jsonl
+
+One table per dataset: test HR/NDCG/MRR@10 of each experiment, its delta against the full model (`m2rec`), the
+best epoch, the total training time summed from the run's metrics.jsonl, and under it every row's exact command,
+seed, machine and text encoder. The latest row of an experiment wins.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+METRICS = ("HR@10", "NDCG@10", "MRR@10")
+
+
+def training_seconds(config: dict) -> float:
+    """Train + evaluation time of every epoch of the run (a resumed run's epochs included)."""
+    path = Path(config["output_dir"]) / "metrics.jsonl"
+    if not path.exists():
+        return float("nan")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return sum(r["train_seconds"] + r["eval_seconds"] for r in records)
+
+
+def main(path: str) -> None:
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            rows[row["experiment"]] = row
+    datasets = sorted({name.split("/")[0] for name in rows})
+    for dataset in datasets:
+        runs = {name.split("/")[1]: row for name, row in rows.items() if name.startswith(dataset + "/")}
+        full = runs.get("m2rec")
+        print(f"\n### {dataset}\n")
+        print("| experiment | " + " | ".join(f"test {m}" for m in METRICS)
+              + " | Δ NDCG@10 vs m2rec | best epoch | training time |")
+        print("|---|" + "---:|" * (len(METRICS) + 3))
+        for variant, row in runs.items():
+            test = row["test"]
+            delta = "" if full is None else f"{test['NDCG@10'] - full['test']['NDCG@10']:+.4f}"
+            print(f"| {variant} | " + " | ".join(f"{test[m]:.4f}" for m in METRICS)
+                  + f" | {delta} | {row['best_epoch']} | {training_seconds(row['config']) / 60:.0f} min |")
+        print()
+        for variant, row in runs.items():
+            print(f"- `{variant}`: `{row['command']}` — seed {row['seed']}, text encoder {row['text_encoder']}, "
+                  f"exclude_history {row['config']['exclude_history']}, {row['machine']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
