@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .model_card import build_model_card, is_movielens, resolve_license
-from .verify import PICKLE_SUFFIXES, VerificationError, verify_folder
+from .verify import VerificationError, verify_folder
 
 RUN_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json")
 

@@ -304,7 +304,7 @@ def test_upload_to_a_branch_and_refused_token(built):
             upload(built[1], REPO_ID, endpoint=hub.url, token="hf_wrong")
         with pytest.raises(UploadError, match="exists already and is public, but --private was given"):
             upload(built[1], REPO_ID, endpoint=hub.url, token=TOKEN, private=True)
-    with pytest.raises(UploadError, match=f"could not reach the Hub at http://127.0.0.1:"):
+    with pytest.raises(UploadError, match="could not reach the Hub at http://127.0.0.1:"):
         upload(built[1], REPO_ID, endpoint=f"http://127.0.0.1:{closed_port()}", token=TOKEN)
 
 

@@ -11,7 +11,6 @@ rebuilt (from the cache when it is there). Under `accelerate launch` each proces
 import json
 import sys
 from dataclasses import dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
