@@ -69,16 +69,26 @@ def main(argv=None):
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
         data = prepare_dataset(data_args)
-    model = M2RecForSequentialRecommendation.from_pretrained(args.model)
-    loader = eval_loader(data, args.split, data_args.max_len, args)
-    model, loader = accelerator.prepare(model, loader)
+    # Inference only: the model is moved, not wrapped for distributed training (DDP's reducer is not needed, and
+    # tearing it down at exit can hang the process once its peer has exited).
+    model = M2RecForSequentialRecommendation.from_pretrained(args.model).to(accelerator.device)
+    loader = accelerator.prepare(eval_loader(data, args.split, data_args.max_len, args))
     metrics = evaluate(model, loader, accelerator, args.exclude_history)
     if accelerator.is_main_process:
         result = {"model": args.model, "split": args.split, "exclude_history": args.exclude_history, **metrics}
         print(json.dumps(result, indent=2))
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
+    end_run(accelerator)
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """Close trackers and, under `accelerate launch`, leave the process group together, while every process is
+    still alive."""
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

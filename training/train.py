@@ -36,7 +36,7 @@ from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
 
 from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
 from .data import DataArguments, PreparedDataset, TrainDataset, collate_train, prepare_dataset
-from .evaluate import evaluate, eval_loader, format_metrics
+from .evaluate import end_run, evaluate, eval_loader, format_metrics
 from .text import encode_item_texts, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
               f"validation: {format_metrics(results['validation'])}\n"
               f"test:       {format_metrics(results['test'])}\n"
               f"model: {output_dir / 'best'}")
-    accelerator.end_training()
+    end_run(accelerator)
     return results
 
 
@@ -259,9 +259,8 @@ def test_best_model(accelerator, model_class, output_dir: Path, data, data_args:
     """Evaluate the selected checkpoint on the test split (the only time the test split is read) and record the
     metrics in best/training_info.json."""
     best_dir = output_dir / "best"
-    model = model_class.from_pretrained(best_dir)
-    test_loader = eval_loader(data, "test", data_args.max_len, train_args)
-    model, test_loader = accelerator.prepare(model, test_loader)
+    model = model_class.from_pretrained(best_dir).to(accelerator.device)  # inference only: no DDP wrapper
+    test_loader = accelerator.prepare(eval_loader(data, "test", data_args.max_len, train_args))
     test = evaluate(model, test_loader, accelerator, train_args.exclude_history)
     info = json.loads((best_dir / "training_info.json").read_text())
     info["metrics"]["test"] = test
