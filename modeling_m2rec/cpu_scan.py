@@ -45,6 +45,11 @@ _CPP_SOURCE = r"""
 #include <optional>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define M2REC_AVX512 1
+#endif
+
 // One binary serves every x86-64 CPU: the kernels are cloned for AVX-512 and AVX2 and the loader
 // picks the best clone at run time, so a cached build never depends on the machine that built it.
 #if defined(__has_attribute)
@@ -148,6 +153,25 @@ M2REC_INLINE T scan_step(const T* A, const T* Bn, const T* Cn, T dt, T dtu, cons
   return lane_sum(acc);
 }
 
+// out = (out + D u) * silu(z) on rows [lo, hi), vectorised over t.
+template <typename T>
+M2REC_INLINE void skip_and_gate(const Scan<T>& s, T* out, int64_t lo, int64_t hi) {
+  const int64_t L = s.L;
+  for (int64_t row = lo; row < hi; ++row) {
+    const T* u = s.u + row * L;
+    const T Dd = s.D != nullptr ? s.D[row % s.dim] : T(0);
+    T* y = out + row * L;
+    if (s.z != nullptr) {
+      const T* z = s.z + row * L;
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) y[t] = (y[t] + Dd * u[t]) * z[t] * sigmoid_vec(z[t]);
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) y[t] += Dd * u[t];
+    }
+  }
+}
+
 // Forward of rows [lo, hi) of the B * D rows: out (B, D, L), last (B, D, Np).
 // The rows of one batch element share B_t and C_t, so time runs in tiles of kTile steps with all
 // of these rows advanced through one tile before the next: the tile of B and C (kTile * Np * 2
@@ -176,23 +200,107 @@ M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, in
         }
       }
     }
-    // Skip connection and gate, vectorised over t.
-    for (int64_t row = first; row < end; ++row) {
-      const T* u = s.u + row * L;
-      const T Dd = s.D != nullptr ? s.D[row % s.dim] : T(0);
-      T* y = out + row * L;
-      if (s.z != nullptr) {
-        const T* z = s.z + row * L;
-#pragma omp simd
-        for (int64_t t = 0; t < L; ++t) y[t] = (y[t] + Dd * u[t]) * z[t] * sigmoid_vec(z[t]);
-      } else {
-#pragma omp simd
-        for (int64_t t = 0; t < L; ++t) y[t] += Dd * u[t];
-      }
-    }
+    skip_and_gate(s, out, first, end);
     first = end;
   }
 }
+
+#ifdef M2REC_AVX512
+// The float32 forward on AVX-512 CPUs, vectorised over channels instead of over n: one vector
+// holds 16 channels of one batch element, which share B_t[n] and C_t[n], so those are broadcast
+// scalars and C_t . h_t accumulates in a vector with no horizontal sum per step. exp(dt A) is
+// computed as 2^(dt A log2 e) with vscalefps, which also gives 0 far below the float range, so
+// the clamps and integer tricks of exp_vec are not needed. About twice the speed of
+// forward_rows; same results to float32 rounding (the tests compare both to float64).
+constexpr int64_t kChannels = 16;
+
+// 2^x = 2^k 2^f, k = round(x), |f| <= 1/2; 2^f by its Taylor polynomial in f ln 2 of degree 6
+// (relative error below 1.3e-7). x below -256 is raised to -256, whose result is 0 as well.
+__attribute__((target("avx512f"))) inline __m512 exp2_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-256.0f), x);  // NaN stays NaN: max returns its 2nd operand
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, k);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// Tasks [lo, hi): task = (batch element b, block of 16 channels). Time runs in tiles of kTile
+// steps; each tile of dt, dt u (read from the (B, D, L) rows) and of y (written back to them) is
+// transposed through a small buffer so that the vectors run over channels. A block that ends
+// past D is padded with channels whose dt, u, A are 0 (their state stays 0) and never written.
+__attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, float* out,
+                                                       float* last, int64_t lo, int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, blocks = (s.dim + kChannels - 1) / kChannels;
+  const float log2e = 1.44269504088896341f;
+  alignas(64) float dt_tile[kTile * kChannels], dtu_tile[kTile * kChannels],
+      y_tile[kTile * kChannels];
+  std::vector<float> a2(Np * kChannels), h(Np * kChannels);  // A log2 e and the state, (Np, 16)
+  for (int64_t task = lo; task < hi; ++task) {
+    const int64_t b = task / blocks, d0 = task % blocks * kChannels;
+    const int64_t width = std::min(kChannels, s.dim - d0), row0 = b * s.dim + d0;
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < kChannels; ++j) {
+        a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * log2e : 0.0f;
+        h[n * kChannels + j] = 0.0f;
+      }
+    }
+    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+      const int64_t steps = std::min(kTile, L - t0);
+      std::fill(dt_tile, dt_tile + kTile * kChannels, 0.0f);
+      std::fill(dtu_tile, dtu_tile + kTile * kChannels, 0.0f);
+      for (int64_t j = 0; j < width; ++j) {
+        const float* dt = s.dt + (row0 + j) * L + t0;
+        const float* u = s.u + (row0 + j) * L + t0;
+        for (int64_t i = 0; i < steps; ++i) {
+          dt_tile[i * kChannels + j] = dt[i];
+          dtu_tile[i * kChannels + j] = dt[i] * u[i];
+        }
+      }
+      for (int64_t i = 0; i < steps; ++i) {
+        const __m512 dt = _mm512_load_ps(dt_tile + i * kChannels);
+        const __m512 dtu = _mm512_load_ps(dtu_tile + i * kChannels);
+        const float* Bn = s.Bt + (b * L + t0 + i) * Np;
+        const float* Cn = s.Ct + (b * L + t0 + i) * Np;
+        // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
+        __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+        for (int64_t n = 0; n < Np; n += 2) {
+          float* h0 = h.data() + n * kChannels;
+          float* h1 = h0 + kChannels;
+          const __m512 a0 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + n * kChannels)));
+          const __m512 a1 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + (n + 1) * kChannels)));
+          const __m512 h0n = _mm512_fmadd_ps(a0, _mm512_loadu_ps(h0), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
+          const __m512 h1n = _mm512_fmadd_ps(a1, _mm512_loadu_ps(h1), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n + 1])));
+          _mm512_storeu_ps(h0, h0n);
+          _mm512_storeu_ps(h1, h1n);
+          y0 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), h0n, y0);
+          y1 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n + 1]), h1n, y1);
+        }
+        _mm512_store_ps(y_tile + i * kChannels, _mm512_add_ps(y0, y1));
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        float* y = out + (row0 + j) * L + t0;
+        for (int64_t i = 0; i < steps; ++i) y[i] = y_tile[i * kChannels + j];
+      }
+    }
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
+    }
+    skip_and_gate(s, out, row0, row0 + width);
+  }
+}
+
+bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
+#else
+constexpr int64_t kChannels = 16;
+void forward_avx512(const Scan<float>&, float*, float*, int64_t, int64_t) {}
+bool cpu_has_avx512() { return false; }
+#endif
 
 template <typename T>
 struct Grads {
@@ -404,13 +512,23 @@ int64_t grain_rows(const Inputs& in) {
 }
 
 // Returns out (B, D, L) and the last state (B, D, N).
+// With `avx512` (and a float32 input on a CPU that has it) the channel-vectorised forward runs.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& z) {
+                            const std::optional<at::Tensor>& z, bool avx512) {
   const Inputs in = check_inputs(u, dt, A, B, C, D, z);
   at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
   at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
+  if (avx512 && cpu_has_avx512() && in.u.scalar_type() == at::kFloat) {
+    const Scan<float> s = in.view<float>();
+    const int64_t blocks = (in.dim + kChannels - 1) / kChannels;
+    float* out_ptr = out.data_ptr<float>();
+    float* last_ptr = last.data_ptr<float>();
+    at::parallel_for(0, in.batch * blocks, std::max<int64_t>(1, grain_rows(in) / kChannels),
+                     [&](int64_t lo, int64_t hi) { forward_avx512(s, out_ptr, last_ptr, lo, hi); });
+    return {out, last.narrow(2, 0, in.N)};
+  }
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_fwd", [&] {
     const Scan<scalar_t> s = in.view<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
@@ -482,6 +600,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward: out (B, D, L), last state (B, D, N)");
+  m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward");
   m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz");
 }
 """
@@ -581,6 +700,14 @@ def load_cpu_scan():
         return _module
 
 
+def avx512_forward_enabled():
+    """Whether the fused forward runs its AVX-512 variant (vectorised over channels): the CPU has AVX-512F and
+    M2REC_DISABLE_AVX512 is unset. The tests set it to check the generic variant on AVX-512 machines too."""
+    module = load_cpu_scan()
+    return (module is not None and module.has_avx512()
+            and os.environ.get("M2REC_DISABLE_AVX512", "0") in ("", "0"))
+
+
 class SelectiveScanCPUFn(torch.autograd.Function):
     """Autograd wrapper of the fused forward and backward, on the step sizes dt (softplus and
     bias already applied); the last state gets no gradient, as in mamba-ssm.
@@ -591,7 +718,7 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z):
-        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z)
+        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z, avx512_forward_enabled())
         ctx.save_for_backward(u, dt, A, B, C, D, z)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
@@ -632,4 +759,4 @@ def selective_scan_cpu(
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["SelectiveScanCPUFn", "load_cpu_scan", "selective_scan_cpu"]
+__all__ = ["SelectiveScanCPUFn", "avx512_forward_enabled", "load_cpu_scan", "selective_scan_cpu"]

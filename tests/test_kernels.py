@@ -74,8 +74,22 @@ CASES = [
     (3, 6, 64, 5, True, False, True, False),
     (4, 7, 71, 33, False, True, False, True),
     (2, 16, 9, 1, True, True, False, False),
+    (2, 37, 150, 32, True, True, True, True),  # three 16-channel blocks, the last one partial; three time tiles
 ]
-IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu}
+
+
+def selective_scan_cpu_generic(*args, **kwargs):
+    """The fused CPU scan with its AVX-512 forward switched off (the variant that runs on every other CPU)."""
+    previous = os.environ.get("M2REC_DISABLE_AVX512")
+    os.environ["M2REC_DISABLE_AVX512"] = "1"
+    try:
+        return cpu_scan.selective_scan_cpu(*args, **kwargs)
+    finally:
+        os.environ.pop("M2REC_DISABLE_AVX512") if previous is None else os.environ.update(M2REC_DISABLE_AVX512=previous)
+
+
+IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu,
+                   "fused_cpu_generic": selective_scan_cpu_generic}
 
 
 def test_fused_cpu_extension_builds():
