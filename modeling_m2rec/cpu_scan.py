@@ -1,4 +1,5 @@
-"""Fused CPU selective scan: a C++ loop compiled on first use with torch's cpp_extension.
+"""Fused CPU kernels, C++ compiled on first use with torch's cpp_extension: the selective scan, and the causal
+depthwise convolution (+ SiLU), which runs in one pass per row instead of oneDNN's convolution with its layout copies.
 
 The plain-PyTorch scan materialises (B, D, T, N) tensors for every chunk of T steps and is bound
 by memory traffic. This loop walks one (batch, channel) row at a time with its state h (N,) in L1
@@ -406,6 +407,87 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
   }
 }
 
+// Causal depthwise convolution, rows [lo, hi) of x (B, D, L): out[t] = bias + sum_k w[k] x[t - K + 1 + k],
+// then SiLU if `silu`. One pass over each row, with none of the layout copies of the oneDNN convolution.
+template <typename T>
+M2REC_INLINE void conv_pre_activation(const T* x, const T* w, T bias, T* out, int64_t L, int64_t K) {
+  for (int64_t t = 0; t < std::min(K - 1, L); ++t) {  // the first K - 1 steps see the zero padding
+    T acc = bias;
+    for (int64_t k = K - 1 - t; k < K; ++k) acc += w[k] * x[t - K + 1 + k];
+    out[t] = acc;
+  }
+#pragma omp simd
+  for (int64_t t = K - 1; t < L; ++t) {
+    T acc = bias;
+    for (int64_t k = 0; k < K; ++k) acc += w[k] * x[t - K + 1 + k];
+    out[t] = acc;
+  }
+}
+
+template <typename T>
+M2REC_INLINE void conv_forward_rows(const T* x, const T* w, const T* bias, T* out, int64_t dim,
+                                    int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t d = row % dim;
+    T* y = out + row * L;
+    conv_pre_activation(x + row * L, w + d * K, bias != nullptr ? bias[d] : T(0), y, L, K);
+    if (silu) {
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) y[t] = y[t] * sigmoid_vec(y[t]);
+    }
+  }
+}
+
+// Gradients of rows [lo, hi): dx (B, D, L); dw_rows (B, D, K) and dbias_rows (B, D), per-row sums
+// in the accumulation type that the caller adds over b.
+template <typename T>
+M2REC_INLINE void conv_backward_rows(const T* x, const T* w, const T* bias, const T* dout, T* dx,
+                                     at::acc_type<T, false>* dw_rows,
+                                     at::acc_type<T, false>* dbias_rows, int64_t dim, int64_t L,
+                                     int64_t K, bool silu, int64_t lo, int64_t hi) {
+  using acc_t = at::acc_type<T, false>;
+  std::vector<T> dpre(L);  // dL/d(pre-activation) of one row
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t d = row % dim;
+    const T* xr = x + row * L;
+    const T* wd = w + d * K;
+    const T* dy = dout + row * L;
+    if (silu) {
+      conv_pre_activation(xr, wd, bias != nullptr ? bias[d] : T(0), dpre.data(), L, K);
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) {
+        const T pre = dpre[t], sig = sigmoid_vec(pre);
+        dpre[t] = dy[t] * sig * (T(1) + pre * (T(1) - sig));
+      }
+    } else {
+      std::copy(dy, dy + L, dpre.begin());
+    }
+    acc_t dbias = 0;
+    for (int64_t t = 0; t < L; ++t) dbias += dpre[t];
+    dbias_rows[row] = dbias;
+    for (int64_t k = 0; k < K; ++k) {  // x[t - K + 1 + k] exists for t >= K - 1 - k
+      acc_t dw = 0;
+      for (int64_t t = std::max<int64_t>(0, K - 1 - k); t < L; ++t) dw += dpre[t] * xr[t - K + 1 + k];
+      dw_rows[row * K + k] = dw;
+    }
+    T* dxr = dx + row * L;
+    // x[i] feeds out[i + K - 1 - k] for every k with that index below L.
+#pragma omp simd
+    for (int64_t i = 0; i < std::max<int64_t>(0, L - K + 1); ++i) {
+      T acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += wd[k] * dpre[i + K - 1 - k];
+      dxr[i] = acc;
+    }
+    for (int64_t i = std::max<int64_t>(0, L - K + 1); i < L; ++i) {
+      T acc = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (i + K - 1 - k < L) acc += wd[k] * dpre[i + K - 1 - k];
+      }
+      dxr[i] = acc;
+    }
+  }
+}
+
 // Non-template entry points, so that the target clones apply; one per dtype.
 M2REC_CLONES void forward_f32(const Scan<float>& s, float* out, float* last, int64_t lo,
                               int64_t hi) {
@@ -436,6 +518,42 @@ void backward(const Scan<float>& s, const float* dout, const Grads<float>& g, in
 void backward(const Scan<double>& s, const double* dout, const Grads<double>& g, int64_t lo,
               int64_t hi) {
   backward_f64(s, dout, g, lo, hi);
+}
+M2REC_CLONES void conv_forward_f32(const float* x, const float* w, const float* bias, float* out,
+                                   int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_forward_rows(x, w, bias, out, dim, L, K, silu, lo, hi);
+}
+M2REC_CLONES void conv_forward_f64(const double* x, const double* w, const double* bias, double* out,
+                                   int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_forward_rows(x, w, bias, out, dim, L, K, silu, lo, hi);
+}
+M2REC_CLONES void conv_backward_f32(const float* x, const float* w, const float* bias, const float* dout,
+                                    float* dx, double* dw_rows, double* dbias_rows, int64_t dim, int64_t L,
+                                    int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_backward_rows(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
+}
+M2REC_CLONES void conv_backward_f64(const double* x, const double* w, const double* bias,
+                                    const double* dout, double* dx, double* dw_rows, double* dbias_rows,
+                                    int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_backward_rows(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
+}
+void conv_forward(const float* x, const float* w, const float* bias, float* out, int64_t dim, int64_t L,
+                  int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_forward_f32(x, w, bias, out, dim, L, K, silu, lo, hi);
+}
+void conv_forward(const double* x, const double* w, const double* bias, double* out, int64_t dim,
+                  int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
+  conv_forward_f64(x, w, bias, out, dim, L, K, silu, lo, hi);
+}
+void conv_backward(const float* x, const float* w, const float* bias, const float* dout, float* dx,
+                   double* dw_rows, double* dbias_rows, int64_t dim, int64_t L, int64_t K, bool silu,
+                   int64_t lo, int64_t hi) {
+  conv_backward_f32(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
+}
+void conv_backward(const double* x, const double* w, const double* bias, const double* dout, double* dx,
+                   double* dw_rows, double* dbias_rows, int64_t dim, int64_t L, int64_t K, bool silu,
+                   int64_t lo, int64_t hi) {
+  conv_backward_f64(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
 }
 
 // The inputs made contiguous, with B and C as (B, L, Np) so the n loops read contiguous memory
@@ -596,11 +714,78 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   return {du, ddt, dA, dB, dC, dD, dz};
 }
 
+// The convolution's inputs made contiguous and checked: x (B, D, L), weight (D, K), bias (D,) or none.
+struct ConvInputs {
+  at::Tensor x, w, bias;  // bias undefined when absent
+  int64_t batch, dim, L, K;
+};
+
+ConvInputs check_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3, "x must be (B, D, L), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(1),
+              "weight must be (D, K) with D=", x.size(1), ", got ", weight.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "float32 or float64 expected, got ", dtype);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(weight.scalar_type() == dtype, "weight must have x's dtype ", dtype);
+  ConvInputs in{x.contiguous(), weight.contiguous(), at::Tensor(), x.size(0), x.size(1), x.size(2),
+                weight.size(1)};
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == in.dim && bias->scalar_type() == dtype && bias->device().is_cpu(),
+                "bias must be (D,) = (", in.dim, ",) of x's dtype, got ", bias->sizes());
+    in.bias = bias->contiguous();
+  }
+  return in;
+}
+
+int64_t conv_grain(const ConvInputs& in) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.K));
+}
+
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    bool silu) {
+  const ConvInputs in = check_conv_inputs(x, weight, bias);
+  at::Tensor out = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "m2rec_causal_conv1d_fwd", [&] {
+    const scalar_t* b = in.bias.defined() ? in.bias.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, in.batch * in.dim, conv_grain(in), [&](int64_t lo, int64_t hi) {
+      conv_forward(in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>(),
+                   in.dim, in.L, in.K, silu, lo, hi);
+    });
+  });
+  return out;
+}
+
+// Returns dx, dweight, dbias (undefined without bias).
+std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, bool silu) {
+  const ConvInputs in = check_conv_inputs(x, weight, bias);
+  TORCH_CHECK(dout.sizes() == in.x.sizes(), "dout must match x ", in.x.sizes(), ", got ", dout.sizes());
+  const at::Tensor dout_c = dout.to(in.x.scalar_type()).contiguous();
+  at::Tensor dx = at::empty_like(in.x);
+  const auto acc_options = in.x.options().dtype(at::kDouble);
+  at::Tensor dw_rows = at::empty({in.batch, in.dim, in.K}, acc_options);
+  at::Tensor dbias_rows = at::empty({in.batch, in.dim}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "m2rec_causal_conv1d_bwd", [&] {
+    const scalar_t* b = in.bias.defined() ? in.bias.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, in.batch * in.dim, conv_grain(in), [&](int64_t lo, int64_t hi) {
+      conv_backward(in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), b, dout_c.data_ptr<scalar_t>(),
+                    dx.data_ptr<scalar_t>(), dw_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(),
+                    in.dim, in.L, in.K, silu, lo, hi);
+    });
+  });
+  const auto dtype = in.x.scalar_type();
+  return {dx, dw_rows.sum(0).to(dtype), in.bias.defined() ? dbias_rows.sum(0).to(dtype) : at::Tensor()};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward: out (B, D, L), last state (B, D, N)");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward");
+  m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward: out (B, D, L)");
+  m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward: dx, dweight, dbias");
   m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz");
 }
 """
@@ -759,4 +944,39 @@ def selective_scan_cpu(
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["SelectiveScanCPUFn", "avx512_forward_enabled", "load_cpu_scan", "selective_scan_cpu"]
+class CausalConv1dCPUFn(torch.autograd.Function):
+    """Autograd wrapper of the fused causal depthwise convolution (+ SiLU).
+
+    Args: x (B, D, L); weight (D, K); bias (D,) or None, all float32 or all float64; silu: bool. Returns (B, D, L).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return load_cpu_scan().conv_fwd(x, weight, bias, silu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx, dweight, dbias = load_cpu_scan().conv_bwd(dout, *ctx.saved_tensors, ctx.silu)
+        return dx, dweight, dbias, None
+
+
+def causal_conv1d_cpu(x, weight, bias=None, activation=None):
+    """The fused CPU causal depthwise convolution; same signature and result as `kernels.causal_conv1d_torch`:
+    x (B, D, L), weight (D, K), bias (D,) or None, activation None, "silu" or "swish" -> (B, D, L).
+
+    Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if load_cpu_scan() is None:
+        raise RuntimeError("the fused CPU kernels could not be built; see the log")
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = CausalConv1dCPUFn.apply(x.to(compute_dtype), weight.to(compute_dtype),
+                                  None if bias is None else bias.to(compute_dtype), activation is not None)
+    return out.to(x.dtype)
+
+
+__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_forward_enabled", "causal_conv1d_cpu", "load_cpu_scan",
+           "selective_scan_cpu"]

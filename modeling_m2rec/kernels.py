@@ -6,11 +6,13 @@ available path:
     selective_scan:  CUDA + mamba-ssm  -> mamba_ssm's `selective_scan_fn`
                      CPU + a compiler  -> the fused C++ loop of `cpu_scan`
                      otherwise         -> `selective_scan_torch` (exact, chunked, any device)
-    causal_conv1d:   CUDA + causal-conv1d -> `causal_conv1d_fn`; otherwise `causal_conv1d_torch`
+    causal_conv1d:   CUDA + causal-conv1d -> `causal_conv1d_fn`
+                     CPU + a compiler     -> the fused C++ loop of `cpu_scan`
+                     otherwise            -> `causal_conv1d_torch`
 
 `selective_scan_ref`, a loop over time steps, is the definition the others are tested against.
-Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1 turns the fused CPU path
-off (to debug or benchmark the PyTorch one).
+Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1 turns the fused CPU paths
+off (to debug or benchmark the PyTorch ones).
 
 Shapes: B batch, D channels (d_inner), L length, N state size. Conventions of mamba-ssm:
 u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta_bias (D,).
@@ -22,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import load_cpu_scan, selective_scan_cpu
+from .cpu_scan import causal_conv1d_cpu, load_cpu_scan, selective_scan_cpu
 
 
 try:
@@ -301,6 +303,8 @@ def causal_conv1d(x, weight, bias=None, activation=None):
         _log_once(
             "causal-conv1d is not installed (or not for this width): the convolution runs in plain PyTorch on CUDA"
         )
+    elif selective_scan_backend(x.device) == "cpu_fused":  # the same extension holds both CPU kernels
+        return causal_conv1d_cpu(x, weight, bias, activation=activation)
     return causal_conv1d_torch(x, weight, bias, activation=activation)
 
 

@@ -217,22 +217,42 @@ def naive_causal_conv1d(x, weight, bias, activation):
     return torch.nn.functional.silu(out) if activation == "silu" else out
 
 
+CONV_IMPLEMENTATIONS = {"torch": kernels.causal_conv1d_torch, "fused_cpu": cpu_scan.causal_conv1d_cpu,
+                        "dispatcher": kernels.causal_conv1d}
+
+
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("length", [2, 37])  # shorter and longer than the kernel
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_causal_conv1d_matches_naive_loop(width, use_bias, activation):
-    gen = torch.Generator().manual_seed(width)
-    x = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+def test_causal_conv1d_matches_naive_loop(implementation, dtype, width, length, use_bias, activation):
+    gen = torch.Generator().manual_seed(width + length)
+    x = torch.randn(2, 5, length, generator=gen, dtype=torch.float64)
     weight = torch.randn(5, width, generator=gen, dtype=torch.float64)
     bias = torch.randn(5, generator=gen, dtype=torch.float64) if use_bias else None
-    expected = naive_causal_conv1d(x, weight, bias, activation)
-    torch.testing.assert_close(kernels.causal_conv1d_torch(x, weight, bias, activation), expected)
-    torch.testing.assert_close(kernels.causal_conv1d(x, weight, bias, activation), expected)
+    grad_out = torch.randn(2, 5, length, generator=gen, dtype=torch.float64)
+    leaves = [x, weight] + ([bias] if use_bias else [])
+
+    def output_and_grads(conv, cast):
+        inputs = [t.detach().to(cast).requires_grad_() for t in leaves]
+        out = conv(inputs[0], inputs[1], inputs[2] if use_bias else None, activation)
+        out.backward(grad_out.to(cast))
+        return [out] + [t.grad for t in inputs]
+
+    expected = output_and_grads(naive_causal_conv1d, torch.float64)
+    actual = output_and_grads(CONV_IMPLEMENTATIONS[implementation], dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    for name, got, want in zip(["out", "dx", "dweight", "dbias"], actual, expected):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance, msg=name)
 
 
-def test_causal_conv1d_rejects_unknown_activation():
+@pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
+def test_causal_conv1d_rejects_unknown_activation(implementation):
     with pytest.raises(ValueError, match="'relu'"):
-        kernels.causal_conv1d_torch(torch.zeros(1, 2, 3), torch.zeros(2, 2), activation="relu")
+        CONV_IMPLEMENTATIONS[implementation](torch.zeros(1, 2, 3), torch.zeros(2, 2), activation="relu")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
