@@ -209,10 +209,12 @@ M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, in
 #ifdef M2REC_AVX512
 // The float32 forward on AVX-512 CPUs, vectorised over channels instead of over n: one vector
 // holds 16 channels of one batch element, which share B_t[n] and C_t[n], so those are broadcast
-// scalars and C_t . h_t accumulates in a vector with no horizontal sum per step. exp(dt A) is
-// computed as 2^(dt A log2 e) with vscalefps, which also gives 0 far below the float range, so
-// the clamps and integer tricks of exp_vec are not needed. About twice the speed of
-// forward_rows; same results to float32 rounding (the tests compare both to float64).
+// scalars and C_t . h_t accumulates in a vector with no horizontal sum per step. It reads and
+// writes channel-last (B, L, D) data, the layout of the model's projections, so the model's
+// tensors reach it without transposed copies. exp(dt A) is computed as 2^(dt A log2 e) with
+// vscalefps, which also gives 0 far below the float range, so the clamps and integer tricks of
+// exp_vec are not needed. About twice the speed of forward_rows; same results to float32
+// rounding (the tests compare both to float64).
 constexpr int64_t kChannels = 16;
 
 // 2^x = 2^k 2^f, k = round(x), |f| <= 1/2; 2^f by its Taylor polynomial in f ln 2 of degree 6
@@ -231,68 +233,57 @@ __attribute__((target("avx512f"))) inline __m512 exp2_avx512(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// Tasks [lo, hi): task = (batch element b, block of 16 channels). Time runs in tiles of kTile
-// steps; each tile of dt, dt u (read from the (B, D, L) rows) and of y (written back to them) is
-// transposed through a small buffer so that the vectors run over channels. A block that ends
-// past D is padded with channels whose dt, u, A are 0 (their state stays 0) and never written.
+// Tasks [lo, hi): task = (batch element b, block of 16 channels). Here u, dt, z and out are
+// channel-last, (B, L, D): the 16 channels of a step are one contiguous vector. A block that ends
+// past D is masked; its missing channels read dt = u = 0 and A = 0, so their state stays 0.
 __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, float* out,
                                                        float* last, int64_t lo, int64_t hi) {
-  const int64_t L = s.L, Np = s.Np, blocks = (s.dim + kChannels - 1) / kChannels;
+  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
   const float log2e = 1.44269504088896341f;
-  alignas(64) float dt_tile[kTile * kChannels], dtu_tile[kTile * kChannels],
-      y_tile[kTile * kChannels];
   std::vector<float> a2(Np * kChannels), h(Np * kChannels);  // A log2 e and the state, (Np, 16)
   for (int64_t task = lo; task < hi; ++task) {
     const int64_t b = task / blocks, d0 = task % blocks * kChannels;
-    const int64_t width = std::min(kChannels, s.dim - d0), row0 = b * s.dim + d0;
+    const int64_t width = std::min(kChannels, dim - d0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
     for (int64_t n = 0; n < Np; ++n) {
       for (int64_t j = 0; j < kChannels; ++j) {
         a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * log2e : 0.0f;
         h[n * kChannels + j] = 0.0f;
       }
     }
-    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-      const int64_t steps = std::min(kTile, L - t0);
-      std::fill(dt_tile, dt_tile + kTile * kChannels, 0.0f);
-      std::fill(dtu_tile, dtu_tile + kTile * kChannels, 0.0f);
-      for (int64_t j = 0; j < width; ++j) {
-        const float* dt = s.dt + (row0 + j) * L + t0;
-        const float* u = s.u + (row0 + j) * L + t0;
-        for (int64_t i = 0; i < steps; ++i) {
-          dt_tile[i * kChannels + j] = dt[i];
-          dtu_tile[i * kChannels + j] = dt[i] * u[i];
-        }
+    const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t at = (b * L + t) * dim + d0;
+      const __m512 dt = _mm512_maskz_loadu_ps(mask, s.dt + at);
+      const __m512 u = _mm512_maskz_loadu_ps(mask, s.u + at);
+      const __m512 dtu = _mm512_mul_ps(dt, u);
+      const float* Bn = s.Bt + (b * L + t) * Np;
+      const float* Cn = s.Ct + (b * L + t) * Np;
+      // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
+      __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+      for (int64_t n = 0; n < Np; n += 2) {
+        float* h0 = h.data() + n * kChannels;
+        float* h1 = h0 + kChannels;
+        const __m512 a0 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + n * kChannels)));
+        const __m512 a1 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + (n + 1) * kChannels)));
+        const __m512 h0n = _mm512_fmadd_ps(a0, _mm512_loadu_ps(h0), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
+        const __m512 h1n = _mm512_fmadd_ps(a1, _mm512_loadu_ps(h1), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n + 1])));
+        _mm512_storeu_ps(h0, h0n);
+        _mm512_storeu_ps(h1, h1n);
+        y0 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), h0n, y0);
+        y1 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n + 1]), h1n, y1);
       }
-      for (int64_t i = 0; i < steps; ++i) {
-        const __m512 dt = _mm512_load_ps(dt_tile + i * kChannels);
-        const __m512 dtu = _mm512_load_ps(dtu_tile + i * kChannels);
-        const float* Bn = s.Bt + (b * L + t0 + i) * Np;
-        const float* Cn = s.Ct + (b * L + t0 + i) * Np;
-        // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
-        __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
-        for (int64_t n = 0; n < Np; n += 2) {
-          float* h0 = h.data() + n * kChannels;
-          float* h1 = h0 + kChannels;
-          const __m512 a0 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + n * kChannels)));
-          const __m512 a1 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + (n + 1) * kChannels)));
-          const __m512 h0n = _mm512_fmadd_ps(a0, _mm512_loadu_ps(h0), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
-          const __m512 h1n = _mm512_fmadd_ps(a1, _mm512_loadu_ps(h1), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n + 1])));
-          _mm512_storeu_ps(h0, h0n);
-          _mm512_storeu_ps(h1, h1n);
-          y0 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), h0n, y0);
-          y1 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n + 1]), h1n, y1);
-        }
-        _mm512_store_ps(y_tile + i * kChannels, _mm512_add_ps(y0, y1));
+      __m512 y = _mm512_fmadd_ps(skip, u, _mm512_add_ps(y0, y1));
+      if (s.z != nullptr) {  // y * silu(z) = y z / (1 + exp(-z))
+        const __m512 z = _mm512_maskz_loadu_ps(mask, s.z + at);
+        const __m512 e = exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-log2e)));
+        y = _mm512_div_ps(_mm512_mul_ps(y, z), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
       }
-      for (int64_t j = 0; j < width; ++j) {
-        float* y = out + (row0 + j) * L + t0;
-        for (int64_t i = 0; i < steps; ++i) y[i] = y_tile[i * kChannels + j];
-      }
+      _mm512_mask_storeu_ps(out + at, mask, y);
     }
     for (int64_t n = 0; n < Np; ++n) {
-      for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
+      for (int64_t j = 0; j < width; ++j) last[((b * dim) + d0 + j) * Np + n] = h[n * kChannels + j];
     }
-    skip_and_gate(s, out, row0, row0 + width);
   }
 }
 
@@ -407,83 +398,88 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
   }
 }
 
-// Causal depthwise convolution, rows [lo, hi) of x (B, D, L): out[t] = bias + sum_k w[k] x[t - K + 1 + k],
-// then SiLU if `silu`. One pass over each row, with none of the layout copies of the oneDNN convolution.
+// Causal depthwise convolution on channel-last data, x (B, L, D) and weight transposed to (K, D):
+// out[b, t] = bias + sum_k w[k] x[b, t - K + 1 + k], then SiLU if `silu`; vectorised over the D
+// channels of a position, with none of the layout copies of the oneDNN convolution.
 template <typename T>
-M2REC_INLINE void conv_pre_activation(const T* x, const T* w, T bias, T* out, int64_t L, int64_t K) {
-  for (int64_t t = 0; t < std::min(K - 1, L); ++t) {  // the first K - 1 steps see the zero padding
-    T acc = bias;
-    for (int64_t k = K - 1 - t; k < K; ++k) acc += w[k] * x[t - K + 1 + k];
-    out[t] = acc;
-  }
+M2REC_INLINE void conv_pre_activation(const T* x, const T* wt, const T* bias, T* y, int64_t t,
+                                      int64_t dim, int64_t K) {
+  // x and y point at position t of one sequence; positions before 0 are the zero padding.
 #pragma omp simd
-  for (int64_t t = K - 1; t < L; ++t) {
-    T acc = bias;
-    for (int64_t k = 0; k < K; ++k) acc += w[k] * x[t - K + 1 + k];
-    out[t] = acc;
+  for (int64_t d = 0; d < dim; ++d) y[d] = bias != nullptr ? bias[d] : T(0);
+  for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+    const T* xs = x - (K - 1 - k) * dim;
+    const T* wk = wt + k * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) y[d] += wk[d] * xs[d];
   }
 }
 
+// Positions [lo, hi) of the B * L positions.
 template <typename T>
-M2REC_INLINE void conv_forward_rows(const T* x, const T* w, const T* bias, T* out, int64_t dim,
-                                    int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
-  for (int64_t row = lo; row < hi; ++row) {
-    const int64_t d = row % dim;
-    T* y = out + row * L;
-    conv_pre_activation(x + row * L, w + d * K, bias != nullptr ? bias[d] : T(0), y, L, K);
+M2REC_INLINE void conv_forward_positions(const T* x, const T* wt, const T* bias, T* out,
+                                         int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo,
+                                         int64_t hi) {
+  for (int64_t p = lo; p < hi; ++p) {
+    T* y = out + p * dim;
+    conv_pre_activation(x + p * dim, wt, bias, y, p % L, dim, K);
     if (silu) {
 #pragma omp simd
-      for (int64_t t = 0; t < L; ++t) y[t] = y[t] * sigmoid_vec(y[t]);
+      for (int64_t d = 0; d < dim; ++d) y[d] = y[d] * sigmoid_vec(y[d]);
     }
   }
 }
 
-// Gradients of rows [lo, hi): dx (B, D, L); dw_rows (B, D, K) and dbias_rows (B, D), per-row sums
-// in the accumulation type that the caller adds over b.
+// Gradients of batch elements [lo, hi): dx (B, L, D); dw_rows (B, K, D) and dbias_rows (B, D),
+// per-sequence sums in the accumulation type that the caller adds over b.
 template <typename T>
-M2REC_INLINE void conv_backward_rows(const T* x, const T* w, const T* bias, const T* dout, T* dx,
-                                     at::acc_type<T, false>* dw_rows,
-                                     at::acc_type<T, false>* dbias_rows, int64_t dim, int64_t L,
-                                     int64_t K, bool silu, int64_t lo, int64_t hi) {
+M2REC_INLINE void conv_backward_batches(const T* x, const T* wt, const T* bias, const T* dout,
+                                        T* dx, at::acc_type<T, false>* dw_rows,
+                                        at::acc_type<T, false>* dbias_rows, int64_t dim,
+                                        int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
   using acc_t = at::acc_type<T, false>;
-  std::vector<T> dpre(L);  // dL/d(pre-activation) of one row
-  for (int64_t row = lo; row < hi; ++row) {
-    const int64_t d = row % dim;
-    const T* xr = x + row * L;
-    const T* wd = w + d * K;
-    const T* dy = dout + row * L;
-    if (silu) {
-      conv_pre_activation(xr, wd, bias != nullptr ? bias[d] : T(0), dpre.data(), L, K);
+  std::vector<T> dpre(L * dim);  // dL/d(pre-activation) of one sequence
+  for (int64_t b = lo; b < hi; ++b) {
+    const T* xb = x + b * L * dim;
+    const T* dyb = dout + b * L * dim;
+    for (int64_t t = 0; t < L; ++t) {
+      T* g = dpre.data() + t * dim;
+      const T* dy = dyb + t * dim;
+      if (silu) {
+        conv_pre_activation(xb + t * dim, wt, bias, g, t, dim, K);
 #pragma omp simd
-      for (int64_t t = 0; t < L; ++t) {
-        const T pre = dpre[t], sig = sigmoid_vec(pre);
-        dpre[t] = dy[t] * sig * (T(1) + pre * (T(1) - sig));
+        for (int64_t d = 0; d < dim; ++d) {
+          const T pre = g[d], sig = sigmoid_vec(pre);
+          g[d] = dy[d] * sig * (T(1) + pre * (T(1) - sig));
+        }
+      } else {
+        std::copy(dy, dy + dim, g);
       }
-    } else {
-      std::copy(dy, dy + L, dpre.begin());
     }
-    acc_t dbias = 0;
-    for (int64_t t = 0; t < L; ++t) dbias += dpre[t];
-    dbias_rows[row] = dbias;
-    for (int64_t k = 0; k < K; ++k) {  // x[t - K + 1 + k] exists for t >= K - 1 - k
-      acc_t dw = 0;
-      for (int64_t t = std::max<int64_t>(0, K - 1 - k); t < L; ++t) dw += dpre[t] * xr[t - K + 1 + k];
-      dw_rows[row * K + k] = dw;
-    }
-    T* dxr = dx + row * L;
-    // x[i] feeds out[i + K - 1 - k] for every k with that index below L.
+    acc_t* dw = dw_rows + b * K * dim;
+    acc_t* dbias = dbias_rows + b * dim;
+    std::fill(dw, dw + K * dim, acc_t(0));
+    std::fill(dbias, dbias + dim, acc_t(0));
+    for (int64_t t = 0; t < L; ++t) {
+      const T* g = dpre.data() + t * dim;
 #pragma omp simd
-    for (int64_t i = 0; i < std::max<int64_t>(0, L - K + 1); ++i) {
-      T acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += wd[k] * dpre[i + K - 1 - k];
-      dxr[i] = acc;
-    }
-    for (int64_t i = std::max<int64_t>(0, L - K + 1); i < L; ++i) {
-      T acc = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (i + K - 1 - k < L) acc += wd[k] * dpre[i + K - 1 - k];
+      for (int64_t d = 0; d < dim; ++d) dbias[d] += g[d];
+      for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+        const T* xs = xb + (t - (K - 1 - k)) * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dw[k * dim + d] += static_cast<acc_t>(g[d] * xs[d]);
       }
-      dxr[i] = acc;
+    }
+    // x[i] feeds out[i + K - 1 - k] for every k with that position below L.
+    for (int64_t i = 0; i < L; ++i) {
+      T* dxi = dx + (b * L + i) * dim;
+      std::fill(dxi, dxi + dim, T(0));
+      for (int64_t k = std::max<int64_t>(0, i + K - L); k < K; ++k) {
+        const T* g = dpre.data() + (i + K - 1 - k) * dim;
+        const T* wk = wt + k * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dxi[d] += wk[d] * g[d];
+      }
     }
   }
 }
@@ -521,21 +517,21 @@ void backward(const Scan<double>& s, const double* dout, const Grads<double>& g,
 }
 M2REC_CLONES void conv_forward_f32(const float* x, const float* w, const float* bias, float* out,
                                    int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
-  conv_forward_rows(x, w, bias, out, dim, L, K, silu, lo, hi);
+  conv_forward_positions(x, w, bias, out, dim, L, K, silu, lo, hi);
 }
 M2REC_CLONES void conv_forward_f64(const double* x, const double* w, const double* bias, double* out,
                                    int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
-  conv_forward_rows(x, w, bias, out, dim, L, K, silu, lo, hi);
+  conv_forward_positions(x, w, bias, out, dim, L, K, silu, lo, hi);
 }
 M2REC_CLONES void conv_backward_f32(const float* x, const float* w, const float* bias, const float* dout,
                                     float* dx, double* dw_rows, double* dbias_rows, int64_t dim, int64_t L,
                                     int64_t K, bool silu, int64_t lo, int64_t hi) {
-  conv_backward_rows(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
+  conv_backward_batches(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
 }
 M2REC_CLONES void conv_backward_f64(const double* x, const double* w, const double* bias,
                                     const double* dout, double* dx, double* dw_rows, double* dbias_rows,
                                     int64_t dim, int64_t L, int64_t K, bool silu, int64_t lo, int64_t hi) {
-  conv_backward_rows(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
+  conv_backward_batches(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
 }
 void conv_forward(const float* x, const float* w, const float* bias, float* out, int64_t dim, int64_t L,
                   int64_t K, bool silu, int64_t lo, int64_t hi) {
@@ -556,8 +552,10 @@ void conv_backward(const double* x, const double* w, const double* bias, const d
   conv_backward_f64(x, w, bias, dout, dx, dw_rows, dbias_rows, dim, L, K, silu, lo, hi);
 }
 
-// The inputs made contiguous, with B and C as (B, L, Np) so the n loops read contiguous memory
-// and A as (D, Np), both zero-padded in n.
+// The inputs made contiguous, u, dt, z as (B, D, L) rows or, with `channel_last`, as (B, L, D);
+// B and C as (B, L, Np) so the n loops read contiguous memory and A as (D, Np), both zero-padded
+// in n. A tensor already in the wanted layout (such as a transposed view of a channel-last
+// tensor) is not copied.
 struct Inputs {
   at::Tensor u, dt, A, Bt, Ct, D, z;  // D, z undefined when absent
   int64_t batch, dim, L, N, Np;
@@ -579,7 +577,7 @@ struct Inputs {
 
 Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
-                    const std::optional<at::Tensor>& z) {
+                    const std::optional<at::Tensor>& z, bool channel_last = false) {
   TORCH_CHECK(u.dim() == 3, "u must be (B, D, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "A must be (D, N) with D=", dim, ", got ",
@@ -593,28 +591,32 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "float32 or float64 expected, got ",
               dtype);
-  auto prep = [&](const at::Tensor& t) {
+  auto check = [&](const at::Tensor& t) -> const at::Tensor& {
     TORCH_CHECK(t.device().is_cpu(), "CPU tensors expected");
     TORCH_CHECK(t.scalar_type() == dtype, "all inputs must share u's dtype ", dtype, ", got ",
                 t.scalar_type());
-    return t.contiguous();
+    return t;
+  };
+  auto prep = [&](const at::Tensor& t) { return check(t).contiguous(); };
+  auto rows = [&](const at::Tensor& t) {  // (B, D, L) -> the layout the kernel reads
+    return channel_last ? check(t).transpose(1, 2).contiguous() : prep(t);
   };
   auto pad_n = [&](const at::Tensor& t) {  // (..., N) -> (..., Np), contiguous
     return Np == N ? t.contiguous() : at::constant_pad_nd(t, {0, Np - N}).contiguous();
   };
   Inputs in;
-  in.u = prep(u);
-  in.dt = prep(dt);
+  in.u = rows(u);
+  in.dt = rows(dt);
   in.A = pad_n(prep(A));
-  in.Bt = pad_n(prep(B).transpose(1, 2));  // (B, L, Np)
-  in.Ct = pad_n(prep(C).transpose(1, 2));
+  in.Bt = pad_n(check(B).transpose(1, 2));  // (B, L, Np)
+  in.Ct = pad_n(check(C).transpose(1, 2));
   if (D.has_value()) {
     TORCH_CHECK(D->numel() == dim, "D must have D=", dim, " entries, got ", D->sizes());
     in.D = prep(*D);
   }
   if (z.has_value()) {
     TORCH_CHECK(z->sizes() == u.sizes(), "z must match u ", u.sizes(), ", got ", z->sizes());
-    in.z = prep(*z);
+    in.z = rows(*z);
   }
   in.batch = batch;
   in.dim = dim;
@@ -629,24 +631,28 @@ int64_t grain_rows(const Inputs& in) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.Np));
 }
 
-// Returns out (B, D, L) and the last state (B, D, N).
-// With `avx512` (and a float32 input on a CPU that has it) the channel-vectorised forward runs.
+// Returns out (B, D, L) and the last state (B, D, N). With `avx512` (and float32 inputs on a CPU
+// that has it) the channel-vectorised forward runs, and out is a (B, D, L) view of channel-last
+// memory.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
                             const std::optional<at::Tensor>& z, bool avx512) {
-  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
-  at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
-  at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
-  if (avx512 && cpu_has_avx512() && in.u.scalar_type() == at::kFloat) {
+  if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
+    const Inputs in = check_inputs(u, dt, A, B, C, D, z, /*channel_last=*/true);
+    at::Tensor out = at::empty({in.batch, in.L, in.dim}, in.u.options());
+    at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
     const Scan<float> s = in.view<float>();
     const int64_t blocks = (in.dim + kChannels - 1) / kChannels;
     float* out_ptr = out.data_ptr<float>();
     float* last_ptr = last.data_ptr<float>();
     at::parallel_for(0, in.batch * blocks, std::max<int64_t>(1, grain_rows(in) / kChannels),
                      [&](int64_t lo, int64_t hi) { forward_avx512(s, out_ptr, last_ptr, lo, hi); });
-    return {out, last.narrow(2, 0, in.N)};
+    return {out.transpose(1, 2), last.narrow(2, 0, in.N)};
   }
+  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
+  at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
+  at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_fwd", [&] {
     const Scan<scalar_t> s = in.view<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
@@ -714,9 +720,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   return {du, ddt, dA, dB, dC, dD, dz};
 }
 
-// The convolution's inputs made contiguous and checked: x (B, D, L), weight (D, K), bias (D,) or none.
+// The convolution's inputs checked and made contiguous channel-last: x (B, D, L) -> (B, L, D) (no
+// copy for a transposed view of channel-last memory), weight (D, K) -> (K, D), bias (D,) or none.
 struct ConvInputs {
-  at::Tensor x, w, bias;  // bias undefined when absent
+  at::Tensor x, wt, bias;  // bias undefined when absent
   int64_t batch, dim, L, K;
 };
 
@@ -729,8 +736,8 @@ ConvInputs check_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "float32 or float64 expected, got ", dtype);
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(weight.scalar_type() == dtype, "weight must have x's dtype ", dtype);
-  ConvInputs in{x.contiguous(), weight.contiguous(), at::Tensor(), x.size(0), x.size(1), x.size(2),
-                weight.size(1)};
+  ConvInputs in{x.transpose(1, 2).contiguous(), weight.t().contiguous(), at::Tensor(), x.size(0),
+                x.size(1), x.size(2), weight.size(1)};
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == in.dim && bias->scalar_type() == dtype && bias->device().is_cpu(),
                 "bias must be (D,) = (", in.dim, ",) of x's dtype, got ", bias->sizes());
@@ -739,44 +746,43 @@ ConvInputs check_conv_inputs(const at::Tensor& x, const at::Tensor& weight,
   return in;
 }
 
-int64_t conv_grain(const ConvInputs& in) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.K));
-}
-
+// Returns out (B, D, L), a view of channel-last memory.
 at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     bool silu) {
   const ConvInputs in = check_conv_inputs(x, weight, bias);
   at::Tensor out = at::empty_like(in.x);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, in.dim * in.K));
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "m2rec_causal_conv1d_fwd", [&] {
     const scalar_t* b = in.bias.defined() ? in.bias.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, in.batch * in.dim, conv_grain(in), [&](int64_t lo, int64_t hi) {
-      conv_forward(in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>(),
+    at::parallel_for(0, in.batch * in.L, grain, [&](int64_t lo, int64_t hi) {
+      conv_forward(in.x.data_ptr<scalar_t>(), in.wt.data_ptr<scalar_t>(), b, out.data_ptr<scalar_t>(),
                    in.dim, in.L, in.K, silu, lo, hi);
     });
   });
-  return out;
+  return out.transpose(1, 2);
 }
 
-// Returns dx, dweight, dbias (undefined without bias).
+// Returns dx (B, D, L) (a view of channel-last memory), dweight (D, K), dbias (undefined without bias).
 std::vector<at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, bool silu) {
   const ConvInputs in = check_conv_inputs(x, weight, bias);
-  TORCH_CHECK(dout.sizes() == in.x.sizes(), "dout must match x ", in.x.sizes(), ", got ", dout.sizes());
-  const at::Tensor dout_c = dout.to(in.x.scalar_type()).contiguous();
+  TORCH_CHECK(dout.sizes() == x.sizes(), "dout must match x ", x.sizes(), ", got ", dout.sizes());
+  const at::Tensor dout_c = dout.to(in.x.scalar_type()).transpose(1, 2).contiguous();
   at::Tensor dx = at::empty_like(in.x);
   const auto acc_options = in.x.options().dtype(at::kDouble);
-  at::Tensor dw_rows = at::empty({in.batch, in.dim, in.K}, acc_options);
+  at::Tensor dw_rows = at::empty({in.batch, in.K, in.dim}, acc_options);
   at::Tensor dbias_rows = at::empty({in.batch, in.dim}, acc_options);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "m2rec_causal_conv1d_bwd", [&] {
     const scalar_t* b = in.bias.defined() ? in.bias.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, in.batch * in.dim, conv_grain(in), [&](int64_t lo, int64_t hi) {
-      conv_backward(in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), b, dout_c.data_ptr<scalar_t>(),
+    at::parallel_for(0, in.batch, 1, [&](int64_t lo, int64_t hi) {
+      conv_backward(in.x.data_ptr<scalar_t>(), in.wt.data_ptr<scalar_t>(), b, dout_c.data_ptr<scalar_t>(),
                     dx.data_ptr<scalar_t>(), dw_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(),
                     in.dim, in.L, in.K, silu, lo, hi);
     });
   });
   const auto dtype = in.x.scalar_type();
-  return {dx, dw_rows.sum(0).to(dtype), in.bias.defined() ? dbias_rows.sum(0).to(dtype) : at::Tensor()};
+  return {dx.transpose(1, 2), dw_rows.sum(0).t().to(dtype),
+          in.bias.defined() ? dbias_rows.sum(0).to(dtype) : at::Tensor()};
 }
 
 }  // namespace

@@ -189,42 +189,41 @@ class M2RecMixer(nn.Module):
         self.D._no_weight_decay = True
         self.dt_proj.bias._no_weight_decay = True
 
-    def _project(self, hidden_states: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Rows of in_proj applied channel-first, (B, L, D) → (B, rows, L), contiguous for the convolution (a
-        transposed view of a (B, L, rows) result makes the depthwise conv several times slower)."""
-        weight = self.in_proj.weight[rows]  # (rows, D)
-        return torch.matmul(weight.to(hidden_states.dtype), hidden_states.transpose(1, 2))
+    def _project(self, states: torch.Tensor, part: int) -> torch.Tensor:
+        """Half `part` of in_proj (0: the scanned sequence x, 1: the gate z), (B, L, D) → (B, L, Di). Each half is
+        its own product, so that it is contiguous: a strided half of one (B, L, 2·Di) product would be copied by
+        the kernels."""
+        return F.linear(states, self.in_proj.weight.chunk(2, dim=0)[part])
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv + SiLU, (B, Di, L) → (B, Di, L)."""
-        return causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        """Causal depthwise conv + SiLU, (B, L, Di) → (B, L, Di)."""
+        weight = self.conv1d.weight.squeeze(1)  # (Di, K)
+        return causal_conv1d(x.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D)."""
+        # Everything stays channel-last, (B, L, ·), as the projections produce it; the kernels take mamba-ssm's
+        # (B, Di, L) shapes as transposed views, which the fused CPU kernels read without copying.
+        x = self._conv(self._project(hidden_states, 0))  # (B, L, Di)
         if selection_states is None:
-            x, z = self._project(hidden_states, slice(None)).chunk(2, dim=1)  # 2 × (B, Di, L)
-            x = self._conv(x)
-            selection = x
+            selection, z = x, self._project(hidden_states, 1)
         else:
-            # Only the x half of in_proj is needed for the scanned sequence; z comes from the selection sequence.
-            x = self._conv(self._project(hidden_states, slice(0, self.mixer_size)))  # (B, Di, L)
-            selection = self._conv(self._project(selection_states, slice(0, self.mixer_size)))
-            z = self._project(selection_states, slice(self.mixer_size, None))  # (B, Di, L)
+            selection = self._conv(self._project(selection_states, 0))
+            z = self._project(selection_states, 1)  # (B, L, Di)
 
-        # Channel-first projections (weight @ (B, Di, L)) keep Δ contiguous for the scan, with no transposed copies.
-        x_dbl = torch.matmul(self.x_proj.weight, selection)  # (B, R + 2N, L)
-        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=1)
-        dt = torch.matmul(self.dt_proj.weight, dt)  # (B, Di, L); the bias is added inside the scan
+        x_dbl = self.x_proj(selection)  # (B, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
         # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
         # in half precision drifts.
         y = selective_scan(
-            x.float(),
-            dt.float(),
+            x.float().transpose(1, 2),
+            dt.float().transpose(1, 2),
             -torch.exp(self.A_log.float()),  # (Di, N)
-            B.float(),  # (B, N, L)
-            C.float(),  # (B, N, L)
+            B.float().transpose(1, 2),  # (B, N, L)
+            C.float().transpose(1, 2),  # (B, N, L)
             self.D.float(),
-            z=z.float(),
+            z=z.float().transpose(1, 2),
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )  # (B, Di, L)

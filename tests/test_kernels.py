@@ -109,6 +109,22 @@ def test_scan_matches_reference(case, implementation, dtype):
     assert_close_to_reference(results, reference, dtype)
 
 
+def channel_last(t):
+    """The same values as (B, X, L) viewed from channel-last (B, L, X) memory, as the model passes them."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("implementation", ["fused_cpu", "fused_cpu_generic"])
+def test_fused_cpu_scan_reads_channel_last_views(implementation):
+    softplus = True
+    inputs = make_inputs(2, 20, 33, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
+    viewed = {k: channel_last(v) if v is not None and v.dim() == 3 else v for k, v in inputs.items()}
+    expected = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, torch.float32)
+    actual = run_with_grads(IMPLEMENTATIONS[implementation], viewed, softplus, torch.float32)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_large_decays_stay_finite_and_exact(implementation):
     """delta * A goes from -0.5 to below -50 per step (to -9000 on one channel): the decays and
@@ -247,6 +263,13 @@ def test_causal_conv1d_matches_naive_loop(implementation, dtype, width, length, 
     for name, got, want in zip(["out", "dx", "dweight", "dbias"], actual, expected):
         assert got.dtype == dtype, name
         torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_fused_causal_conv1d_reads_channel_last_views():
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(3, 20, 11, generator=gen), torch.randn(20, 4, generator=gen), torch.randn(20, generator=gen)
+    expected = cpu_scan.causal_conv1d_cpu(x, weight, bias, "silu")
+    torch.testing.assert_close(cpu_scan.causal_conv1d_cpu(channel_last(x), weight, bias, "silu"), expected)
 
 
 @pytest.mark.parametrize("implementation", CONV_IMPLEMENTATIONS)
