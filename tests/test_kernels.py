@@ -109,6 +109,24 @@ def test_scan_matches_reference(case, implementation, dtype):
     assert_close_to_reference(results, reference, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-L{}-N{}-D{:d}z{:d}bias{:d}sp{:d}".format(*c))
+def test_scan_inference_matches_reference(case, implementation, dtype):
+    """Without autograd the fused scan applies delta's bias and softplus inside the kernel."""
+    batch, dim, length, state, use_D, use_z, use_bias, softplus = case
+    inputs = make_inputs(
+        batch, dim, length, state, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus
+    )
+    expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
+    with torch.no_grad():
+        actual = IMPLEMENTATIONS[implementation](
+            **{k: None if v is None else v.to(dtype) for k, v in inputs.items()},
+            delta_softplus=softplus, return_last_state=True)
+    assert_close_to_reference(dict(zip(["out", "last_state"], actual)), dict(zip(["out", "last_state"], expected)),
+                              dtype)
+
+
 def channel_last(t):
     """The same values as (B, X, L) viewed from channel-last (B, L, X) memory, as the model passes them."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
