@@ -351,10 +351,168 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
   }
 }
 
+// Copies the 16-channel block (b, d0..d0+width) of a (B, D, L) tensor, or of a channel-last
+// (B, L, D) one, into a (L, 16) tile (lanes past width are 0), and back.
+inline void block_to_tile(const float* src, bool channel_last, int64_t b, int64_t d0, int64_t width,
+                          int64_t dim, int64_t L, float* tile) {
+  std::fill(tile, tile + L * kChannels, 0.0f);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t j = 0; j < width; ++j) {
+      tile[t * kChannels + j] = channel_last ? src[(b * L + t) * dim + d0 + j] : src[((b * dim) + d0 + j) * L + t];
+    }
+  }
+}
+inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64_t d0, int64_t width,
+                          int64_t dim, int64_t L, float* dst) {
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t j = 0; j < width; ++j) {
+      (channel_last ? dst[(b * L + t) * dim + d0 + j] : dst[((b * dim) + d0 + j) * L + t]) = tile[t * kChannels + j];
+    }
+  }
+}
+
+// The backward on AVX-512, float32, vectorised over channels like forward_avx512. A task is one
+// batch element, all of its channel blocks in turn: dB and dC, sums over channels, accumulate
+// lane-wise over the blocks in (L, Np, 16) buffers and take one horizontal add per (t, n) at the
+// end, into that element's own rows (no races). Per block: recompute and keep the states h_t
+// (L, Np, 16), then the reverse sweep, which recomputes exp(dt A) instead of storing it. dt is the step after softplus; u, dt, z, dout and
+// the gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np) and dD
+// (B, D) are per-row sums in double, added over b by the caller.
+__attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
+                                                        const float* dout, float* du, float* ddt,
+                                                        float* dz, double* dA_rows, double* dD_rows,
+                                                        float* dBt, float* dCt, int64_t lo,
+                                                        int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, dim = s.dim;
+  const float log2e = 1.44269504088896341f;
+  const int64_t tile = L * kChannels;
+  std::vector<float> work(7 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
+  float* dt_t = work.data();  // (L, 16) tiles
+  float* u_t = dt_t + tile;
+  float* z_t = u_t + tile;
+  float* dout_t = z_t + tile;
+  float* y_t = dout_t + tile;  // C . h_t + D u, before the gate
+  float* du_t = y_t + tile;
+  float* ddt_t = du_t + tile;  // dz reuses dout_t once it is read
+  float* hs = ddt_t + tile;    // (L, Np, 16)
+  float* a2 = hs + L * Np * kChannels;  // A log2 e, (Np, 16)
+  float* A = a2 + Np * kChannels;       // A, (Np, 16)
+  float* gh = A + Np * kChannels;       // dL/dh carried backwards, (Np, 16)
+  float* dA_f = gh + Np * kChannels;    // dA over the last steps, (Np, 16); flushed to dA
+  float* dBv = dA_f + Np * kChannels;   // (L, Np, 16) lane-wise sums over blocks
+  float* dCv = dBv + L * Np * kChannels;
+  std::vector<double> dA(Np * kChannels);
+  alignas(64) float lanes[kChannels];
+  for (int64_t b = lo; b < hi; ++b) {
+    std::fill(dBv, dBv + 2 * L * Np * kChannels, 0.0f);  // dBv and dCv
+    for (int64_t d0 = 0; d0 < dim; d0 += kChannels) {
+      const int64_t width = std::min(kChannels, dim - d0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+      block_to_tile(s.dt, channel_last, b, d0, width, dim, L, dt_t);
+      block_to_tile(s.u, channel_last, b, d0, width, dim, L, u_t);
+      block_to_tile(dout, channel_last, b, d0, width, dim, L, dout_t);
+      if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, z_t);
+      for (int64_t n = 0; n < Np; ++n) {
+        for (int64_t j = 0; j < kChannels; ++j) {
+          A[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] : 0.0f;
+          a2[n * kChannels + j] = A[n * kChannels + j] * log2e;
+        }
+      }
+      const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
+
+      // Forward recompute: the states after every step and y before the gate.
+      for (int64_t t = 0; t < L; ++t) {
+        const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
+        const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
+        const __m512 dtu = _mm512_mul_ps(dt, u);
+        const float* Bn = s.Bt + (b * L + t) * Np;
+        const float* Cn = s.Ct + (b * L + t) * Np;
+        const float* h_prev = t > 0 ? hs + (t - 1) * Np * kChannels : nullptr;
+        float* h = hs + t * Np * kChannels;
+        __m512 y = _mm512_setzero_ps();
+        for (int64_t n = 0; n < Np; ++n) {
+          const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
+          const __m512 hp = h_prev != nullptr ? _mm512_loadu_ps(h_prev + n * kChannels) : _mm512_setzero_ps();
+          const __m512 hn = _mm512_fmadd_ps(a, hp, _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
+          _mm512_storeu_ps(h + n * kChannels, hn);
+          y = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), hn, y);
+        }
+        _mm512_storeu_ps(y_t + t * kChannels, _mm512_fmadd_ps(skip, u, y));
+      }
+
+      // Reverse sweep. Entering step t, gh = exp(dt_{t+1} A) * dL/dh_{t+1}.
+      std::fill(gh, gh + 2 * Np * kChannels, 0.0f);  // gh and dA_f
+      std::fill(dA.begin(), dA.end(), 0.0);
+      __m512 dD = _mm512_setzero_ps();
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
+        const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
+        const __m512 dtu = _mm512_mul_ps(dt, u);
+        const __m512 g_out = _mm512_loadu_ps(dout_t + t * kChannels);
+        __m512 dy = g_out;  // dL/dy, y = C . h + D u being the output before the gate
+        if (s.z != nullptr) {
+          const __m512 z = _mm512_loadu_ps(z_t + t * kChannels);
+          const __m512 one = _mm512_set1_ps(1.0f);
+          const __m512 sig = _mm512_div_ps(
+              one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-log2e)))));
+          const __m512 y = _mm512_loadu_ps(y_t + t * kChannels);
+          const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
+          _mm512_storeu_ps(dout_t + t * kChannels, _mm512_mul_ps(_mm512_mul_ps(g_out, y), dsilu));  // dz
+          dy = _mm512_mul_ps(g_out, _mm512_mul_ps(z, sig));
+        }
+        dD = _mm512_fmadd_ps(dy, u, dD);
+        const float* Bn = s.Bt + (b * L + t) * Np;
+        const float* Cn = s.Ct + (b * L + t) * Np;
+        const float* h = hs + t * Np * kChannels;
+        const float* h_prev = t > 0 ? hs + (t - 1) * Np * kChannels : nullptr;
+        __m512 gA = _mm512_setzero_ps(), gB = _mm512_setzero_ps();
+        for (int64_t n = 0; n < Np; ++n) {
+          const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Cn[n]), _mm512_loadu_ps(gh + n * kChannels));
+          const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
+          const __m512 hp = h_prev != nullptr ? _mm512_loadu_ps(h_prev + n * kChannels) : _mm512_setzero_ps();
+          const __m512 ga = _mm512_mul_ps(_mm512_mul_ps(gn, hp), a);  // dL/d(dt A[n])
+          float* dA_n = dA_f + n * kChannels;
+          _mm512_storeu_ps(dA_n, _mm512_fmadd_ps(ga, dt, _mm512_loadu_ps(dA_n)));
+          gA = _mm512_fmadd_ps(ga, _mm512_loadu_ps(A + n * kChannels), gA);
+          gB = _mm512_fmadd_ps(gn, _mm512_set1_ps(Bn[n]), gB);
+          float* dC_tn = dCv + (t * Np + n) * kChannels;
+          float* dB_tn = dBv + (t * Np + n) * kChannels;
+          _mm512_storeu_ps(dC_tn, _mm512_fmadd_ps(dy, _mm512_loadu_ps(h + n * kChannels), _mm512_loadu_ps(dC_tn)));
+          _mm512_storeu_ps(dB_tn, _mm512_fmadd_ps(gn, dtu, _mm512_loadu_ps(dB_tn)));
+          _mm512_storeu_ps(gh + n * kChannels, _mm512_mul_ps(gn, a));
+        }
+        _mm512_storeu_ps(du_t + t * kChannels, _mm512_fmadd_ps(dt, gB, _mm512_mul_ps(dy, skip)));
+        _mm512_storeu_ps(ddt_t + t * kChannels, _mm512_fmadd_ps(u, gB, gA));
+        if (t % kTile == 0) {  // float sums over at most kTile steps, then double
+          for (int64_t i = 0; i < Np * kChannels; ++i) dA[i] += dA_f[i];
+          std::fill(dA_f, dA_f + Np * kChannels, 0.0f);
+        }
+      }
+      tile_to_block(du_t, channel_last, b, d0, width, dim, L, du);
+      tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, ddt);
+      if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, dz);
+      _mm512_storeu_ps(lanes, dD);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t row = b * dim + d0 + j;
+        dD_rows[row] = lanes[j];
+        for (int64_t n = 0; n < Np; ++n) dA_rows[row * Np + n] = dA[n * kChannels + j];
+      }
+    }
+    float* dB = dBt + b * L * Np;
+    float* dC = dCt + b * L * Np;
+    for (int64_t i = 0; i < L * Np; ++i) {
+      dB[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dBv + i * kChannels));
+      dC[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dCv + i * kChannels));
+    }
+  }
+}
+
 bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 #else
 constexpr int64_t kChannels = 16;
 void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
+void backward_avx512(const Scan<float>&, bool, const float*, float*, float*, float*, double*, double*, float*,
+                     float*, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -690,6 +848,11 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
   return in;
 }
 
+// Whether a (B, D, L) tensor is a transposed view of contiguous channel-last (B, L, D) memory.
+bool is_channel_last(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
+}
+
 // Rows per task such that a task holds at least ~64k state updates: threads cost more below.
 int64_t grain_rows(const Inputs& in) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.Np));
@@ -711,10 +874,6 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
-    // Channel-last when u, delta and z all are transposed views of (B, L, D) memory.
-    auto is_channel_last = [](const at::Tensor& t) {
-      return t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
-    };
     const bool channel_last =
         is_channel_last(u) && is_channel_last(dt) && (!z.has_value() || is_channel_last(*z));
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
@@ -752,9 +911,34 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& dt,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& z) {
-  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
+                            const std::optional<at::Tensor>& z, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
+  if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
+    const bool channel_last = is_channel_last(u) && is_channel_last(dt) && (!z.has_value() || is_channel_last(*z));
+    const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
+    const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
+                                           : dout.to(at::kFloat).contiguous();
+    const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np, N = in.N;
+    at::Tensor du = at::empty_like(in.u), ddt = at::empty_like(in.u);  // in.u's layout
+    at::Tensor dz = in.z.defined() ? at::empty_like(in.z) : at::Tensor();
+    at::Tensor dBt = at::empty({batch, L, Np}, in.u.options());
+    at::Tensor dCt = at::empty({batch, L, Np}, in.u.options());
+    const auto acc_options = in.u.options().dtype(at::kDouble);
+    at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
+    at::Tensor dD_rows = at::empty({batch, dim}, acc_options);
+    const Scan<float> s = in.view<float>();
+    at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+      backward_avx512(s, channel_last, dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
+                      dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
+                      dD_rows.data_ptr<double>(), dBt.data_ptr<float>(), dCt.data_ptr<float>(), lo, hi);
+    });
+    auto as_input = [&](const at::Tensor& t) { return channel_last ? t.transpose(1, 2) : t; };
+    return {as_input(du), as_input(ddt), dA_rows.sum(0).narrow(1, 0, N).to(at::kFloat),
+            dBt.narrow(2, 0, N).transpose(1, 2).contiguous(), dCt.narrow(2, 0, N).transpose(1, 2).contiguous(),
+            in.D.defined() ? dD_rows.sum(0).to(at::kFloat) : at::Tensor(),
+            dz.defined() ? as_input(dz) : at::Tensor()};
+  }
+  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
   const at::Tensor dout_c = dout.to(in.u.scalar_type()).contiguous();
   const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np;
 
@@ -975,9 +1159,9 @@ def load_cpu_scan():
         return _module
 
 
-def avx512_forward_enabled():
-    """Whether the fused forward runs its AVX-512 variant (vectorised over channels): the CPU has AVX-512F and
-    M2REC_DISABLE_AVX512 is unset. The tests set it to check the generic variant on AVX-512 machines too."""
+def avx512_enabled():
+    """Whether the fused scan runs its AVX-512 variants (vectorised over channels): the CPU has AVX-512F and
+    M2REC_DISABLE_AVX512 is unset. The tests set it to check the generic variants on AVX-512 machines too."""
     module = load_cpu_scan()
     return (module is not None and module.has_avx512()
             and os.environ.get("M2REC_DISABLE_AVX512", "0") in ("", "0"))
@@ -993,14 +1177,15 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z):
-        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z, None, False, avx512_forward_enabled())
+        ctx.avx512 = avx512_enabled()  # the backward takes the forward's path
+        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z, None, False, ctx.avx512)
         ctx.save_for_backward(u, dt, A, B, C, D, z)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        return tuple(load_cpu_scan().bwd(dout, *ctx.saved_tensors))
+        return tuple(load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.avx512))
 
 
 def selective_scan_cpu(
@@ -1023,7 +1208,7 @@ def selective_scan_cpu(
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         # Inference: the kernel applies the bias and softplus of delta itself.
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_forward_enabled())
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
     else:
         u, dt, A, B, C, D, z, delta_bias = inputs
         # The step sizes are (B, D, L), N times smaller than the scan: PyTorch's vectorised softplus costs little
@@ -1071,5 +1256,5 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
-__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_forward_enabled", "causal_conv1d_cpu", "load_cpu_scan",
+__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "causal_conv1d_cpu", "load_cpu_scan",
            "selective_scan_cpu"]
