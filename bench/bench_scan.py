@@ -17,6 +17,8 @@ instead of what the allocator keeps cached; before each call freed memory is tri
 size before the call is reported. It counts everything the call allocates (outputs, gradients,
 temporaries), not the inputs. Timing is not taken there: allocating from the OS is slower.
 
+The layer rows map (B, L, 64) hidden states to (B, L, 64): a SASRec block (causal self-attention and feed-forward)
+and its M2Rec counterpart (causal FFT filter and one AFFM layer: the Mamba mixer and feed-forward).
 The encoder rows run from item ids to the user representation (B, L, 64), without the catalogue scoring that
 every model shares: M2Rec (embedding, causal FFT filter, 1 AFFM layer, text gate with a 1024-d buffer) and SASRec
 with 1 layer (2 heads, PyTorch's scaled_dot_product_attention).
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecBlock, SASRecConfig  # noqa: E402
-from modeling_m2rec import M2RecConfig, M2RecModel, kernels  # noqa: E402
+from modeling_m2rec import M2RecConfig, M2RecModel, cpu_scan, kernels  # noqa: E402
 
 TOKENS = 256 * 200
 LENGTHS = (50, 200, 1000, 2000)
@@ -131,6 +133,19 @@ class SASRecEncoder(torch.nn.Module):
         return self.model(input_ids, return_logits=False).last_hidden_state
 
 
+class M2RecBlock(torch.nn.Module):
+    """M2Rec's counterpart of a transformer layer: the causal FFT filter and one AFFM layer (Mamba mixer with its
+    selection read from the unfiltered input, as in Algorithm 2, then the feed-forward), (B, L, 64) → (B, L, 64)."""
+
+    def __init__(self, length):
+        super().__init__()
+        model = M2RecModel(M2RecConfig(num_items=1, max_len=max(LENGTHS), hidden_dropout_prob=0.0))
+        self.frequency_filter, self.layer = model.frequency_filter, model.layers[0]
+
+    def forward(self, hidden_states):
+        return self.layer(self.frequency_filter(hidden_states), hidden_states)
+
+
 def transformer_layer(length):
     return SASRecBlock(SASRecConfig(num_items=1, hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0))
 
@@ -145,6 +160,7 @@ ROWS = [
     ("selective_scan_torch", scan_case(kernels.selective_scan_torch)),
     (LOOP, scan_case(kernels.selective_scan_ref)),
     ("causal transformer layer (SASRec block, d 64)", module_case(transformer_layer, layer_inputs)),
+    ("M2Rec layer (FFT filter + AFFM layer, d 64)", module_case(M2RecBlock, layer_inputs)),
     ("M2Rec encoder (1 layer)", module_case(M2RecEncoder, item_ids)),
     ("SASRec encoder (1 layer)", module_case(SASRecEncoder, item_ids)),
 ]
@@ -243,6 +259,7 @@ def main():
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.selective_scan_backend("cpu"),
+        "cpu_scan_avx512": cpu_scan.avx512_enabled(),
         "tokens_per_batch": TOKENS,
         "D": DIM,
         "N": STATE,
