@@ -121,9 +121,11 @@ def main():
         started = time.time()
         run_dir = Path(args.runs_root) / dataset / variant
         results = evaluate_excluding_history(run_dir, variant)
-        row = {"experiment": f"{args.experiment}+exclude-history-eval", "command": command, "run": str(run_dir),
-               "seed": json.loads((run_dir / "best" / "training_info.json").read_text())["seed"],
-               "machine": machine(), "wall_seconds": time.time() - started, "exclude_history": True, **results}
+        info = json.loads((run_dir / "best" / "training_info.json").read_text())
+        row = {"experiment": f"{args.experiment}+exclude-history-eval", "command": command,
+               "config": {**info["train_config"], "exclude_history": True}, "seed": info["seed"],
+               "machine": machine(), "wall_seconds": time.time() - started, "text_encoder": info["text_encoder"],
+               "evaluation_only": True, **results}
         with open(Path(args.runs_root) / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row, indent=2))

@@ -2,9 +2,10 @@
 
     python bench/results_table.py runs/repro/results.jsonl
 
-One table per dataset: test HR/NDCG/MRR@10 of each experiment, its delta against the full model (`m2rec`), the
-best epoch, the total training time summed from the run's metrics.jsonl, and under it every row's exact command,
-seed, machine and text encoder. The latest row of an experiment wins.
+One table per dataset: test HR/NDCG/MRR@10 of each experiment, its delta against the full model (`m2rec`) under the
+same protocol, the best epoch, the total training time summed from the run's metrics.jsonl, and under it every
+row's exact command, seed, machine and text encoder. Rows of `--exclude-history-eval` ("+exclude-history-eval")
+re-rank a finished run with seen items removed; they train nothing. The latest row of an experiment wins.
 """
 
 import json
@@ -35,13 +36,16 @@ def main(path: str) -> None:
         full = runs.get("m2rec")
         print(f"\n### {dataset}\n")
         print("| experiment | " + " | ".join(f"test {m}" for m in METRICS)
-              + " | Δ NDCG@10 vs m2rec | best epoch | training time |")
+              + " | Δ NDCG@10 vs m2rec (same protocol) | best epoch | training time |")
         print("|---|" + "---:|" * (len(METRICS) + 3))
         for variant, row in runs.items():
             test = row["test"]
-            delta = "" if full is None else f"{test['NDCG@10'] - full['test']['NDCG@10']:+.4f}"
+            evaluation_only = row.get("evaluation_only", False)
+            baseline = runs.get("m2rec+exclude-history-eval" if evaluation_only else "m2rec")
+            delta = "" if baseline is None else f"{test['NDCG@10'] - baseline['test']['NDCG@10']:+.4f}"
+            cost = "(re-ranking only)" if evaluation_only else f"{training_seconds(row['config']) / 60:.0f} min"
             print(f"| {variant} | " + " | ".join(f"{test[m]:.4f}" for m in METRICS)
-                  + f" | {delta} | {row['best_epoch']} | {training_seconds(row['config']) / 60:.0f} min |")
+                  + f" | {delta} | {row['best_epoch']} | {cost} |")
         print()
         for variant, row in runs.items():
             print(f"- `{variant}`: `{row['command']}` — seed {row['seed']}, text encoder {row['text_encoder']}, "
