@@ -241,13 +241,33 @@ def test_train_dataset_all_positions_and_truncation():
         {"input_ids": [1, 2], "labels": [2, 3]},
         {"input_ids": [3, 4, 5, 6], "labels": [4, 5, 6, 7]},
     ]
-    short = TrainDataset(prepared, max_len=2)  # most recent max_len + 1 training items
-    assert short[1] == {"input_ids": [5, 6], "labels": [6, 7]}
+    short = TrainDataset(prepared, max_len=2)  # windows of max_len + 1 items, from the most recent back
+    assert [short[k] for k in range(len(short))] == [
+        {"input_ids": [1, 2], "labels": [2, 3]},
+        {"input_ids": [5, 6], "labels": [6, 7]},
+        {"input_ids": [3, 4], "labels": [4, 5]},
+    ]
     batch = collate_train([short[0], full[1]])
     assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 6]]
     assert batch["labels"].tolist() == [[2, 3, -100, -100], [4, 5, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert collate_train([short[0]], pad_to=3)["input_ids"].shape == (1, 3)
+
+
+def test_train_dataset_labels_every_item_once():
+    """Every training item after a user's first is the label of exactly one position, with the items before it
+    in the same window as its context."""
+    prepared = hand_dataset()
+    for max_len in (1, 2, 3, 10):
+        dataset = TrainDataset(prepared, max_len=max_len)
+        labelled = {user: [] for user in range(len(prepared.train_sequences()))}
+        for k in range(len(dataset)):
+            sample = dataset[k]
+            assert 1 <= len(sample["input_ids"]) <= max_len
+            assert sample["input_ids"][1:] == sample["labels"][:-1]
+            labelled[int(dataset.users[k])] += sample["labels"]
+        for user, sequence in enumerate(prepared.train_sequences()):
+            assert sorted(labelled[user]) == sorted(sequence[1:]), (max_len, user)
 
 
 def test_train_dataset_every_prefix():

@@ -35,4 +35,5 @@ def test_prepared_through_the_pipeline(tmp_path):
     assert prepared.num_users == 100 and 0 < prepared.num_items <= 120
     assert all(text and "category:" in text for text in prepared.item_texts[1:])
     assert prepare_dataset(args).path == prepared.path  # cached
-    assert len(TrainDataset(prepared, max_len=50)) == 100
+    windows = [-(-(len(s) - 1) // 50) for s in prepared.train_sequences()]  # ceil(labels / 50) per user
+    assert len(TrainDataset(prepared, max_len=50)) == sum(windows) and min(windows) >= 1 and max(windows) == 2

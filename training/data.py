@@ -629,10 +629,13 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
 class TrainDataset(torch.utils.data.Dataset):
     """Training samples from each user's history minus the last two items.
 
-    mode="all": one sample per user, for next-item loss at every position. The window is the most
-    recent max_len + 1 training items; input_ids = window[:-1], labels = window[1:]. So labels[t] is
-    the item after input_ids[t] (input_ids[t + 1], and for the last input the next item that did not
-    fit), and every real position has a label.
+    mode="all": next-item loss at every position. A user's training items are cut, from the most
+    recent back, into windows of max_len + 1 items that overlap by one, so that every item after the
+    first is the label of exactly one position (as every prefix is a sample once in mode="last");
+    input_ids = window[:-1], labels = window[1:], so labels[t] is the item after input_ids[t]. A user
+    with at most max_len + 1 training items gives one sample; a longer history gives several, the
+    oldest possibly shorter. (One window per user would never train on the older items of long
+    histories: a third of ML-1M's targets at max_len 200.)
     mode="last": every prefix is a sample (RecBole style): input_ids = the up to max_len items before
     position e, one label (the item at e) at the last real position, -100 elsewhere.
     Users with fewer than two training items give no sample.
@@ -645,7 +648,8 @@ class TrainDataset(torch.utils.data.Dataset):
         users, ends = [], []  # sample k predicts sequences[users[k]][ends[k]]
         for user, sequence in enumerate(self.sequences):
             if len(sequence) >= 2:
-                positions = [len(sequence) - 1] if mode == "all" else range(1, len(sequence))
+                last = len(sequence) - 1
+                positions = range(last, 0, -max_len) if mode == "all" else range(1, len(sequence))
                 users += [user] * len(positions)
                 ends += positions
         self.users, self.ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
