@@ -128,6 +128,12 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     assert final[1]["best_epoch"] == final[0]["best_epoch"]
     assert final[1]["metrics"]["test"]["NDCG@10"] == pytest.approx(final[0]["metrics"]["test"]["NDCG@10"], rel=1e-5)
 
+    # A run that stopped at its epoch cap continues when resumed under a higher cap.
+    run_cli("training.train", small_args(tmp_path, "killed", epochs + 1) + ["--resume", "true"], tmp_path)
+    extended = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["epoch"] for r in extended] == list(range(1, epochs + 2))
+    assert extended[-1]["optimizer_step"] == steps_per_epoch * (epochs + 1)
+
 
 def test_two_process_evaluation_counts_each_user_once(tmp_path):
     run_cli("training.train", small_args(tmp_path, "run", epochs=1), tmp_path)

@@ -180,6 +180,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.resume and (output_dir / "checkpoint" / "trainer_state.json").exists():
         accelerator.load_state(str(output_dir / "checkpoint"))
         state = TrainerState(**json.loads((output_dir / "checkpoint" / "trainer_state.json").read_text()))
+        # Re-judged with this call's settings: a run that stopped at its epoch cap continues under a higher one.
+        state.finished = stopping_reached(state, train_args)
         logger.info("resumed after epoch %d (optimizer step %d)", state.epoch, adam_step(optimizer))
     elif train_args.resume:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
@@ -212,8 +214,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                       {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
         else:
             state.epochs_without_improvement += 1
-        state.finished = (state.epochs_without_improvement >= train_args.early_stopping_patience
-                          or state.epoch == train_args.num_train_epochs)
+        state.finished = stopping_reached(state, train_args)
         save_checkpoint(accelerator, output_dir, state)
 
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
@@ -232,6 +233,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
               f"model: {output_dir / 'best'}")
     end_run(accelerator)
     return results
+
+
+def stopping_reached(state: TrainerState, train_args: TrainArguments) -> bool:
+    """Early stopping's patience is used up, or the epoch cap is reached."""
+    return (state.epochs_without_improvement >= train_args.early_stopping_patience
+            or state.epoch >= train_args.num_train_epochs)
 
 
 def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: bool) -> float:
