@@ -20,7 +20,6 @@ bge-large-en-v1.5; the row records which one ran.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -35,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
 from modeling_m2rec import M2RecForSequentialRecommendation  # noqa: E402
 from training.arguments import TrainArguments, parse_args, to_dict  # noqa: E402
-from training.data import DataArguments, prepare_dataset  # noqa: E402
-from training.evaluate import eval_loader, evaluate  # noqa: E402
+from training.data import prepare_dataset  # noqa: E402
+from training.evaluate import eval_loader, evaluate, run_data_arguments  # noqa: E402
 from training.train import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
@@ -76,17 +75,15 @@ def sasrec_builder(model_args):
     return build
 
 
-def evaluate_excluding_history(run_dir: Path, variant: str) -> dict:
-    """Validation and test metrics of run_dir/best with each user's earlier items removed from the ranking."""
+def evaluate_excluding_history(run_dir: Path, info: dict, variant: str) -> dict:
+    """Validation and test metrics of run_dir/best (whose training_info.json is `info`) with each user's earlier
+    items removed from the ranking."""
     from accelerate import Accelerator
 
-    best = run_dir / "best"
-    info = json.loads((best / "training_info.json").read_text())
-    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
-    data_args = DataArguments(**{k: v for k, v in info["train_config"].items() if k in data_fields})
+    data_args = run_data_arguments(info)
     data = prepare_dataset(data_args)
     model_class = SASRec if variant == "sasrec" else M2RecForSequentialRecommendation
-    model = model_class.from_pretrained(best)
+    model = model_class.from_pretrained(run_dir / "best")
     settings = TrainArguments(eval_batch_size=info["train_config"]["eval_batch_size"], exclude_history=True)
     accelerator = Accelerator(cpu=True)
     return {"best_epoch": info["best_epoch"],
@@ -120,8 +117,8 @@ def main():
     if args.exclude_history_eval:
         started = time.time()
         run_dir = Path(args.runs_root) / dataset / variant
-        results = evaluate_excluding_history(run_dir, variant)
         info = json.loads((run_dir / "best" / "training_info.json").read_text())
+        results = evaluate_excluding_history(run_dir, info, variant)
         row = {"experiment": f"{args.experiment}+exclude-history-eval", "command": command,
                "config": {**info["train_config"], "exclude_history": True}, "seed": info["seed"],
                "machine": machine(), "wall_seconds": time.time() - started, "text_encoder": info["text_encoder"],

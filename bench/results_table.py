@@ -33,7 +33,6 @@ def main(path: str) -> None:
     datasets = sorted({name.split("/")[0] for name in rows})
     for dataset in datasets:
         runs = {name.split("/")[1]: row for name, row in rows.items() if name.startswith(dataset + "/")}
-        full = runs.get("m2rec")
         print(f"\n### {dataset}\n")
         print("| experiment | " + " | ".join(f"test {m}" for m in METRICS)
               + " | Δ NDCG@10 vs m2rec (same protocol) | best epoch | training time |")

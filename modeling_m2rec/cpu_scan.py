@@ -220,6 +220,7 @@ M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, in
 // exp_vec are not needed. Two to three times the speed of forward_rows; same results to float32
 // rounding (the tests compare both to float64).
 constexpr int64_t kChannels = 16;
+constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^x = 2^k 2^f, k = round(x), |f| <= 1/2; 2^f by its Taylor polynomial in f ln 2 of degree 6
 // (relative error below 1.3e-7). x below -256 is raised to -256, whose result is 0 as well.
@@ -241,7 +242,7 @@ __attribute__((target("avx512f"))) inline __m512 exp2_avx512(__m512 x) {
 // by its odd series to s^13 (relative error below 2e-8, also for tiny e).
 __attribute__((target("avx512f"))) inline __m512 softplus_avx512(__m512 x) {
   const __m512 minus_abs = _mm512_min_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), x));
-  const __m512 e = exp2_avx512(_mm512_mul_ps(minus_abs, _mm512_set1_ps(1.44269504088896341f)));
+  const __m512 e = exp2_avx512(_mm512_mul_ps(minus_abs, _mm512_set1_ps(kLog2e)));
   const __m512 s = _mm512_div_ps(e, _mm512_add_ps(_mm512_set1_ps(2.0f), e));
   const __m512 s2 = _mm512_mul_ps(s, s);
   __m512 series = _mm512_set1_ps(1.0f / 13.0f);
@@ -250,109 +251,6 @@ __attribute__((target("avx512f"))) inline __m512 softplus_avx512(__m512 x) {
   }
   const __m512 log1p_e = _mm512_mul_ps(_mm512_add_ps(s, s), series);
   return _mm512_add_ps(_mm512_max_ps(x, _mm512_setzero_ps()), log1p_e);
-}
-
-// Tasks [lo, hi): task = (batch element b, block of 16 channels). u, dt, z and out are either
-// channel-last, (B, L, D), where the 16 channels of a step are one contiguous vector, or rows,
-// (B, D, L), where each tile of kTile steps is transposed through a small buffer. A block that
-// ends past D is masked; its missing channels read dt = u = 0 and A = 0, so their state stays 0.
-//
-// With `delta_bias` (D,) and/or `softplus`, dt is the raw step: dt = softplus(dt + delta_bias) is
-// applied here (the inference path; training applies it in PyTorch, whose autograd then gives its
-// gradients).
-__attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, bool channel_last,
-                                                       const float* delta_bias, bool softplus,
-                                                       float* out, float* last, int64_t lo,
-                                                       int64_t hi) {
-  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
-  const float log2e = 1.44269504088896341f;
-  std::vector<float> a2(Np * kChannels), h(Np * kChannels);  // A log2 e and the state, (Np, 16)
-  // Row layout only: one tile of dt, u, z and y, (kTile, 16).
-  std::vector<float> tiles(4 * kTile * kChannels);
-  for (int64_t task = lo; task < hi; ++task) {
-    const int64_t b = task / blocks, d0 = task % blocks * kChannels;
-    const int64_t width = std::min(kChannels, dim - d0), row0 = b * dim + d0;
-    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
-    for (int64_t n = 0; n < Np; ++n) {
-      for (int64_t j = 0; j < kChannels; ++j) {
-        a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * log2e : 0.0f;
-        h[n * kChannels + j] = 0.0f;
-      }
-    }
-    const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
-    const __m512 bias =
-        delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
-    for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-      const int64_t steps = std::min(kTile, L - t0);
-      // The vector of step t0 + i lives at ptr + i * stride.
-      const float *dt_p, *u_p, *z_p;
-      float* y_p;
-      int64_t stride;
-      if (channel_last) {
-        const int64_t at = (b * L + t0) * dim + d0;
-        dt_p = s.dt + at;
-        u_p = s.u + at;
-        z_p = s.z != nullptr ? s.z + at : nullptr;
-        y_p = out + at;
-        stride = dim;
-      } else {
-        float* dt_tile = tiles.data();
-        float* u_tile = dt_tile + kTile * kChannels;
-        float* z_tile = u_tile + kTile * kChannels;
-        std::fill(tiles.begin(), tiles.begin() + 3 * kTile * kChannels, 0.0f);
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t at = (row0 + j) * L + t0;
-          for (int64_t i = 0; i < steps; ++i) {
-            dt_tile[i * kChannels + j] = s.dt[at + i];
-            u_tile[i * kChannels + j] = s.u[at + i];
-            if (s.z != nullptr) z_tile[i * kChannels + j] = s.z[at + i];
-          }
-        }
-        dt_p = dt_tile;
-        u_p = u_tile;
-        z_p = s.z != nullptr ? z_tile : nullptr;
-        y_p = z_tile + kTile * kChannels;
-        stride = kChannels;
-      }
-      for (int64_t i = 0; i < steps; ++i) {
-        __m512 dt = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dt_p + i * stride), bias);
-        if (softplus) dt = softplus_avx512(dt);
-        const __m512 u = _mm512_maskz_loadu_ps(mask, u_p + i * stride);
-        const __m512 dtu = _mm512_mul_ps(dt, u);
-        const float* Bn = s.Bt + (b * L + t0 + i) * Np;
-        const float* Cn = s.Ct + (b * L + t0 + i) * Np;
-        // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
-        __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
-        for (int64_t n = 0; n < Np; n += 2) {
-          float* h0 = h.data() + n * kChannels;
-          float* h1 = h0 + kChannels;
-          const __m512 a0 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + n * kChannels)));
-          const __m512 a1 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + (n + 1) * kChannels)));
-          const __m512 h0n = _mm512_fmadd_ps(a0, _mm512_loadu_ps(h0), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
-          const __m512 h1n = _mm512_fmadd_ps(a1, _mm512_loadu_ps(h1), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n + 1])));
-          _mm512_storeu_ps(h0, h0n);
-          _mm512_storeu_ps(h1, h1n);
-          y0 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), h0n, y0);
-          y1 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n + 1]), h1n, y1);
-        }
-        __m512 y = _mm512_fmadd_ps(skip, u, _mm512_add_ps(y0, y1));
-        if (z_p != nullptr) {  // y * silu(z) = y z / (1 + exp(-z))
-          const __m512 z = _mm512_maskz_loadu_ps(mask, z_p + i * stride);
-          const __m512 e = exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-log2e)));
-          y = _mm512_div_ps(_mm512_mul_ps(y, z), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        }
-        _mm512_mask_storeu_ps(y_p + i * stride, mask, y);
-      }
-      if (!channel_last) {
-        for (int64_t j = 0; j < width; ++j) {
-          for (int64_t i = 0; i < steps; ++i) out[(row0 + j) * L + t0 + i] = y_p[i * kChannels + j];
-        }
-      }
-    }
-    for (int64_t n = 0; n < Np; ++n) {
-      for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
-    }
-  }
 }
 
 // Copies the 16-channel block (b, d0..d0+width) of a (B, D, L) tensor, or of a channel-last
@@ -375,20 +273,109 @@ inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64
   }
 }
 
+// Tasks [lo, hi): task = (batch element b, block of 16 channels). u, dt, z and out are either
+// channel-last, (B, L, D), where the 16 channels of a step are one contiguous vector, or rows,
+// (B, D, L), whose block is first transposed into (L, 16) tiles. A block that ends past D is
+// masked; its missing channels read dt = u = 0 and A = 0, so their state stays 0.
+//
+// With `delta_bias` (D,) and/or `softplus`, dt is the raw step: dt = softplus(dt + delta_bias) is
+// applied here (the inference path; training applies it in PyTorch, whose autograd then gives its
+// gradients).
+__attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, bool channel_last,
+                                                       const float* delta_bias, bool softplus,
+                                                       float* out, float* last, int64_t lo,
+                                                       int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
+  std::vector<float> a2(Np * kChannels), h(Np * kChannels);  // A log2 e and the state, (Np, 16)
+  // Row layout only: the block's dt, u, z and y as (L, 16) tiles.
+  std::vector<float> tiles(channel_last ? 0 : 4 * L * kChannels);
+  for (int64_t task = lo; task < hi; ++task) {
+    const int64_t b = task / blocks, d0 = task % blocks * kChannels;
+    const int64_t width = std::min(kChannels, dim - d0), row0 = b * dim + d0;
+    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < kChannels; ++j) {
+        a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * kLog2e : 0.0f;
+        h[n * kChannels + j] = 0.0f;
+      }
+    }
+    const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
+    const __m512 bias =
+        delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
+    // The vector of step t lives at ptr + t * stride.
+    const float *dt_p, *u_p, *z_p;
+    float* y_p;
+    int64_t stride;
+    if (channel_last) {
+      const int64_t at = b * L * dim + d0;
+      dt_p = s.dt + at;
+      u_p = s.u + at;
+      z_p = s.z != nullptr ? s.z + at : nullptr;
+      y_p = out + at;
+      stride = dim;
+    } else {
+      float* dt_tile = tiles.data();
+      float* u_tile = dt_tile + L * kChannels;
+      float* z_tile = u_tile + L * kChannels;
+      block_to_tile(s.dt, false, b, d0, width, dim, L, dt_tile);
+      block_to_tile(s.u, false, b, d0, width, dim, L, u_tile);
+      if (s.z != nullptr) block_to_tile(s.z, false, b, d0, width, dim, L, z_tile);
+      dt_p = dt_tile;
+      u_p = u_tile;
+      z_p = s.z != nullptr ? z_tile : nullptr;
+      y_p = z_tile + L * kChannels;
+      stride = kChannels;
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      __m512 dt = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dt_p + t * stride), bias);
+      if (softplus) dt = softplus_avx512(dt);
+      const __m512 u = _mm512_maskz_loadu_ps(mask, u_p + t * stride);
+      const __m512 dtu = _mm512_mul_ps(dt, u);
+      const float* Bn = s.Bt + (b * L + t) * Np;
+      const float* Cn = s.Ct + (b * L + t) * Np;
+      // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
+      __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+      for (int64_t n = 0; n < Np; n += 2) {
+        float* h0 = h.data() + n * kChannels;
+        float* h1 = h0 + kChannels;
+        const __m512 a0 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + n * kChannels)));
+        const __m512 a1 = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2.data() + (n + 1) * kChannels)));
+        const __m512 h0n = _mm512_fmadd_ps(a0, _mm512_loadu_ps(h0), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
+        const __m512 h1n = _mm512_fmadd_ps(a1, _mm512_loadu_ps(h1), _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n + 1])));
+        _mm512_storeu_ps(h0, h0n);
+        _mm512_storeu_ps(h1, h1n);
+        y0 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), h0n, y0);
+        y1 = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n + 1]), h1n, y1);
+      }
+      __m512 y = _mm512_fmadd_ps(skip, u, _mm512_add_ps(y0, y1));
+      if (z_p != nullptr) {  // y * silu(z) = y z / (1 + exp(-z))
+        const __m512 z = _mm512_maskz_loadu_ps(mask, z_p + t * stride);
+        const __m512 e = exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)));
+        y = _mm512_div_ps(_mm512_mul_ps(y, z), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      }
+      _mm512_mask_storeu_ps(y_p + t * stride, mask, y);
+    }
+    if (!channel_last) tile_to_block(y_p, false, b, d0, width, dim, L, out);
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
+    }
+  }
+}
+
 // The backward on AVX-512, float32, vectorised over channels like forward_avx512. A task is one
 // batch element, all of its channel blocks in turn: dB and dC, sums over channels, accumulate
 // lane-wise over the blocks in (L, Np, 16) buffers and take one horizontal add per (t, n) at the
 // end, into that element's own rows (no races). Per block: recompute and keep the states h_t
-// (L, Np, 16), then the reverse sweep, which recomputes exp(dt A) instead of storing it. dt is the step after softplus; u, dt, z, dout and
-// the gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np) and dD
-// (B, D) are per-row sums in double, added over b by the caller.
+// (L, Np, 16), then the reverse sweep, which recomputes exp(dt A) instead of storing it. dt is
+// the step after softplus; u, dt, z, dout and the gradients du, ddt, dz are channel-last or rows,
+// as in the forward. dA (B, D, Np) and dD (B, D) are per-row sums in double, added over b by the
+// caller.
 __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
                                                         const float* dout, float* du, float* ddt,
                                                         float* dz, double* dA_rows, double* dD_rows,
                                                         float* dBt, float* dCt, int64_t lo,
                                                         int64_t hi) {
   const int64_t L = s.L, Np = s.Np, dim = s.dim;
-  const float log2e = 1.44269504088896341f;
   const int64_t tile = L * kChannels;
   std::vector<float> work(7 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
   float* dt_t = work.data();  // (L, 16) tiles
@@ -419,7 +406,7 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
       for (int64_t n = 0; n < Np; ++n) {
         for (int64_t j = 0; j < kChannels; ++j) {
           A[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] : 0.0f;
-          a2[n * kChannels + j] = A[n * kChannels + j] * log2e;
+          a2[n * kChannels + j] = A[n * kChannels + j] * kLog2e;
         }
       }
       const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
@@ -458,7 +445,7 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
           const __m512 z = _mm512_loadu_ps(z_t + t * kChannels);
           const __m512 one = _mm512_set1_ps(1.0f);
           const __m512 sig = _mm512_div_ps(
-              one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-log2e)))));
+              one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)))));
           const __m512 y = _mm512_loadu_ps(y_t + t * kChannels);
           const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
           _mm512_storeu_ps(dout_t + t * kChannels, _mm512_mul_ps(_mm512_mul_ps(g_out, y), dsilu));  // dz
@@ -852,9 +839,13 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
   return in;
 }
 
-// Whether a (B, D, L) tensor is a transposed view of contiguous channel-last (B, L, D) memory.
-bool is_channel_last(const at::Tensor& t) {
-  return t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
+// Whether u, delta and z (B, D, L) all are transposed views of contiguous channel-last (B, L, D)
+// memory, which the AVX-512 kernels read in place.
+bool channel_last_inputs(const at::Tensor& u, const at::Tensor& dt, const std::optional<at::Tensor>& z) {
+  auto is_channel_last = [](const at::Tensor& t) {
+    return t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
+  };
+  return is_channel_last(u) && is_channel_last(dt) && (!z.has_value() || is_channel_last(*z));
 }
 
 // Rows per task such that a task holds at least ~64k state updates: threads cost more below.
@@ -878,8 +869,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
-    const bool channel_last =
-        is_channel_last(u) && is_channel_last(dt) && (!z.has_value() || is_channel_last(*z));
+    const bool channel_last = channel_last_inputs(u, dt, z);
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
     at::Tensor out = channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
                                   : at::empty({in.batch, in.dim, in.L}, in.u.options());
@@ -918,7 +908,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
                             const std::optional<at::Tensor>& z, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
-    const bool channel_last = is_channel_last(u) && is_channel_last(dt) && (!z.has_value() || is_channel_last(*z));
+    const bool channel_last = channel_last_inputs(u, dt, z);
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
     const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
                                            : dout.to(at::kFloat).contiguous();

@@ -96,28 +96,34 @@ def test_fused_cpu_extension_builds():
     assert cpu_scan.load_cpu_scan() is not None, "the fused CPU scan must build where a compiler exists"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-L{}-N{}-D{:d}z{:d}bias{:d}sp{:d}".format(*c))
-def test_scan_matches_reference(case, implementation, dtype):
+def case_inputs(case):
+    """(inputs, softplus) of one of CASES."""
     batch, dim, length, state, use_D, use_z, use_bias, softplus = case
-    inputs = make_inputs(
-        batch, dim, length, state, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus
-    )
+    inputs = make_inputs(batch, dim, length, state, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus)
+    return inputs, softplus
+
+
+every_dtype = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+every_implementation = pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+every_case = pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-L{}-N{}-D{:d}z{:d}bias{:d}sp{:d}".format(*c))
+
+
+@every_dtype
+@every_implementation
+@every_case
+def test_scan_matches_reference(case, implementation, dtype):
+    inputs, softplus = case_inputs(case)
     reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
     results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, dtype)
     assert_close_to_reference(results, reference, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-D{}-L{}-N{}-D{:d}z{:d}bias{:d}sp{:d}".format(*c))
+@every_dtype
+@every_implementation
+@every_case
 def test_scan_inference_matches_reference(case, implementation, dtype):
     """Without autograd the fused scan applies delta's bias and softplus inside the kernel."""
-    batch, dim, length, state, use_D, use_z, use_bias, softplus = case
-    inputs = make_inputs(
-        batch, dim, length, state, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus
-    )
+    inputs, softplus = case_inputs(case)
     expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
     with torch.no_grad():
         actual = IMPLEMENTATIONS[implementation](

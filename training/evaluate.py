@@ -62,9 +62,7 @@ def main(argv=None):
         args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
     from modeling_m2rec import M2RecForSequentialRecommendation
 
-    info = json.loads((Path(args.model) / "training_info.json").read_text())
-    data_fields = {f.name for f in fields(DataArguments)}
-    data_args = DataArguments(**{k: v for k, v in info["train_config"].items() if k in data_fields})
+    data_args = run_data_arguments(json.loads((Path(args.model) / "training_info.json").read_text()))
 
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
@@ -80,6 +78,13 @@ def main(argv=None):
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
     end_run(accelerator)
+
+
+def run_data_arguments(info: dict) -> DataArguments:
+    """The data settings a run was trained with, from its training_info.json, so that the same users, item ids
+    and split are rebuilt."""
+    data_fields = {f.name for f in fields(DataArguments)}
+    return DataArguments(**{k: v for k, v in info["train_config"].items() if k in data_fields})
 
 
 def end_run(accelerator: Accelerator) -> None:
