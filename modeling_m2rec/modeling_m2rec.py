@@ -31,7 +31,8 @@ class M2RecModelOutput(ModelOutput):
     """Output of [`M2RecModel`].
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape (B, L, D)): the fused user representation Y at every position.
+        last_hidden_state (`torch.FloatTensor`): the fused user representation Y, (B, L, D) at every position, or
+            (B, 1, D) at each sequence's last real item with `last_position_only=True`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the sequence after the embedding, after the FFT filter
             and after each AFFM layer, each (B, L, D); returned with `output_hidden_states=True`.
     """
@@ -49,7 +50,8 @@ class M2RecRecommendationOutput(ModelOutput):
             labelled position; returned when `labels` is given.
         logits (`torch.FloatTensor`): scores over all items, (B, L, I), or (B, I) with `last_position_only=True`.
             Column 0 (padding) holds the dtype's lowest value so that it is never ranked.
-        last_hidden_state (`torch.FloatTensor` of shape (B, L, D)): the fused user representation.
+        last_hidden_state (`torch.FloatTensor`): the fused user representation, (B, L, D), or (B, 1, D) with
+            `last_position_only=True` and no `labels` of shape (B, L).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`M2RecModelOutput`].
     """
 
@@ -426,14 +428,16 @@ class M2RecModel(M2RecPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        last_position_only: bool = False,
         **kwargs,
     ) -> M2RecModelOutput | tuple:
         """
         Args:
             input_ids: (B, L) item ids, right-padded with 0; at most `config.max_len` positions.
             attention_mask: (B, L), 1 for real items; derived from `input_ids != 0` when omitted.
+            last_position_only: fuse only each sequence's last real position, for next-item inference.
         Returns:
-            [`M2RecModelOutput`] with `last_hidden_state` (B, L, D).
+            [`M2RecModelOutput`] with `last_hidden_state` (B, L, D), or (B, 1, D) with `last_position_only`.
         """
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
@@ -452,6 +456,12 @@ class M2RecModel(M2RecPreTrainedModel):
             hidden = layer(hidden, selection)  # (B, L, D)
             all_hidden += (hidden,)
 
+        if last_position_only:
+            # The fusion is position-wise, so inference only needs it where it scores: this skips the text lookup
+            # and projection of B·L items.
+            rows = torch.arange(len(input_ids), device=input_ids.device)
+            last_index = mask.sum(dim=1) - 1  # (B,)
+            hidden, input_ids = hidden[rows, last_index, None], input_ids[rows, last_index, None]  # (B, 1, D), (B, 1)
         if self.config.fusion != "none":
             hidden = self.fusion(self.text_features(input_ids), hidden)
 
@@ -542,12 +552,16 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                 raise ValueError(f"label {labels[tuple(where)].item()} at {tuple(where)} is not an item id in "
                                  f"1..{self.config.num_items} (use -100 for positions without a target)")
 
+        fuse_last_only = last_position_only and (labels is None or labels.dim() == 1)
         outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-                             return_dict=True)
-        user_states = outputs.last_hidden_state  # (B, L, D)
-        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
-        last_index = mask.sum(dim=1) - 1  # (B,)
-        last_states = user_states[torch.arange(len(input_ids), device=input_ids.device), last_index]  # (B, D)
+                             return_dict=True, last_position_only=fuse_last_only)
+        user_states = outputs.last_hidden_state  # (B, L, D), or (B, 1, D) when fused at the last position only
+        if fuse_last_only:
+            last_states = user_states[:, 0]
+        else:
+            mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+            last_index = mask.sum(dim=1) - 1  # (B,)
+            last_states = user_states[torch.arange(len(input_ids), device=input_ids.device), last_index]  # (B, D)
 
         loss = None
         if labels is not None:

@@ -70,9 +70,14 @@ def test_loss_without_logits_matches_and_last_position_logits():
     lean = model(input_ids, labels=labels, return_logits=False)
     assert lean.logits is None
     torch.testing.assert_close(lean.loss, full.loss)
-    last = model(input_ids, last_position_only=True).logits
-    torch.testing.assert_close(last[1], full.logits[1, 6])
-    torch.testing.assert_close(last[0], full.logits[0, 11])
+    last = model(input_ids, last_position_only=True)  # fuses text at the last positions only
+    torch.testing.assert_close(last.logits[1], full.logits[1, 6])
+    torch.testing.assert_close(last.logits[0], full.logits[0, 11])
+    assert last.last_hidden_state.shape == (4, 1, model.config.hidden_size)
+    torch.testing.assert_close(last.last_hidden_state[1, 0], full.last_hidden_state[1, 6])
+    last_labels = labels[torch.arange(4), (input_ids > 0).sum(dim=1) - 2]
+    torch.testing.assert_close(model(input_ids, labels=last_labels, last_position_only=True).loss,
+                               model(input_ids, labels=last_labels).loss)
     assert (full.logits[..., 0] == torch.finfo(full.logits.dtype).min).all()
 
 
