@@ -4,11 +4,12 @@
     python bench/reproduce.py ml-1m/m2rec --runs-root runs/repro --exclude-history-eval
     python bench/reproduce.py --list
 
-An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines, a
-second seed). The run writes its usual folder (best/, checkpoint/, metrics.jsonl) under --runs-root and appends one
-row to <runs-root>/results.jsonl with the exact command, the full config, the seed, the machine and the wall time;
-`bench/results_table.py` turns those rows into docs/RESULTS.md tables. A killed experiment continues where it
-stopped when the same command is run again (it always passes --resume).
+An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines);
+`<variant>-seed2` runs any of them again with seed 43, for the spread over seeds. The run writes its usual folder
+(best/, checkpoint/, metrics.jsonl) under --runs-root and appends one row to <runs-root>/results.jsonl with the exact
+command, the full config, the seed, the machine and the wall time; `bench/results_table.py` turns those rows into
+docs/RESULTS.md tables. A killed experiment continues where it stopped when the same command is run again (it always
+passes --resume).
 
 `--exclude-history-eval` trains nothing: it ranks validation and test users of a finished experiment's selected
 checkpoint (best/, chosen on validation under the training protocol) with each user's earlier items removed from
@@ -53,7 +54,6 @@ DATA = {
 # name → overrides of the model/training arguments. "sasrec" is trained by the same trainer with the SASRec model.
 VARIANTS = {
     "m2rec": [],
-    "m2rec-seed2": ["--seed", "43"],
     "m2rec-exclude-history": ["--exclude_history", "true"],
     "sasrec": [],
     "mamba": ["--fft_mode", "none", "--fusion", "none"],  # plays Mamba4Rec: this model, FFT and text off
@@ -64,7 +64,14 @@ VARIANTS = {
     "concat": ["--fusion", "concat"],
     "global-fft": ["--fft_mode", "global"],
 }
-EXPERIMENTS = [f"{dataset}/{variant}" for dataset in DATA for variant in VARIANTS]
+SECOND_SEED = "-seed2"
+EXPERIMENTS = [f"{dataset}/{variant}{seed}" for dataset in DATA for variant in VARIANTS for seed in ("", SECOND_SEED)]
+
+
+def variant_overrides(variant: str) -> tuple[str, list[str]]:
+    """(the variant without its seed suffix, its trainer overrides)."""
+    base = variant.removesuffix(SECOND_SEED)
+    return base, VARIANTS[base] + (["--seed", "43"] if base != variant else [])
 
 
 def sasrec_builder(model_args):
@@ -113,12 +120,13 @@ def main():
         return
 
     dataset, variant = args.experiment.split("/")
+    base_variant, overrides = variant_overrides(variant)
     command = shlex.join([sys.executable, *sys.argv])
     if args.exclude_history_eval:
         started = time.time()
         run_dir = Path(args.runs_root) / dataset / variant
         info = json.loads((run_dir / "best" / "training_info.json").read_text())
-        results = evaluate_excluding_history(run_dir, info, variant)
+        results = evaluate_excluding_history(run_dir, info, base_variant)
         row = {"experiment": f"{args.experiment}+exclude-history-eval", "command": command,
                "config": {**info["train_config"], "exclude_history": True}, "seed": info["seed"],
                "machine": machine(), "wall_seconds": time.time() - started, "text_encoder": info["text_encoder"],
@@ -133,11 +141,11 @@ def main():
                     + [part.format(root=args.data_root) for part in DATA[dataset]]
                     + ["--text_encoder", args.text_encoder, "--cache_dir", str(Path(args.runs_root) / "cache"),
                        "--output_dir", str(Path(args.runs_root) / dataset / variant), "--resume", "true"]
-                    + VARIANTS[variant] + extra)
+                    + overrides + extra)
     model_args, data_args, train_args = parse_args(trainer_argv)
     started = time.time()
     results = train(model_args, data_args, train_args, command=command,
-                    model_builder=sasrec_builder(model_args) if variant == "sasrec" else None)
+                    model_builder=sasrec_builder(model_args) if base_variant == "sasrec" else None)
     if int(os.environ.get("RANK", "0")) == 0:
         row = {"experiment": args.experiment, "command": command, "config": to_dict(model_args, data_args, train_args),
                "seed": train_args.seed, "machine": machine(), "wall_seconds": time.time() - started,

@@ -3,9 +3,11 @@
     python bench/results_table.py runs/repro/results.jsonl
 
 One table per dataset: test HR/NDCG/MRR@10 of each experiment, its delta against the full model (`m2rec`) under the
-same protocol, the best epoch, the total training time summed from the run's metrics.jsonl, and under it every
-row's exact command, seed, machine and text encoder. Rows of `--exclude-history-eval` ("+exclude-history-eval")
-re-rank a finished run with seen items removed; they train nothing. The latest row of an experiment wins.
+same protocol, the best epoch, the total training time summed from the run's metrics.jsonl, and under it every row's
+exact command, seed, machine and text encoder. Where an experiment also ran with the second seed (`<variant>-seed2`),
+a second table gives both seeds' test NDCG@10, their mean and their spread (max − min). Rows of
+`--exclude-history-eval` ("+exclude-history-eval") re-rank a finished run with seen items removed; they train
+nothing. The latest row of an experiment wins.
 """
 
 import json
@@ -45,6 +47,14 @@ def main(path: str) -> None:
             cost = "(re-ranking only)" if evaluation_only else f"{training_seconds(row['config']) / 60:.0f} min"
             print(f"| {variant} | " + " | ".join(f"{test[m]:.4f}" for m in METRICS)
                   + f" | {delta} | {row['best_epoch']} | {cost} |")
+        seeded = [(variant, row, runs[second]) for variant, row in runs.items()
+                  if (second := variant.replace("+", "-seed2+", 1) if "+" in variant else variant + "-seed2") in runs]
+        if seeded:
+            print("\n| experiment | test NDCG@10, seed 42 | seed 43 | mean | spread |\n|---|---:|---:|---:|---:|")
+            for variant, first, second in seeded:
+                scores = (first["test"]["NDCG@10"], second["test"]["NDCG@10"])
+                print(f"| {variant} | {scores[0]:.4f} | {scores[1]:.4f} | {sum(scores) / 2:.4f} "
+                      f"| {max(scores) - min(scores):.4f} |")
         print()
         for variant, row in runs.items():
             print(f"- `{variant}`: `{row['command']}` — seed {row['seed']}, text encoder {row['text_encoder']}, "
