@@ -6,16 +6,20 @@ B = 256, L = 200 (B = 51,200 // L), so every row does the same work per column a
 show how each implementation scales with L. Each row is timed on the forward alone (under
 no_grad) and on forward + backward (with every input requiring a gradient).
 
-Time: median wall time of 3 calls after one warm-up call (1 call when the warm-up took over 2 s,
-to keep the whole run to minutes), with the default memory allocator.
+Time: median wall time of 5 calls after one warm-up call (1 call when the warm-up took over 2 s, to keep the whole
+run to minutes), with whatever memory allocator the process has: glibc's by default, which hands blocks above its mmap
+threshold back to the OS and page-faults them in again on every call. The environment block of the output records
+any MALLOC_* setting; `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` keeps freed memory in
+the process, as caching allocators (jemalloc, tcmalloc) do, and so times the arithmetic without the page faults.
 
-Memory: peak growth of resident memory during one call, measured in a child process (Linux only;
-"-" elsewhere). There glibc's mmap threshold is fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so every
-tensor above 1 MiB is returned to the OS when freed and resident memory follows the live tensors
-instead of what the allocator keeps cached; before each call freed memory is trimmed and
-/proc/self/clear_refs resets the kernel's high-water mark, after it the mark minus the resident
-size before the call is reported. It counts everything the call allocates (outputs, gradients,
-temporaries), not the inputs. Timing is not taken there: allocating from the OS is slower.
+Memory: peak growth of resident memory during one call, each row and length in its own child process (Linux only;
+"-" elsewhere), after one warm-up call, so that one-time costs (FFT plans, thread pools, the extension's load) and
+what earlier rows left in the heap do not count. There glibc's mmap threshold is fixed at 1 MiB
+(MALLOC_MMAP_THRESHOLD_), so every tensor above 1 MiB is returned to the OS when freed and resident memory follows
+the live tensors instead of what the allocator keeps cached; before each call freed memory is trimmed and
+/proc/self/clear_refs resets the kernel's high-water mark, after it the mark minus the resident size before the call
+is reported. It counts everything the call allocates (outputs, gradients, temporaries), not the inputs. Timing is not
+taken there: allocating from the OS is slower.
 
 The layer rows map (B, L, 64) hidden states to (B, L, 64): a SASRec block (causal self-attention and feed-forward)
 and its M2Rec counterpart (causal FFT filter and one AFFM layer: the Mamba mixer and feed-forward).
@@ -27,6 +31,7 @@ Rows are (name, make) pairs: make(batch, length) returns the two callables to me
 (forward, forward_and_backward), closing over their inputs. Add a row by appending to ROWS.
 
     python bench/bench_scan.py --out bench/scan.json
+    python bench/bench_scan.py --rows layer encoder --lengths 1000 2000    # a subset of the rows
 """
 
 import argparse
@@ -155,11 +160,12 @@ def layer_inputs(batch, length):
 
 
 LOOP = "per-step loop (selective_scan_ref)"  # the baseline of the "vs loop" columns
+TRANSFORMER = "causal transformer layer (SASRec block, d 64)"  # the baseline of the "× transformer" columns
 ROWS = [
     ("selective_scan (dispatcher)", scan_case(kernels.selective_scan)),
     ("selective_scan_torch", scan_case(kernels.selective_scan_torch)),
     (LOOP, scan_case(kernels.selective_scan_ref)),
-    ("causal transformer layer (SASRec block, d 64)", module_case(transformer_layer, layer_inputs)),
+    (TRANSFORMER, module_case(transformer_layer, layer_inputs)),
     ("M2Rec layer (FFT filter + AFFM layer, d 64)", module_case(M2RecBlock, layer_inputs)),
     ("M2Rec encoder (1 layer)", module_case(M2RecEncoder, item_ids)),
     ("SASRec encoder (1 layer)", module_case(SASRecEncoder, item_ids)),
@@ -191,54 +197,71 @@ def median_seconds(fn):
     fn()
     warmup = time.perf_counter() - start
     times = []
-    for _ in range(3 if warmup < 2.0 else 1):
+    for _ in range(5 if warmup < 2.0 else 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), len(times)
 
 
-def measure_memory(lengths):
-    """{(name, length): (forward MB, forward+backward MB)} from a child process (Linux)."""
+def measure_memory(rows, lengths):
+    """{(name, length): (forward MB, forward+backward MB)}, each pair from its own child process (Linux)."""
     if not sys.platform.startswith("linux"):
         return {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    command = [sys.executable, __file__, "--memory-child", "--lengths", *map(str, lengths)]
-    child = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    rows = [json.loads(line) for line in child.stdout.splitlines()]
-    return {(r["name"], r["length"]): (r["forward_mb"], r["forward_backward_mb"]) for r in rows}
-
-
-def memory_child(lengths):
-    kernels.selective_scan_backend("cpu")  # loads the fused extension before anything is measured
-    for name, make in ROWS:
+    peaks = {}
+    for name, _ in rows:
         for length in lengths:
-            forward, forward_backward = make(TOKENS // length, length)
-            row = {"name": name, "length": length}
-            row["forward_mb"] = peak_memory_mb(forward)
-            row["forward_backward_mb"] = peak_memory_mb(forward_backward)
-            print(json.dumps(row), flush=True)
+            command = [sys.executable, __file__, "--memory-child", "--rows", name, "--lengths", str(length)]
+            child = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+            peaks[name, length] = tuple(json.loads(child.stdout))
+    return peaks
+
+
+def memory_child(make, length):
+    """Prints [forward MB, forward+backward MB] of one row at one length, each after a warm-up call."""
+    kernels.selective_scan_backend("cpu")  # loads the fused extension before anything is measured
+    peaks = []
+    for fn in make(TOKENS // length, length):
+        fn()
+        peaks.append(peak_memory_mb(fn))
+    print(json.dumps(peaks))
 
 
 def _fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _speedup(row, base, key):
+    return "-" if base is None else f"{base[key] / row[key]:.1f}x"
+
+
+def _ratios(row, base, keys):
+    """'a / b': row over base for each key, '-' where either is missing."""
+    if base is None:
+        return "-"
+    return " / ".join("-" if row[k] is None or not base[k] else f"{row[k] / base[k]:.2f}" for k in keys)
+
+
 def markdown(results):
+    """The table of docs/BENCHMARKS.md: "vs loop" is the loop's time over the row's (higher is faster); "×
+    transformer" is the row's time or memory over the transformer layer's (lower is better), forward / fwd+bwd."""
     lines = [
         "| implementation | L | B | forward ms | fwd+bwd ms | forward peak MB | fwd+bwd peak MB "
-        "| forward vs loop | fwd+bwd vs loop |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| forward vs loop | fwd+bwd vs loop | time × transformer | memory × transformer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     loop = {r["length"]: r for r in results if r["name"] == LOOP}
+    transformer = {r["length"]: r for r in results if r["name"] == TRANSFORMER}
     for r in results:
         base = loop.get(r["length"])
         lines.append(
             f"| {r['name']} | {r['length']} | {r['batch']} | {_fmt(r['forward_s'] * 1e3)} "
             f"| {_fmt(r['forward_backward_s'] * 1e3)} | {_fmt(r['forward_peak_mb'])} "
             f"| {_fmt(r['forward_backward_peak_mb'])} "
-            f"| {_fmt(base and base['forward_s'] / r['forward_s'])}x "
-            f"| {_fmt(base and base['forward_backward_s'] / r['forward_backward_s'])}x |"
+            f"| {_speedup(r, base, 'forward_s')} | {_speedup(r, base, 'forward_backward_s')} "
+            f"| {_ratios(r, transformer.get(r['length']), ('forward_s', 'forward_backward_s'))} "
+            f"| {_ratios(r, transformer.get(r['length']), ('forward_peak_mb', 'forward_backward_peak_mb'))} |"
         )
     return "\n".join(lines)
 
@@ -247,10 +270,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--rows", nargs="+", help="run only the rows whose name contains one of these strings")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    rows = [(name, make) for name, make in ROWS if not args.rows or any(part in name for part in args.rows)]
     if args.memory_child:
-        memory_child(args.lengths)
+        memory_child(dict(ROWS)[args.rows[0]], args.lengths[0])
         return
 
     environment = {
@@ -263,10 +288,11 @@ def main():
         "tokens_per_batch": TOKENS,
         "D": DIM,
         "N": STATE,
+        "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
     }
     print(json.dumps(environment), flush=True)
     results = []
-    for name, make in ROWS:
+    for name, make in rows:
         for length in args.lengths:
             batch = TOKENS // length
             forward, forward_backward = make(batch, length)
@@ -284,7 +310,7 @@ def main():
                 }
             )
             print(json.dumps(results[-1]), flush=True)
-    memory = measure_memory(args.lengths)
+    memory = measure_memory(rows, args.lengths)
     for r in results:
         peaks = memory.get((r["name"], r["length"]), (None, None))
         r["forward_peak_mb"], r["forward_backward_peak_mb"] = peaks
