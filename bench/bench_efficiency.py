@@ -9,9 +9,9 @@ and text off, the Mamba4Rec stand-in) and SASRec (2 layers, 2 heads, the compari
 of width 64. Training: one epoch of every ML-1M user at every position (batch 256, AdamW, full-catalogue softmax);
 at L = 1,000 and 2,000 the same number of tokens (256·200 per step, 24 steps) of random histories over the ML-1M
 catalogue. Inference: `model.recommend(histories, k=10)` in eval mode; latency per user = time per call / batch.
-Memory: peak growth of resident memory during one training step and one inference call of batch 256, measured in a
-child process whose allocator returns every block above 1 MiB to the OS (the method of bench/bench_scan.py); the
-timings come from the parent, with the default allocator.
+Memory: peak growth of resident memory during one training step and one inference call of batch 256, each after a
+warm-up call, measured in a child process per model and length whose allocator returns every block above 1 MiB to the
+OS (the method of bench/bench_scan.py); the timings come from the parent, with the default allocator.
 """
 
 import argparse
@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_scan import peak_memory_mb  # noqa: E402
+from bench.bench_scan import warm_peak_memory_mb  # noqa: E402
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
 from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation  # noqa: E402
 from training.data import DataArguments, TrainDataset, collate_train, prepare_dataset  # noqa: E402
 
 TOKENS_PER_STEP = 256 * 200
+MODELS = ("SASRec", "M2Rec", "Mamba (M2Rec w/o FFT, text)")
 STEPS_SYNTHETIC = 24  # an ML-1M epoch at batch 256 is 24 steps
 
 
@@ -65,6 +66,12 @@ def training_batches(data, length, batch_size, generator):
     return [(step[:, :-1], step[:, 1:]) for step in ids]
 
 
+def train_step(model, input_ids, labels):
+    """Forward and backward of one batch, gradients allocated afresh as after the trainer's zero_grad()."""
+    model.zero_grad(set_to_none=True)
+    model(input_ids, labels=labels, return_logits=False).loss.backward()
+
+
 def train_epoch_seconds(model, batches):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
@@ -91,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 1000, 2000])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,17 +117,16 @@ def main():
         else:
             histories = torch.randint(1, data.num_items + 1, (256, length), generator=generator)
         batches = training_batches(data, length, 256, generator)
-        for name in ("SASRec", "M2Rec", "Mamba (M2Rec w/o FFT, text)"):
+        for name in args.models:
             torch.manual_seed(0)
             model = build(name, data.num_items, max(length, 200))
             row = {"model": name, "length": length}
             if args.memory_child:
                 input_ids, labels = batches[0]
                 model.train()
-                row["train_step_peak_mb"] = peak_memory_mb(
-                    lambda: model(input_ids, labels=labels, return_logits=False).loss.backward())
+                row["train_step_peak_mb"] = warm_peak_memory_mb(lambda: train_step(model, input_ids, labels))
                 model.eval()
-                row["inference_peak_mb"] = peak_memory_mb(lambda: recommend(model, histories))
+                row["inference_peak_mb"] = warm_peak_memory_mb(lambda: recommend(model, histories))
                 print(json.dumps(row), flush=True)
                 continue
             row.update(epoch_seconds=train_epoch_seconds(model, batches),
@@ -130,12 +137,12 @@ def main():
     if args.memory_child:
         return
     # After the timings, so that the two never share the cores.
-    command = [sys.executable, __file__, "--memory-child", "--data-root", args.data_root,
-               "--lengths", *map(str, args.lengths)]
-    child = subprocess.run(command, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}, check=True,
-                           stdout=subprocess.PIPE, text=True)
-    memory = [json.loads(line) for line in child.stdout.splitlines()]
-    for row, peaks in zip(results, memory):
+    for row in results:
+        command = [sys.executable, __file__, "--memory-child", "--data-root", args.data_root,
+                   "--lengths", str(row["length"]), "--models", row["model"]]
+        child = subprocess.run(command, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}, check=True,
+                               stdout=subprocess.PIPE, text=True)
+        peaks = json.loads(child.stdout)
         row.update(train_step_peak_mb=peaks["train_step_peak_mb"], inference_peak_mb=peaks["inference_peak_mb"])
 
     print("\n| model | L | epoch s | ×SASRec | latency/user ms, batch 1 | ×SASRec | latency/user ms, batch 256 | ×SASRec "
