@@ -26,6 +26,13 @@ def training_seconds(config: dict) -> float:
     return sum(r["train_seconds"] + r["eval_seconds"] for r in records)
 
 
+def second_seed(variant: str) -> str:
+    """The experiment that reruns `variant` with the second seed: m2rec+exclude-history-eval →
+    m2rec-seed2+exclude-history-eval."""
+    name, plus, protocol = variant.partition("+")
+    return f"{name}-seed2{plus}{protocol}"
+
+
 def main(path: str) -> None:
     rows = {}
     for line in Path(path).read_text().splitlines():
@@ -47,8 +54,8 @@ def main(path: str) -> None:
             cost = "(re-ranking only)" if evaluation_only else f"{training_seconds(row['config']) / 60:.0f} min"
             print(f"| {variant} | " + " | ".join(f"{test[m]:.4f}" for m in METRICS)
                   + f" | {delta} | {row['best_epoch']} | {cost} |")
-        seeded = [(variant, row, runs[second]) for variant, row in runs.items()
-                  if (second := variant.replace("+", "-seed2+", 1) if "+" in variant else variant + "-seed2") in runs]
+        seeded = [(variant, row, runs[second_seed(variant)]) for variant, row in runs.items()
+                  if second_seed(variant) in runs]
         if seeded:
             print("\n| experiment | test NDCG@10, seed 42 | seed 43 | mean | spread |\n|---|---:|---:|---:|---:|")
             for variant, first, second in seeded:
