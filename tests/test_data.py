@@ -10,6 +10,7 @@ from transformers import HfArgumentParser
 import training.data as data
 from training.data import (
     DataArguments,
+    EpochSubsetSampler,
     EvalDataset,
     PreparedDataset,
     TrainDataset,
@@ -278,6 +279,20 @@ def test_train_dataset_every_prefix():
     assert len(samples) == 2 + 4
     batch = collate_train(samples[:2])
     assert batch["labels"].tolist() == [[2, -100], [-100, 3]]
+
+
+def test_epoch_subset_sampler_draws_a_new_subset_each_epoch():
+    sampler = EpochSubsetSampler(size=50, num_samples=20, seed=3)
+    draws = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        draws.append(list(sampler))
+    assert all(len(draw) == len(set(draw)) == len(sampler) == 20 for draw in draws)
+    assert all(0 <= index < 50 for index in draws[0])
+    assert draws[0] != draws[1] and draws[0] == draws[2]  # a resumed epoch draws what it drew before
+    assert sorted(EpochSubsetSampler(size=5, num_samples=20, seed=3)) == list(range(5))
+    with pytest.raises(ValueError, match="train_samples_per_epoch"):
+        EpochSubsetSampler(size=5, num_samples=0, seed=3)
 
 
 def test_eval_dataset_and_collate():

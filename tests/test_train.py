@@ -160,3 +160,14 @@ def test_arguments_from_yaml_with_command_line_overrides(tmp_path):
         parse_args(["--config", str(config)])
     _, data_args, train_args = parse_args([])  # no arguments: the embedded default
     assert data_args.format == "synthetic" and train_args.output_dir == "runs/synthetic"
+
+
+@pytest.mark.parametrize("variant", [["--fft_mode", "global"], ["--last_position_training", "true"]])
+def test_last_position_training_with_a_capped_epoch(tmp_path, variant):
+    # 300 users give ~5,000 prefixes; 100 samples per epoch are 2 steps of 64.
+    run_cli("training.train", small_args(tmp_path, "run", epochs=2) + variant + ["--train_samples_per_epoch", "100"],
+            tmp_path)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["optimizer_step"] for r in records] == [2, 4]
+    info = json.loads((tmp_path / "run" / "best" / "training_info.json").read_text())
+    assert info["metrics"]["test"]["num_users"] == 300

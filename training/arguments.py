@@ -48,6 +48,12 @@ class TrainArguments:
     train_batch_size: int = field(default=2048, metadata={"help": "Sequences per step and process."})
     eval_batch_size: int = 4096
     gradient_accumulation_steps: int = 1
+    last_position_training: bool = field(
+        default=False, metadata={"help": "Train on one target per prefix (each prefix a sample, RecBole style) "
+                                         "instead of every position; fft_mode='global' always does."})
+    train_samples_per_epoch: Optional[int] = field(
+        default=None, metadata={"help": "Cap each epoch at this many training samples, a new random draw every "
+                                        "epoch (last-position training has a sample per prefix). Default: all."})
     early_stopping_patience: int = field(
         default=10, metadata={"help": "Stop after this many epochs without a better validation NDCG@10."})
     exclude_history: bool = field(

@@ -668,6 +668,27 @@ class TrainDataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
+class EpochSubsetSampler(torch.utils.data.Sampler):
+    """`num_samples` of the dataset's `size` indices, in random order, a new draw every epoch (`set_epoch`, which
+    Accelerate calls through the prepared loader); seeded by (seed, epoch), so a resumed run draws the same subsets.
+    Every prefix of ML-1M is ~160 times the work of an every-position epoch: this caps what one epoch costs."""
+
+    def __init__(self, size: int, num_samples: int, seed: int):
+        if num_samples < 1:
+            raise ValueError(f"train_samples_per_epoch must be positive, got {num_samples}")
+        self.size, self.num_samples, self.seed, self.epoch = size, min(num_samples, size), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[:self.num_samples].tolist())
+
+
 class EvalDataset(torch.utils.data.Dataset):
     """One example per user: the leave-one-out input (most recent max_len items) and target.
 

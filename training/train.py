@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
 
 from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
-from .data import DataArguments, PreparedDataset, TrainDataset, collate_train, prepare_dataset
+from .data import DataArguments, EpochSubsetSampler, PreparedDataset, TrainDataset, collate_train, prepare_dataset
 from .evaluate import end_run, evaluate, eval_loader, format_metrics
 from .text import encode_item_texts, resolve_text_encoder
 
@@ -168,10 +168,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
-    last_position_only = model_args.fft_mode == "global"
+    last_position_only = model_args.fft_mode == "global" or train_args.last_position_training
     train_data = TrainDataset(data, data_args.max_len, mode="last" if last_position_only else "all")
-    train_loader = DataLoader(train_data, batch_size=train_args.train_batch_size, shuffle=True,
-                              collate_fn=collate_train, num_workers=train_args.num_workers)
+    subset = (None if train_args.train_samples_per_epoch is None
+              else EpochSubsetSampler(len(train_data), train_args.train_samples_per_epoch, train_args.seed))
+    train_loader = DataLoader(train_data, batch_size=train_args.train_batch_size, shuffle=subset is None,
+                              sampler=subset, collate_fn=collate_train, num_workers=train_args.num_workers)
     valid_loader = eval_loader(data, "valid", data_args.max_len, train_args)
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
