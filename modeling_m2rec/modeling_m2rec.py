@@ -145,18 +145,23 @@ class M2RecFrequencyFilter(nn.Module):
         return torch.view_as_complex(self.frequency_response.float()) * low_pass[:, None]
 
     def filter(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32."""
+        """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32.
+
+        The transforms run along the last dimension of the (B, D, L) transpose: over contiguous memory they need
+        none of the strided copies that transforming dim 1 of (B, L, D) costs, which took as long as the FFTs."""
         seq_len = hidden_states.shape[1]
-        x = hidden_states.float()
-        response = self.masked_response(x.device)
+        x = hidden_states.float().transpose(1, 2)  # (B, D, L)
+        response = self.masked_response(x.device).t()  # (D, F), or (1, F) when W is not learned
         if self.mode == "global":
-            spectrum = torch.fft.rfft(x, n=self.fft_size, dim=1)  # (B, F, D)
-            return torch.fft.irfft(spectrum * response, n=self.fft_size, dim=1)[:, :seq_len]
-        kernel = torch.fft.irfft(response, n=self.fft_size, dim=0)[:seq_len]  # (L, D) or (L, 1): causal lags 0..L-1
-        # A linear convolution of two length-L signals needs n >= 2L - 1 to avoid wrap-around.
-        n = 2 * seq_len
-        spectrum = torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(kernel, n=n, dim=0)  # (B, n//2+1, D)
-        return torch.fft.irfft(spectrum, n=n, dim=1)[:, :seq_len]
+            spectrum = torch.fft.rfft(x, n=self.fft_size)  # (B, D, F)
+            filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
+        else:
+            kernel = torch.fft.irfft(response, n=self.fft_size)[..., :seq_len]  # (D, L): causal lags 0..L-1
+            # A linear convolution of two length-L signals needs n >= 2L - 1 to avoid wrap-around.
+            n = 2 * seq_len
+            spectrum = torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n)  # (B, D, n//2+1)
+            filtered = torch.fft.irfft(spectrum, n=n)[..., :seq_len]  # (B, D, L)
+        return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         filtered = self.filter(hidden_states).to(hidden_states.dtype)

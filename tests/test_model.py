@@ -1,5 +1,6 @@
 """Model behaviour on a tiny config: shapes, loss, causality, padding invariance, ablation wiring, bad inputs."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,31 @@ def test_global_filter_leaks_and_refuses_all_position_training():
         model(input_ids, labels=torch.roll(input_ids, -1, dims=1))
     last_item_labels = random_histories(1, 2, seed=3)[0]
     assert torch.isfinite(model(input_ids, labels=last_item_labels).loss)
+
+
+@pytest.mark.parametrize("fft_mode", ["causal", "global"])
+@pytest.mark.parametrize("fft_adaptive", [True, False])
+def test_frequency_filter_is_its_definition(fft_mode, fft_adaptive):
+    """The filter against its definition in float64 numpy: the causal one a direct convolution with the causal half
+    of F⁻¹(W ⊙ M) over n = 2·max_len, the global one the circular filter over max_len."""
+    frequency_filter = tiny_model(fft_mode=fft_mode, fft_adaptive=fft_adaptive).m2rec.frequency_filter
+    if fft_adaptive:  # a response far from its all-pass init
+        torch.nn.init.normal_(frequency_filter.frequency_response)
+    length = MAX_LEN - 5
+    x = torch.randn(3, length, 16, generator=torch.Generator().manual_seed(2))
+    response = frequency_filter.masked_response("cpu").detach().numpy().astype(np.complex128)  # (F, D) or (F, 1)
+    x64 = x.double().numpy()
+    if fft_mode == "causal":
+        kernel = np.fft.irfft(response, n=2 * MAX_LEN, axis=0)[:length]  # (L, D): lags 0..L-1
+        expected = np.zeros_like(x64)
+        for t in range(length):
+            for lag in range(t + 1):
+                expected[:, t] += kernel[lag] * x64[:, t - lag]
+    else:
+        expected = np.fft.irfft(np.fft.rfft(x64, n=MAX_LEN, axis=1) * response, n=MAX_LEN, axis=1)[:, :length]
+    with torch.no_grad():
+        filtered = frequency_filter.filter(x)
+    torch.testing.assert_close(filtered.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])
