@@ -113,6 +113,39 @@ def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Te
     return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels)
 
 
+def _causal_fft_convolve(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
+    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L)."""
+    n = 2 * x.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :x.shape[-1]]
+
+
+class _CausalFFTConvolution(torch.autograd.Function):
+    """`_causal_fft_convolve` with a backward that keeps only x and the kernel. Autograd through the FFTs would keep
+    the zero-padded input and its spectrum, 2 × (B, D, 2L) floats; the gradients are causal correlations through the
+    same FFTs, and x's spectrum is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.save_for_backward(x, kernel)
+        return _causal_fft_convolve(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, kernel = ctx.saved_tensors
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        grad_spectrum = torch.fft.rfft(grad_output, n=n)  # (B, D, n//2+1)
+        grad_x = grad_kernel = None
+        # Correlations: grad_x[s] = Σ_t g[t] kernel[t − s], grad_kernel[lag] = Σ_b Σ_t g[t] x[t − lag]; the zero
+        # padding makes the circular lags t − s < 0 read zeros.
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(grad_spectrum * torch.fft.rfft(kernel, n=n).conj(), n=n)[..., :length]
+        if ctx.needs_input_grad[1]:
+            cross = (grad_spectrum * torch.fft.rfft(x, n=n).conj()).sum(0)  # (D, n//2+1)
+            grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
+        return grad_x, grad_kernel
+
+
 class M2RecFrequencyFilter(nn.Module):
     """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
 
@@ -157,10 +190,7 @@ class M2RecFrequencyFilter(nn.Module):
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
             kernel = torch.fft.irfft(response, n=self.fft_size)[..., :seq_len]  # (D, L): causal lags 0..L-1
-            # A linear convolution of two length-L signals needs n >= 2L - 1 to avoid wrap-around.
-            n = 2 * seq_len
-            spectrum = torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n)  # (B, D, n//2+1)
-            filtered = torch.fft.irfft(spectrum, n=n)[..., :seq_len]  # (B, D, L)
+            filtered = _CausalFFTConvolution.apply(x, kernel)  # (B, D, L)
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -218,9 +248,11 @@ class M2RecMixer(nn.Module):
             selection = self._conv(self._project(selection_states, 0))
             z = self._project(selection_states, 1)  # (B, L, Di)
 
-        x_dbl = self.x_proj(selection)  # (B, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
+        # x_proj's rows for Δ and for B, C as two products: a contiguous (B, L, R) input makes dt_proj's rank-R
+        # product and its gradients several times faster than a strided slice of one (B, L, R + 2N) product.
+        dt_weight, bc_weight = self.x_proj.weight.split([self.time_step_rank, 2 * self.state_size])
+        dt = F.linear(F.linear(selection, dt_weight), self.dt_proj.weight)  # (B, L, Di); the bias is added in the scan
+        B, C = F.linear(selection, bc_weight).split(self.state_size, dim=-1)  # (B, L, N) each
         # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
         # in half precision drifts.
         y = selective_scan(

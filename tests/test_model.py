@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
-from modeling_m2rec.modeling_m2rec import full_softmax_cross_entropy
+from modeling_m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -160,6 +160,12 @@ def test_frequency_filter_is_its_definition(fft_mode, fft_adaptive):
     with torch.no_grad():
         filtered = frequency_filter.filter(x)
     torch.testing.assert_close(filtered.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_fft_convolution_gradients():
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CausalFFTConvolution.apply, (x, kernel))
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])
