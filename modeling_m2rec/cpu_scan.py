@@ -11,8 +11,7 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
 - AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `avx512_enabled`): 16 channels per vector,
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
   generic speed forward and backward on the paper's sizes.
-In training the bias and softplus of delta are applied by PyTorch before the kernel (autograd then gives their
-gradients); at inference the AVX-512 kernel applies them itself. The D skip connection and the z gate are fused.
+The bias and softplus of delta, the D skip connection and the z gate are fused.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
 mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
@@ -279,8 +278,7 @@ inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64
 // masked; its missing channels read dt = u = 0 and A = 0, so their state stays 0.
 //
 // With `delta_bias` (D,) and/or `softplus`, dt is the raw step: dt = softplus(dt + delta_bias) is
-// applied here (the inference path; training applies it in PyTorch, whose autograd then gives its
-// gradients).
+// applied here.
 __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, bool channel_last,
                                                        const float* delta_bias, bool softplus,
                                                        float* out, float* last, int64_t lo,
@@ -1162,24 +1160,36 @@ def avx512_enabled():
 
 
 class SelectiveScanCPUFn(torch.autograd.Function):
-    """Autograd wrapper of the fused forward and backward, on the step sizes dt (softplus and
-    bias already applied); the last state gets no gradient, as in mamba-ssm.
+    """Autograd wrapper of the fused forward and backward; the last state gets no gradient, as in mamba-ssm.
 
-    Args: u, dt, z (B, D, L); A (D, N); B, C (B, N, L); D (D,); z and D may be None; all of one
-    dtype, float32 or float64. Returns out (B, D, L) and the last state (B, D, N).
+    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); z, D and delta_bias may be None;
+    all of one dtype, float32 or float64; softplus: the step is softplus(delta + delta_bias). Returns out (B, D, L)
+    and the last state (B, D, N).
+
+    The forward applies the bias and softplus inside the kernel and only the raw delta is kept; the backward
+    recomputes the step from it (two passes over (B, D, L), N times less work than the scan), which saves autograd
+    the (B, D, L) step and its pre-activation.
     """
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         ctx.avx512 = avx512_enabled()  # the backward takes the forward's path
-        out, last_state = load_cpu_scan().fwd(u, dt, A, B, C, D, z, None, False, ctx.avx512)
-        ctx.save_for_backward(u, dt, A, B, C, D, z)
+        ctx.softplus = softplus
+        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, softplus, ctx.avx512)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        return tuple(load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.avx512))
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        pre_activation = delta if delta_bias is None else delta + delta_bias[:, None]
+        dt = torch.nn.functional.softplus(pre_activation) if ctx.softplus else pre_activation
+        du, ddt, dA, dB, dC, dD, dz = load_cpu_scan().bwd(dout, u, dt, A, B, C, D, z, ctx.avx512)
+        ddelta = ddt * torch.sigmoid(pre_activation) if ctx.softplus else ddt  # softplus' = sigmoid
+        # summed in double, as the kernel sums dA and dD: the result then does not depend on the layout
+        ddelta_bias = None if delta_bias is None else ddelta.sum(dim=(0, 2), dtype=torch.float64).to(ddelta.dtype)
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None
 
 
 def selective_scan_cpu(
@@ -1200,18 +1210,10 @@ def selective_scan_cpu(
         return None if t is None else t.to(compute_dtype)
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
-        # Inference: the kernel applies the bias and softplus of delta itself.
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, last_state = SelectiveScanCPUFn.apply(*inputs, delta_softplus)
     else:
-        u, dt, A, B, C, D, z, delta_bias = inputs
-        # The step sizes are (B, D, L), N times smaller than the scan: PyTorch's vectorised softplus costs little
-        # here and its autograd gives the bias and softplus gradients.
-        if delta_bias is not None:
-            dt = dt + delta_bias[:, None]
-        if delta_softplus:
-            dt = torch.nn.functional.softplus(dt)
-        out, last_state = SelectiveScanCPUFn.apply(u, dt, A, B, C, D, z)
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
 
