@@ -1185,10 +1185,13 @@ class SelectiveScanCPUFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         pre_activation = delta if delta_bias is None else delta + delta_bias[:, None]
         dt = torch.nn.functional.softplus(pre_activation) if ctx.softplus else pre_activation
-        du, ddt, dA, dB, dC, dD, dz = load_cpu_scan().bwd(dout, u, dt, A, B, C, D, z, ctx.avx512)
-        ddelta = ddt * torch.sigmoid(pre_activation) if ctx.softplus else ddt  # softplus' = sigmoid
-        # summed in double, as the kernel sums dA and dD: the result then does not depend on the layout
-        ddelta_bias = None if delta_bias is None else ddelta.sum(dim=(0, 2), dtype=torch.float64).to(ddelta.dtype)
+        du, ddelta, dA, dB, dC, dD, dz = load_cpu_scan().bwd(dout, u, dt, A, B, C, D, z, ctx.avx512)
+        del dt
+        if ctx.softplus:  # softplus' = sigmoid, in place where the buffer is ours: the backward's peak memory
+            ddelta.mul_(pre_activation.sigmoid_() if delta_bias is not None else pre_activation.sigmoid())
+        # The sum over t in double, as the kernel sums dA and dD, so that it does not depend on the layout; over b
+        # first, in place of a double copy of all of ddelta.
+        ddelta_bias = None if delta_bias is None else ddelta.sum(0).double().sum(1).to(ddelta.dtype)
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None
 
 
