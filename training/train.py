@@ -170,10 +170,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
     last_position_only = model_args.fft_mode == "global" or train_args.last_position_training
     train_data = TrainDataset(data, data_args.max_len, mode="last" if last_position_only else "all")
-    subset = (None if train_args.train_samples_per_epoch is None
-              else EpochSubsetSampler(len(train_data), train_args.train_samples_per_epoch, train_args.seed))
-    train_loader = DataLoader(train_data, batch_size=train_args.train_batch_size, shuffle=subset is None,
-                              sampler=subset, collate_fn=collate_train, num_workers=train_args.num_workers)
+    train_loader = make_train_loader(train_data, train_args)
     valid_loader = eval_loader(data, "valid", data_args.max_len, train_args)
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
@@ -235,6 +232,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
               f"model: {output_dir / 'best'}")
     end_run(accelerator)
     return results
+
+
+def make_train_loader(train_data: TrainDataset, train_args: TrainArguments) -> DataLoader:
+    """Reshuffled every epoch (Accelerate seeds the shuffle by epoch), or `train_samples_per_epoch` random samples,
+    a new draw every epoch."""
+    subset = (None if train_args.train_samples_per_epoch is None
+              else EpochSubsetSampler(len(train_data), train_args.train_samples_per_epoch, train_args.seed))
+    return DataLoader(train_data, batch_size=train_args.train_batch_size, shuffle=subset is None, sampler=subset,
+                      collate_fn=collate_train, num_workers=train_args.num_workers)
 
 
 def stopping_reached(state: TrainerState, train_args: TrainArguments) -> bool:
