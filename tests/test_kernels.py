@@ -122,7 +122,7 @@ def test_scan_matches_reference(case, implementation, dtype):
 @every_implementation
 @every_case
 def test_scan_inference_matches_reference(case, implementation, dtype):
-    """Without autograd the fused scan applies delta's bias and softplus inside the kernel."""
+    """Without autograd the kernels run directly, outside their autograd Functions."""
     inputs, softplus = case_inputs(case)
     expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
     with torch.no_grad():
