@@ -52,7 +52,7 @@ DATA = {
 }
 
 # The paper's global filter lets every position see the whole sequence, so it trains on one target per prefix. All
-# 981k prefixes of ML-1M are ~160x the work of an every-position epoch: it gets a budget of 49,152 random prefixes
+# 981k prefixes of ML-1M are ~155x the encoder tokens of an every-position epoch: it gets a budget of 49,152 random prefixes
 # per epoch instead, and "causal-last" trains the default causal filter under the same budget and protocol, so that
 # the difference between the two is the filter's alone.
 PREFIX_BUDGET = ["--train_samples_per_epoch", "49152", "--train_batch_size", "256"]

@@ -671,7 +671,7 @@ class TrainDataset(torch.utils.data.Dataset):
 class EpochSubsetSampler(torch.utils.data.Sampler):
     """`num_samples` of the dataset's `size` indices, in random order, a new draw every epoch (`set_epoch`, which
     Accelerate calls through the prepared loader); seeded by (seed, epoch), so a resumed run draws the same subsets.
-    Every prefix of ML-1M is ~160 times the work of an every-position epoch: this caps what one epoch costs."""
+    It caps what one epoch of prefix training (a sample per prefix) costs."""
 
     def __init__(self, size: int, num_samples: int, seed: int):
         if num_samples < 1:
