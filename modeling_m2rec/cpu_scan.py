@@ -347,19 +347,22 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
 // lane-wise over the blocks in (L, Np, 16) buffers and take one horizontal add per (t, n) at the
 // end, into that element's own rows (no races). Per block: recompute and keep the states h_t
 // (L, Np, 16), then the reverse sweep, which recomputes exp(dt A) instead of storing it. dt is
-// the step after softplus; u, dt, z, dout and the gradients du, ddt, dz are channel-last or rows,
-// as in the forward. dA (B, D, Np) and dD (B, D) are per-row sums in double, added over b by the
-// caller.
+// the raw step, as in the forward: the step softplus(dt + delta_bias) (each part optional) is
+// recomputed in the block's tile, and ddt is the gradient of the raw step. u, dt, z, dout and
+// the gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np), dD and
+// ddelta_bias (B, D) are per-row sums in double, added over b by the caller.
 __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
+                                                        const float* delta_bias, bool softplus,
                                                         const float* dout, float* du, float* ddt,
                                                         float* dz, double* dA_rows, double* dD_rows,
-                                                        float* dBt, float* dCt, int64_t lo,
-                                                        int64_t hi) {
+                                                        double* dbias_rows, float* dBt, float* dCt,
+                                                        int64_t lo, int64_t hi) {
   const int64_t L = s.L, Np = s.Np, dim = s.dim;
   const int64_t tile = L * kChannels;
-  std::vector<float> work(7 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
+  std::vector<float> work(8 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
   float* dt_t = work.data();  // (L, 16) tiles
-  float* u_t = dt_t + tile;
+  float* dstep_t = dt_t + tile;  // d step / d raw dt: sigmoid(dt + bias) with softplus, else 1
+  float* u_t = dstep_t + tile;
   float* z_t = u_t + tile;
   float* dout_t = z_t + tile;
   float* y_t = dout_t + tile;  // C . h_t + D u, before the gate
@@ -380,6 +383,17 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
       const int64_t width = std::min(kChannels, dim - d0);
       const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
       block_to_tile(s.dt, channel_last, b, d0, width, dim, L, dt_t);
+      const __m512 bias =
+          delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {  // the raw step -> the step, and its derivative
+        const __m512 pre = _mm512_add_ps(_mm512_loadu_ps(dt_t + t * kChannels), bias);
+        const __m512 one = _mm512_set1_ps(1.0f);
+        _mm512_storeu_ps(dt_t + t * kChannels, softplus ? softplus_avx512(pre) : pre);
+        _mm512_storeu_ps(dstep_t + t * kChannels,
+                         softplus ? _mm512_div_ps(one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(
+                                                                     pre, _mm512_set1_ps(-kLog2e)))))
+                                  : one);
+      }
       block_to_tile(s.u, channel_last, b, d0, width, dim, L, u_t);
       block_to_tile(dout, channel_last, b, d0, width, dim, L, dout_t);
       if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, z_t);
@@ -414,7 +428,7 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
       // Reverse sweep. Entering step t, gh = exp(dt_{t+1} A) * dL/dh_{t+1}.
       std::fill(gh, gh + 2 * Np * kChannels, 0.0f);  // gh and dA_f
       std::fill(dA.begin(), dA.end(), 0.0);
-      __m512 dD = _mm512_setzero_ps();
+      __m512 dD = _mm512_setzero_ps(), dbias = _mm512_setzero_ps();
       for (int64_t t = L - 1; t >= 0; --t) {
         const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
         const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
@@ -453,7 +467,9 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
           _mm512_storeu_ps(gh + n * kChannels, _mm512_mul_ps(gn, a));
         }
         _mm512_storeu_ps(du_t + t * kChannels, _mm512_fmadd_ps(dt, gB, _mm512_mul_ps(dy, skip)));
-        _mm512_storeu_ps(ddt_t + t * kChannels, _mm512_fmadd_ps(u, gB, gA));
+        const __m512 ddt_raw = _mm512_mul_ps(_mm512_fmadd_ps(u, gB, gA), _mm512_loadu_ps(dstep_t + t * kChannels));
+        _mm512_storeu_ps(ddt_t + t * kChannels, ddt_raw);
+        dbias = _mm512_add_ps(dbias, ddt_raw);
         if (t % kTile == 0) {  // float sums over at most kTile steps, then double
           for (int64_t i = 0; i < Np * kChannels; ++i) dA[i] += dA_f[i];
           std::fill(dA_f, dA_f + Np * kChannels, 0.0f);
@@ -462,10 +478,13 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
       tile_to_block(du_t, channel_last, b, d0, width, dim, L, du);
       tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, ddt);
       if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, dz);
+      alignas(64) float bias_lanes[kChannels];
       _mm512_storeu_ps(lanes, dD);
+      _mm512_storeu_ps(bias_lanes, dbias);
       for (int64_t j = 0; j < width; ++j) {
         const int64_t row = b * dim + d0 + j;
         dD_rows[row] = lanes[j];
+        dbias_rows[row] = bias_lanes[j];
         for (int64_t n = 0; n < Np; ++n) dA_rows[row * Np + n] = dA[n * kChannels + j];
       }
     }
@@ -482,8 +501,8 @@ bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 #else
 constexpr int64_t kChannels = 16;
 void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
-void backward_avx512(const Scan<float>&, bool, const float*, float*, float*, float*, double*, double*, float*,
-                     float*, int64_t, int64_t) {}
+void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
+                     double*, double*, float*, float*, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -881,13 +900,16 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   return {out, last.narrow(2, 0, in.N)};
 }
 
-// Returns du, ddelta, dA, dB, dC, dD, dz (dD, dz undefined where the input was absent).
-std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& dt,
+// The backward of `fwd` for the same inputs (delta being the raw step). Returns du, ddelta, dA, dB,
+// dC, dD, dz, ddelta_bias (dD, dz, ddelta_bias undefined where the input was absent).
+std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                            const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& z, bool avx512) {
+                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
+    const at::Tensor& dt = delta;
+    const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
     const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
@@ -900,19 +922,24 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     const auto acc_options = in.u.options().dtype(at::kDouble);
     at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
     at::Tensor dD_rows = at::empty({batch, dim}, acc_options);
+    at::Tensor dbias_rows = at::empty({batch, dim}, acc_options);
     const Scan<float> s = in.view<float>();
     at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-      backward_avx512(s, channel_last, dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
+      backward_avx512(s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus,
+                      dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
                       dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
-                      dD_rows.data_ptr<double>(), dBt.data_ptr<float>(), dCt.data_ptr<float>(), lo, hi);
+                      dD_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(), dBt.data_ptr<float>(),
+                      dCt.data_ptr<float>(), lo, hi);
     });
     auto as_input = [&](const at::Tensor& t) { return channel_last ? t.transpose(1, 2) : t; };
     return {as_input(du), as_input(ddt), dA_rows.sum(0).narrow(1, 0, N).to(at::kFloat),
             dBt.narrow(2, 0, N).transpose(1, 2).contiguous(), dCt.narrow(2, 0, N).transpose(1, 2).contiguous(),
             in.D.defined() ? dD_rows.sum(0).to(at::kFloat) : at::Tensor(),
-            dz.defined() ? as_input(dz) : at::Tensor()};
+            dz.defined() ? as_input(dz) : at::Tensor(),
+            bias.defined() ? dbias_rows.sum(0).to(at::kFloat) : at::Tensor()};
   }
-  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
+  const at::Tensor pre_activation = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
+  const Inputs in = check_inputs(u, softplus ? at::softplus(pre_activation) : pre_activation, A, B, C, D, z);
   const at::Tensor dout_c = dout.to(in.u.scalar_type()).contiguous();
   const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np;
 
@@ -959,7 +986,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   at::Tensor dB = dBt.sum(0).narrow(2, 0, N).transpose(1, 2).contiguous();
   at::Tensor dC = dCt.sum(0).narrow(2, 0, N).transpose(1, 2).contiguous();
   at::Tensor dD = in.D.defined() ? dD_rows.sum(0).to(dtype) : at::Tensor();
-  return {du, ddt, dA, dB, dC, dD, dz};
+  if (softplus) ddt.mul_(at::sigmoid(pre_activation));
+  // The sum over t in double, as dA and dD; over b first (rows are contiguous in t).
+  at::Tensor dbias = delta_bias.has_value() ? ddt.sum(0).to(at::kDouble).sum(1).to(dtype) : at::Tensor();
+  return {du, ddt, dA, dB, dC, dD, dz, dbias};
 }
 
 // The convolution's inputs checked and made contiguous channel-last: x (B, D, L) -> (B, L, D) (no
@@ -1148,9 +1178,9 @@ class SelectiveScanCPUFn(torch.autograd.Function):
     all of one dtype, float32 or float64; softplus: the step is softplus(delta + delta_bias). Returns out (B, D, L)
     and the last state (B, D, N).
 
-    The forward applies the bias and softplus inside the kernel and only the raw delta is kept; the backward
-    recomputes the step from it (two passes over (B, D, L), N times less work than the scan), which saves autograd
-    the (B, D, L) step and its pre-activation.
+    Both kernels apply the bias and softplus themselves and only the raw delta is kept: the backward recomputes
+    the step block by block (N times less work than the scan) and returns the raw delta's gradient and the bias's,
+    so that neither the (B, D, L) step nor its pre-activation is ever stored.
     """
 
     @staticmethod
@@ -1164,17 +1194,8 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        pre_activation = delta if delta_bias is None else delta + delta_bias[:, None]
-        dt = torch.nn.functional.softplus(pre_activation) if ctx.softplus else pre_activation
-        du, ddelta, dA, dB, dC, dD, dz = load_cpu_scan().bwd(dout, u, dt, A, B, C, D, z, ctx.avx512)
-        del dt
-        if ctx.softplus:  # softplus' = sigmoid, in place where the buffer is ours: the backward's peak memory
-            ddelta.mul_(pre_activation.sigmoid_() if delta_bias is not None else pre_activation.sigmoid())
-        # The sum over t in double, as the kernel sums dA and dD, so that it does not depend on the layout; over b
-        # first, in place of a double copy of all of ddelta.
-        ddelta_bias = None if delta_bias is None else ddelta.sum(0).double().sum(1).to(ddelta.dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None
+        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, ctx.avx512)
+        return *grads, None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
 
 
 def selective_scan_cpu(
