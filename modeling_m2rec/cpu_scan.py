@@ -350,13 +350,14 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
 // the raw step, as in the forward: the step softplus(dt + delta_bias) (each part optional) is
 // recomputed in the block's tile, and ddt is the gradient of the raw step. u, dt, z, dout and
 // the gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np), dD and
-// ddelta_bias (B, D) are per-row sums in double, added over b by the caller.
+// ddelta_bias (B, D) are per-row sums in double, added over b by the caller. With `out`, the
+// forward's output, recomputed on the way, is written there too.
 __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
                                                         const float* delta_bias, bool softplus,
                                                         const float* dout, float* du, float* ddt,
                                                         float* dz, double* dA_rows, double* dD_rows,
                                                         double* dbias_rows, float* dBt, float* dCt,
-                                                        int64_t lo, int64_t hi) {
+                                                        float* out, int64_t lo, int64_t hi) {
   const int64_t L = s.L, Np = s.Np, dim = s.dim;
   const int64_t tile = L * kChannels;
   std::vector<float> work(8 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
@@ -443,7 +444,9 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
           const __m512 y = _mm512_loadu_ps(y_t + t * kChannels);
           const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
           _mm512_storeu_ps(dout_t + t * kChannels, _mm512_mul_ps(_mm512_mul_ps(g_out, y), dsilu));  // dz
-          dy = _mm512_mul_ps(g_out, _mm512_mul_ps(z, sig));
+          const __m512 gate = _mm512_mul_ps(z, sig);
+          dy = _mm512_mul_ps(g_out, gate);
+          _mm512_storeu_ps(y_t + t * kChannels, _mm512_mul_ps(y, gate));  // the output, for `out`
         }
         dD = _mm512_fmadd_ps(dy, u, dD);
         const float* Bn = s.Bt + (b * L + t) * Np;
@@ -478,6 +481,7 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
       tile_to_block(du_t, channel_last, b, d0, width, dim, L, du);
       tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, ddt);
       if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, dz);
+      if (out != nullptr) tile_to_block(y_t, channel_last, b, d0, width, dim, L, out);
       alignas(64) float bias_lanes[kChannels];
       _mm512_storeu_ps(lanes, dD);
       _mm512_storeu_ps(bias_lanes, dbias);
@@ -502,7 +506,7 @@ bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 constexpr int64_t kChannels = 16;
 void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
 void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
-                     double*, double*, float*, float*, int64_t, int64_t) {}
+                     double*, double*, float*, float*, float*, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -510,11 +514,13 @@ template <typename T>
 struct Grads {
   // du, ddt, dz (nullptr without z): (B, D, L). dA (B, D, Np) and dD (B, D): per-row sums over t
   // in the accumulation type, added over b by the caller. dBt, dCt (blocks, B, L, Np): sums over
-  // the channels of one block (see bwd).
+  // the channels of one block (see bwd). out (B, D, L) or nullptr: the forward's output,
+  // recomputed on the way.
   using acc_t = at::acc_type<T, false>;
   T* du;
   T* ddt;
   T* dz;
+  T* out;
   acc_t* dA;
   acc_t* dD;
   T* dBt;
@@ -559,12 +565,19 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
 #pragma omp simd
         for (int64_t t = 0; t < L; ++t) {
           const T sz = sigmoid_vec(z[t]);
-          dz[t] = dy_out[t] * (ys[t] + Dd * u[t]) * sz * (T(1) + z[t] * (T(1) - sz));
+          ys[t] += Dd * u[t];
+          dz[t] = dy_out[t] * ys[t] * sz * (T(1) + z[t] * (T(1) - sz));
           dys[t] = dy_out[t] * z[t] * sz;
+          ys[t] *= z[t] * sz;
         }
       } else {
         std::copy(dy_out, dy_out + L, dys.begin());
+        if (g.out != nullptr) {
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) ys[t] += Dd * u[t];
+        }
       }
+      if (g.out != nullptr) std::copy(ys.begin(), ys.end(), g.out + row * L);
       acc_t dD = 0;
       for (int64_t t = 0; t < L; ++t) dD += static_cast<acc_t>(dys[t] * u[t]);
       g.dD[row] = dD;
@@ -901,11 +914,15 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 }
 
 // The backward of `fwd` for the same inputs (delta being the raw step). Returns du, ddelta, dA, dB,
-// dC, dD, dz, ddelta_bias (dD, dz, ddelta_bias undefined where the input was absent).
+// dC, dD, dz, ddelta_bias, out (dD, dz, ddelta_bias undefined where the input was absent; out, the
+// forward's output recomputed on the way, only with `return_out`). With `reuse_inputs` the
+// caller gives up u, delta, z and dout, whose memory may then hold du, ddelta, dz and out (the
+// AVX-512 kernel copies each block of them into its tiles before it writes the block back).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool avx512) {
+                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool return_out,
+                            bool reuse_inputs, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
@@ -915,8 +932,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
                                            : dout.to(at::kFloat).contiguous();
     const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np, N = in.N;
-    at::Tensor du = at::empty_like(in.u), ddt = at::empty_like(in.u);  // in.u's layout
-    at::Tensor dz = in.z.defined() ? at::empty_like(in.z) : at::Tensor();
+    auto output_like = [&](const at::Tensor& t) { return reuse_inputs ? t : at::empty_like(t); };  // in.u's layout
+    at::Tensor du = output_like(in.u), ddt = output_like(in.dt);
+    at::Tensor dz = in.z.defined() ? output_like(in.z) : at::Tensor();
+    at::Tensor out = return_out ? output_like(dout_c) : at::Tensor();
     at::Tensor dBt = at::empty({batch, L, Np}, in.u.options());
     at::Tensor dCt = at::empty({batch, L, Np}, in.u.options());
     const auto acc_options = in.u.options().dtype(at::kDouble);
@@ -929,14 +948,15 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
                       dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
                       dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
                       dD_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(), dBt.data_ptr<float>(),
-                      dCt.data_ptr<float>(), lo, hi);
+                      dCt.data_ptr<float>(), out.defined() ? out.data_ptr<float>() : nullptr, lo, hi);
     });
     auto as_input = [&](const at::Tensor& t) { return channel_last ? t.transpose(1, 2) : t; };
     return {as_input(du), as_input(ddt), dA_rows.sum(0).narrow(1, 0, N).to(at::kFloat),
             dBt.narrow(2, 0, N).transpose(1, 2).contiguous(), dCt.narrow(2, 0, N).transpose(1, 2).contiguous(),
             in.D.defined() ? dD_rows.sum(0).to(at::kFloat) : at::Tensor(),
             dz.defined() ? as_input(dz) : at::Tensor(),
-            bias.defined() ? dbias_rows.sum(0).to(at::kFloat) : at::Tensor()};
+            bias.defined() ? dbias_rows.sum(0).to(at::kFloat) : at::Tensor(),
+            out.defined() ? as_input(out) : at::Tensor()};
   }
   const at::Tensor pre_activation = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
   const Inputs in = check_inputs(u, softplus ? at::softplus(pre_activation) : pre_activation, A, B, C, D, z);
@@ -954,6 +974,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
       in.u.options().dtype(at::toAccumulateType(in.u.scalar_type(), /*is_cuda=*/false));
   at::Tensor du = at::empty_like(in.u), ddt = at::empty_like(in.u);
   at::Tensor dz = in.z.defined() ? at::empty_like(in.z) : at::Tensor();
+  at::Tensor out = return_out ? at::empty_like(in.u) : at::Tensor();
   at::Tensor dBt = at::zeros({blocks, batch, L, Np}, in.u.options());
   at::Tensor dCt = at::zeros({blocks, batch, L, Np}, in.u.options());
   at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
@@ -966,6 +987,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     const Grads<scalar_t> g{du.data_ptr<scalar_t>(),
                             ddt.data_ptr<scalar_t>(),
                             dz.defined() ? dz.data_ptr<scalar_t>() : nullptr,
+                            out.defined() ? out.data_ptr<scalar_t>() : nullptr,
                             dA_rows.data_ptr<acc_t>(),
                             dD_rows.data_ptr<acc_t>(),
                             dBt.data_ptr<scalar_t>(),
@@ -989,7 +1011,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   if (softplus) ddt.mul_(at::sigmoid(pre_activation));
   // The sum over t in double, as dA and dD; over b first (rows are contiguous in t).
   at::Tensor dbias = delta_bias.has_value() ? ddt.sum(0).to(at::kDouble).sum(1).to(dtype) : at::Tensor();
-  return {du, ddt, dA, dB, dC, dD, dz, dbias};
+  return {du, ddt, dA, dB, dC, dD, dz, dbias, out};
 }
 
 // The convolution's inputs checked and made contiguous channel-last: x (B, D, L) -> (B, L, D) (no
@@ -1194,8 +1216,8 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, ctx.avx512)
-        return *grads, None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
+        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, False, False, ctx.avx512)
+        return *grads[:8], None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
 
 
 def selective_scan_cpu(

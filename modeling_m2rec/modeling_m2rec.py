@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
-from .kernels import causal_conv1d, selective_scan
+from .cpu_mixer import MixerCPUFn
+from .kernels import causal_conv1d, selective_scan, selective_scan_backend
 
 
 @dataclass
@@ -238,7 +239,27 @@ class M2RecMixer(nn.Module):
         return causal_conv1d(x.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) → (B, L, D)."""
+        """(B, L, D) → (B, L, D). A training step on the fused CPU kernels runs through `MixerCPUFn`, which keeps
+        only the inputs for the backward (the same function and gradients as `compose`, to float32 rounding);
+        everything else runs `compose`."""
+        if self._fused_cpu_training(hidden_states):
+            # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
+            selection_states = hidden_states if selection_states is None else selection_states
+            return MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
+                                    self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                                    self.A_log, self.D, self.out_proj.weight)
+        return self.compose(hidden_states, selection_states)
+
+    def _fused_cpu_training(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the fused CPU kernels are available, and
+        inputs and parameters are float32 outside autocast (the kernels' one dtype there)."""
+        return (torch.is_grad_enabled() and selective_scan_backend(hidden_states.device) == "cpu_fused"
+                and not torch.is_autocast_enabled("cpu") and hidden_states.dtype == torch.float32
+                and all(parameter.dtype == torch.float32 for parameter in self.parameters()))
+
+    def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixer as the composition of its kernels, each differentiated by autograd, on any device: (B, L, D) →
+        (B, L, D)."""
         # Everything stays channel-last, (B, L, ·), as the projections produce it; the kernels take mamba-ssm's
         # (B, Di, L) shapes as transposed views, which the fused CPU kernels read without copying.
         x = self._conv(self._project(hidden_states, 0))  # (B, L, Di)

@@ -149,6 +149,33 @@ def test_fused_cpu_scan_reads_channel_last_views(implementation):
         torch.testing.assert_close(actual[name], value, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("use_z", [False, True])
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
+def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx512, use_z):
+    """`bwd` with return_out gives the forward's output, and with reuse_inputs the same gradients (the memory of u,
+    delta, z and dout may then hold them): what MixerCPUFn relies on."""
+    if avx512 and not cpu_scan.avx512_enabled():
+        pytest.skip("this CPU has no AVX-512")
+    extension = cpu_scan.load_cpu_scan()
+    inputs = make_inputs(2, 37, 150, 16, use_D=True, use_z=use_z, use_bias=True, softplus=True)
+    inputs = {k: None if v is None else (channel_last(v) if v.dim() == 3 else v).float() for k, v in inputs.items()}
+    u, delta, A, B, C, D, z, delta_bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    dout = channel_last(torch.randn(u.shape, generator=torch.Generator().manual_seed(2)))
+    out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, True, avx512)
+    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, True, False, False, avx512)
+    assert expected[-1] is None
+    scratch = [None if t is None else channel_last(t.clone()) for t in (dout, u, delta, z)]
+    actual = extension.bwd(scratch[0], scratch[1], scratch[2], A, B, C, D, scratch[3], delta_bias, True, True, True,
+                           avx512)
+    # the same sums in another order (the forward keeps two partial sums of C . h)
+    torch.testing.assert_close(actual[-1], out, rtol=0, atol=TOLERANCE[torch.float32] * out.abs().max().item())
+    for name, got, want in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], actual, expected):
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_large_decays_stay_finite_and_exact(implementation):
     """delta * A goes from -0.5 to below -50 per step (to -9000 on one channel): the decays and

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
+from modeling_m2rec.cpu_mixer import MixerCPUFn
 from modeling_m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
@@ -166,6 +167,54 @@ def test_causal_fft_convolution_gradients():
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_CausalFFTConvolution.apply, (x, kernel))
+
+
+def parameter_gradients(model, input_ids, labels):
+    model.zero_grad(set_to_none=True)
+    model(input_ids, labels=labels).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
+@pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
+def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, selection_source):
+    """A training step goes through MixerCPUFn (which recomputes in the backward what the composition keeps) and
+    gives the composition's loss and gradients."""
+    if not avx512:
+        monkeypatch.setenv("M2REC_DISABLE_AVX512", "1")
+    elif not cpu_scan.avx512_enabled():
+        pytest.skip("this CPU has no AVX-512")
+    model = tiny_model(selection_source=selection_source, num_hidden_layers=2).train()
+    with torch.no_grad():  # away from the initialisation, where several gradients are exactly zero
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    input_ids = random_histories(3, 20)
+    input_ids[0, 13:] = 0
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[labels == 0] = -100
+    fused_calls = []
+    apply = MixerCPUFn.apply
+    monkeypatch.setattr(MixerCPUFn, "apply", lambda *args: fused_calls.append(1) or apply(*args))
+    fused = parameter_gradients(model, input_ids, labels)
+    assert len(fused_calls) == 2  # one per layer
+    for layer in model.m2rec.layers:
+        monkeypatch.setattr(layer.mixer, "forward", layer.mixer.compose)
+    composed = parameter_gradients(model, input_ids, labels)
+    assert len(fused_calls) == 2
+    for name, expected in composed.items():
+        torch.testing.assert_close(fused[name], expected, rtol=0, atol=1e-5 * expected.abs().max().item(), msg=name)
+
+
+def test_mixer_composes_its_kernels_outside_cpu_training():
+    model = tiny_model()
+    mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
+    assert mixer._fused_cpu_training(hidden_states)
+    with torch.no_grad():
+        assert not mixer._fused_cpu_training(hidden_states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mixer._fused_cpu_training(hidden_states)
+    assert not mixer._fused_cpu_training(hidden_states.double())
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])

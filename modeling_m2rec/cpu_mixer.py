@@ -1,0 +1,131 @@
+"""The AFFM mixer's training step on the fused CPU kernels, keeping only the mixer's inputs for the backward.
+
+`M2RecMixer.forward` is the plain composition: projections, `causal_conv1d`, `selective_scan`, out_proj, each
+differentiated by autograd, which then keeps seven (B, L, Di) tensors per layer (both convolutions' inputs, the
+scan's u, Δ and z, x_proj's input and out_proj's). `MixerCPUFn` computes the same function and gradients, the way
+mamba-ssm's `mamba_inner_fn` does on GPU: its forward keeps the two (B, L, d) inputs (which the layers around it
+keep anyway) and the small (B, L, R + 2N) output of x_proj, and its backward recomputes the rest, one stage at a
+time, each freed once used:
+
+    1. the scan path: z, the convolved x and Δ, then the scan's backward, which also returns the scan's output
+       (for out_proj's weight gradient) and writes its gradients over the recomputed inputs;
+    2. the selection path: the second convolution and x_proj's input.
+
+The scan's forward is never run twice; the recomputation costs three (B·L, d) × (d, Di) products, two
+convolutions and Δ's rank-R product. Shapes: B batch, L length, d hidden size, Di mixer size (expand · d),
+N state size, R Δ's rank.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .cpu_scan import avx512_enabled, load_cpu_scan
+
+
+def _channels_first(t):
+    """(B, L, C) → the (B, C, L) view the kernels take (mamba-ssm's layout), without a copy."""
+    return t.transpose(1, 2)
+
+
+def _flat(t):
+    """(B, L, C) → (B·L, C)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _split_projection(projected, rank):
+    """x_proj's output (B, L, R + 2N) → Δ's rank-R input, B and C, (B, L, ·) views."""
+    state_size = (projected.shape[-1] - rank) // 2
+    return projected.split([rank, state_size, state_size], dim=-1)
+
+
+class MixerCPUFn(torch.autograd.Function):
+    """out = M2RecMixer(hidden_states, selection_states) for float32 CPU tensors; see the module docstring.
+
+    Args: hidden_states, selection_states (B, L, d); the mixer's parameters: in_proj (2·Di, d), conv (Di, 1, K)
+    and its bias (Di,), x_proj (R + 2N, Di), dt_proj (Di, R) and its bias (Di,), A_log (Di, N), D (Di,),
+    out_proj (d, Di). Returns out (B, L, d).
+    """
+
+    @staticmethod
+    def _convolve(kernels, pre_activation, conv_weight, conv_bias):
+        """SiLU(causal depthwise conv), (B, L, Di) → (B, L, Di)."""
+        return _channels_first(kernels.conv_fwd(_channels_first(pre_activation), conv_weight, conv_bias, True))
+
+    @staticmethod
+    def forward(ctx, hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
+                A_log, D, out_proj):
+        kernels, avx512 = load_cpu_scan(), avx512_enabled()
+        conv_weight = conv_weight.squeeze(1)  # (Di, K)
+        x_weight, z_weight = in_proj.chunk(2, dim=0)
+        rank = dt_proj.shape[1]
+        x = MixerCPUFn._convolve(kernels, F.linear(hidden_states, x_weight), conv_weight, conv_bias)  # (B, L, Di)
+        selection = MixerCPUFn._convolve(kernels, F.linear(selection_states, x_weight), conv_weight, conv_bias)
+        projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
+        del selection
+        dt_rank, B, C = _split_projection(projected, rank)
+        dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
+        z = F.linear(selection_states, z_weight)
+        y, _ = kernels.fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
+                           _channels_first(C), D, _channels_first(z), dt_bias, True, avx512)  # (B, Di, L)
+        del x, dt, z
+        ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
+                              dt_proj, dt_bias, A_log, D, out_proj)
+        ctx.avx512 = avx512
+        return F.linear(_channels_first(y), out_proj)  # (B, L, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
+         A_log, D, out_proj) = ctx.saved_tensors
+        kernels = load_cpu_scan()
+        x_weight, z_weight = in_proj.chunk(2, dim=0)
+        dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
+        grad_out = grad_out.contiguous()
+        A = -torch.exp(A_log)
+
+        # 1. The scan path. bwd writes du, dΔ, dz and y over x, dt, z and grad_y, which are ours.
+        grad_y = grad_out @ out_proj  # (B, L, Di)
+        x_pre = F.linear(hidden_states, x_weight)
+        x = MixerCPUFn._convolve(kernels, x_pre, conv_weight, conv_bias)
+        dt = dt_rank @ dt_proj.t()
+        z = F.linear(selection_states, z_weight)
+        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y = kernels.bwd(
+            *(_channels_first(t) for t in (grad_y, x, dt)), A, _channels_first(B), _channels_first(C), D,
+            _channels_first(z), dt_bias, True, True, True, ctx.avx512)
+        del grad_y, x, dt, z
+        grad_out_proj = _flat(grad_out).t() @ _flat(_channels_first(y))
+        del y
+        grad_x, grad_dt, grad_z = (_channels_first(t) for t in (grad_x, grad_dt, grad_z))  # (B, L, Di)
+        # (R, B·L) · (B·L, Di), then transposed: the (Di, B·L) · (B·L, R) product is several times slower
+        grad_dt_proj = (_flat(dt_rank).t() @ _flat(grad_dt)).t()
+        grad_dt_rank = grad_dt @ dt_proj  # (B, L, R)
+        del grad_dt
+        grad_z_weight = _flat(grad_z).t() @ _flat(selection_states)
+        grad_selection_states = grad_z @ z_weight
+        del grad_z
+        grad_x_pre, grad_conv_weight, grad_conv_bias = kernels.conv_bwd(
+            _channels_first(grad_x), _channels_first(x_pre), conv_weight, conv_bias, True)
+        del grad_x, x_pre
+        grad_x_pre = _channels_first(grad_x_pre)  # (B, L, Di)
+        grad_x_weight = _flat(grad_x_pre).t() @ _flat(hidden_states)
+        grad_hidden_states = grad_x_pre @ x_weight
+        del grad_x_pre
+
+        # 2. The selection path: x_proj's input, recomputed, and both of its products.
+        selection_pre = F.linear(selection_states, x_weight)
+        selection = MixerCPUFn._convolve(kernels, selection_pre, conv_weight, conv_bias)
+        grad_projected = torch.cat([grad_dt_rank, _channels_first(grad_B), _channels_first(grad_C)], dim=-1)
+        grad_x_proj = _flat(grad_projected).t() @ _flat(selection)
+        del selection
+        grad_selection = grad_projected @ x_proj  # (B, L, Di)
+        grad_selection_pre, grad_conv_weight_2, grad_conv_bias_2 = kernels.conv_bwd(
+            _channels_first(grad_selection), _channels_first(selection_pre), conv_weight, conv_bias, True)
+        del grad_selection, selection_pre
+        grad_selection_pre = _channels_first(grad_selection_pre)
+        grad_x_weight += _flat(grad_selection_pre).t() @ _flat(selection_states)
+        grad_selection_states += grad_selection_pre @ x_weight
+
+        return (grad_hidden_states, grad_selection_states, torch.cat([grad_x_weight, grad_z_weight]),
+                (grad_conv_weight + grad_conv_weight_2).unsqueeze(1), grad_conv_bias + grad_conv_bias_2,
+                grad_x_proj, grad_dt_proj, grad_dt_bias, grad_A * A, grad_D, grad_out_proj)
+
