@@ -55,11 +55,11 @@ class MixerCPUFn(torch.autograd.Function):
     def forward(ctx, hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
                 A_log, D, out_proj):
         kernels, avx512 = load_cpu_scan(), avx512_enabled()
-        conv_weight = conv_weight.squeeze(1)  # (Di, K)
+        conv_kernel = conv_weight.squeeze(1)  # (Di, K)
         x_weight, z_weight = in_proj.chunk(2, dim=0)
         rank = dt_proj.shape[1]
-        x = MixerCPUFn._convolve(kernels, F.linear(hidden_states, x_weight), conv_weight, conv_bias)  # (B, L, Di)
-        selection = MixerCPUFn._convolve(kernels, F.linear(selection_states, x_weight), conv_weight, conv_bias)
+        x = MixerCPUFn._convolve(kernels, F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
+        selection = MixerCPUFn._convolve(kernels, F.linear(selection_states, x_weight), conv_kernel, conv_bias)
         projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
         del selection
         dt_rank, B, C = _split_projection(projected, rank)
@@ -78,6 +78,7 @@ class MixerCPUFn(torch.autograd.Function):
         (hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
          A_log, D, out_proj) = ctx.saved_tensors
         kernels = load_cpu_scan()
+        conv_kernel = conv_weight.squeeze(1)  # (Di, K)
         x_weight, z_weight = in_proj.chunk(2, dim=0)
         dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
         grad_out = grad_out.contiguous()
@@ -86,7 +87,7 @@ class MixerCPUFn(torch.autograd.Function):
         # 1. The scan path. bwd writes du, dΔ, dz and y over x, dt, z and grad_y, which are ours.
         grad_y = grad_out @ out_proj  # (B, L, Di)
         x_pre = F.linear(hidden_states, x_weight)
-        x = MixerCPUFn._convolve(kernels, x_pre, conv_weight, conv_bias)
+        x = MixerCPUFn._convolve(kernels, x_pre, conv_kernel, conv_bias)
         dt = dt_rank @ dt_proj.t()
         z = F.linear(selection_states, z_weight)
         grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y = kernels.bwd(
@@ -104,7 +105,7 @@ class MixerCPUFn(torch.autograd.Function):
         grad_selection_states = grad_z @ z_weight
         del grad_z
         grad_x_pre, grad_conv_weight, grad_conv_bias = kernels.conv_bwd(
-            _channels_first(grad_x), _channels_first(x_pre), conv_weight, conv_bias, True)
+            _channels_first(grad_x), _channels_first(x_pre), conv_kernel, conv_bias, True)
         del grad_x, x_pre
         grad_x_pre = _channels_first(grad_x_pre)  # (B, L, Di)
         grad_x_weight = _flat(grad_x_pre).t() @ _flat(hidden_states)
@@ -113,13 +114,13 @@ class MixerCPUFn(torch.autograd.Function):
 
         # 2. The selection path: x_proj's input, recomputed, and both of its products.
         selection_pre = F.linear(selection_states, x_weight)
-        selection = MixerCPUFn._convolve(kernels, selection_pre, conv_weight, conv_bias)
+        selection = MixerCPUFn._convolve(kernels, selection_pre, conv_kernel, conv_bias)
         grad_projected = torch.cat([grad_dt_rank, _channels_first(grad_B), _channels_first(grad_C)], dim=-1)
         grad_x_proj = _flat(grad_projected).t() @ _flat(selection)
         del selection
         grad_selection = grad_projected @ x_proj  # (B, L, Di)
         grad_selection_pre, grad_conv_weight_2, grad_conv_bias_2 = kernels.conv_bwd(
-            _channels_first(grad_selection), _channels_first(selection_pre), conv_weight, conv_bias, True)
+            _channels_first(grad_selection), _channels_first(selection_pre), conv_kernel, conv_bias, True)
         del grad_selection, selection_pre
         grad_selection_pre = _channels_first(grad_selection_pre)
         grad_x_weight += _flat(grad_selection_pre).t() @ _flat(selection_states)

@@ -114,22 +114,21 @@ def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Te
     return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels)
 
 
-def _causal_fft_convolve(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
-    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L)."""
-    n = 2 * x.shape[-1]
-    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :x.shape[-1]]
-
-
 class _CausalFFTConvolution(torch.autograd.Function):
-    """`_causal_fft_convolve` with a backward that keeps only x and the kernel. Autograd through the FFTs would keep
-    the zero-padded input and its spectrum, 2 × (B, D, 2L) floats; the gradients are causal correlations through the
-    same FFTs, and x's spectrum is recomputed."""
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
+    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
+
+    The backward keeps only x and the kernel: autograd through the FFTs would keep the zero-padded input and its
+    spectrum, 2 × (B, D, 2L) floats. The gradients are causal correlations through the same FFTs, with x's spectrum
+    recomputed. Spectra are multiplied in place: each complex product is a (B, D, L + 1) buffer, twice the input's
+    size, that would otherwise be allocated (and page-faulted in) anew."""
 
     @staticmethod
     def forward(ctx, x, kernel):
         ctx.save_for_backward(x, kernel)
-        return _causal_fft_convolve(x, kernel)
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        spectrum = torch.fft.rfft(x, n=n).mul_(torch.fft.rfft(kernel, n=n))  # (B, D, n//2+1)
+        return torch.fft.irfft(spectrum, n=n)[..., :length]
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -138,12 +137,12 @@ class _CausalFFTConvolution(torch.autograd.Function):
         grad_spectrum = torch.fft.rfft(grad_output, n=n)  # (B, D, n//2+1)
         grad_x = grad_kernel = None
         # Correlations: grad_x[s] = Σ_t g[t] kernel[t − s], grad_kernel[lag] = Σ_b Σ_t g[t] x[t − lag]; the zero
-        # padding makes the circular lags t − s < 0 read zeros.
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.fft.irfft(grad_spectrum * torch.fft.rfft(kernel, n=n).conj(), n=n)[..., :length]
+        # padding makes the circular lags t − s < 0 read zeros. grad_kernel first: grad_x overwrites grad_spectrum.
         if ctx.needs_input_grad[1]:
-            cross = (grad_spectrum * torch.fft.rfft(x, n=n).conj()).sum(0)  # (D, n//2+1)
+            cross = torch.fft.rfft(x, n=n).conj_physical_().mul_(grad_spectrum).sum(0)  # (D, n//2+1)
             grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(kernel, n=n).conj()), n=n)[..., :length]
         return grad_x, grad_kernel
 
 
