@@ -253,22 +253,24 @@ __attribute__((target("avx512f"))) inline __m512 softplus_avx512(__m512 x) {
   return _mm512_add_ps(_mm512_max_ps(x, _mm512_setzero_ps()), log1p_e);
 }
 
-// Copies the 16-channel block (b, d0..d0+width) of a (B, D, L) tensor, or of a channel-last
-// (B, L, D) one, into a (L, 16) tile (lanes past width are 0), and back.
+// Copies steps t0..t0+steps of the 16-channel block (b, d0..d0+width) of a (B, D, L) tensor, or
+// of a channel-last (B, L, D) one, into a (steps, 16) tile (lanes past width are 0), and back.
 inline void block_to_tile(const float* src, bool channel_last, int64_t b, int64_t d0, int64_t width,
-                          int64_t dim, int64_t L, float* tile) {
-  std::fill(tile, tile + L * kChannels, 0.0f);
-  for (int64_t t = 0; t < L; ++t) {
+                          int64_t dim, int64_t L, int64_t t0, int64_t steps, float* tile) {
+  std::fill(tile, tile + steps * kChannels, 0.0f);
+  for (int64_t t = 0; t < steps; ++t) {
     for (int64_t j = 0; j < width; ++j) {
-      tile[t * kChannels + j] = channel_last ? src[(b * L + t) * dim + d0 + j] : src[((b * dim) + d0 + j) * L + t];
+      tile[t * kChannels + j] =
+          channel_last ? src[(b * L + t0 + t) * dim + d0 + j] : src[((b * dim) + d0 + j) * L + t0 + t];
     }
   }
 }
 inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64_t d0, int64_t width,
-                          int64_t dim, int64_t L, float* dst) {
-  for (int64_t t = 0; t < L; ++t) {
+                          int64_t dim, int64_t L, int64_t t0, int64_t steps, float* dst) {
+  for (int64_t t = 0; t < steps; ++t) {
     for (int64_t j = 0; j < width; ++j) {
-      (channel_last ? dst[(b * L + t) * dim + d0 + j] : dst[((b * dim) + d0 + j) * L + t]) = tile[t * kChannels + j];
+      (channel_last ? dst[(b * L + t0 + t) * dim + d0 + j] : dst[((b * dim) + d0 + j) * L + t0 + t]) =
+          tile[t * kChannels + j];
     }
   }
 }
@@ -303,9 +305,9 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
     float* u_p = dt_p + L * kChannels;
     float* z_p = s.z != nullptr ? u_p + L * kChannels : nullptr;
     float* y_p = u_p + 2 * L * kChannels;
-    block_to_tile(s.dt, channel_last, b, d0, width, dim, L, dt_p);
-    block_to_tile(s.u, channel_last, b, d0, width, dim, L, u_p);
-    if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, z_p);
+    block_to_tile(s.dt, channel_last, b, d0, width, dim, L, 0, L, dt_p);
+    block_to_tile(s.u, channel_last, b, d0, width, dim, L, 0, L, u_p);
+    if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, 0, L, z_p);
     for (int64_t t = 0; t < L; ++t) {
       __m512 dt = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dt_p + t * kChannels), bias);
       if (softplus) dt = softplus_avx512(dt);
@@ -335,21 +337,47 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
       }
       _mm512_mask_storeu_ps(y_p + t * kChannels, mask, y);
     }
-    tile_to_block(y_p, channel_last, b, d0, width, dim, L, out);
+    tile_to_block(y_p, channel_last, b, d0, width, dim, L, 0, L, out);
     for (int64_t n = 0; n < Np; ++n) {
       for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
     }
   }
 }
 
+// The raw steps of a (steps, 16) tile of channels d0..d0+width, in place, as the step
+// softplus(dt + delta_bias) (each part optional), and its derivative into `dstep` unless nullptr.
+__attribute__((target("avx512f"))) void step_from_raw_avx512(float* dt, float* dstep, const float* delta_bias,
+                                                             bool softplus, int64_t d0, int64_t width,
+                                                             int64_t steps) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+  const __m512 bias = delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t t = 0; t < steps; ++t) {
+    const __m512 pre = _mm512_add_ps(_mm512_loadu_ps(dt + t * kChannels), bias);
+    _mm512_storeu_ps(dt + t * kChannels, softplus ? softplus_avx512(pre) : pre);
+    if (dstep != nullptr) {
+      const __m512 sigmoid =
+          _mm512_div_ps(one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(pre, _mm512_set1_ps(-kLog2e)))));
+      _mm512_storeu_ps(dstep + t * kChannels, softplus ? sigmoid : one);
+    }
+  }
+}
+
 // The backward on AVX-512, float32, vectorised over channels like forward_avx512. A task is one
-// batch element, all of its channel blocks in turn: dB and dC, sums over channels, accumulate
-// lane-wise over the blocks in (L, Np, 16) buffers and take one horizontal add per (t, n) at the
-// end, into that element's own rows (no races). Per block: recompute and keep the states h_t
-// (L, Np, 16), then the reverse sweep, which recomputes exp(dt A) instead of storing it. dt is
-// the raw step, as in the forward: the step softplus(dt + delta_bias) (each part optional) is
-// recomputed in the block's tile, and ddt is the gradient of the raw step. u, dt, z, dout and
-// the gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np), dD and
+// batch element. Time runs in chunks of `chunk` steps, the last chunk first, and within a chunk
+// every 16-channel block in turn: its steps are copied into (T, 16) tiles, its states h_t
+// (T, Np, 16) recomputed from the state entering the chunk, then the reverse sweep, which
+// recomputes exp(dt A) instead of storing it and carries dL/dh into the chunk before. dB and dC,
+// sums over channels, accumulate lane-wise over the blocks in (T, Np, 16) buffers and take one
+// horizontal add per (t, n) at the end of the chunk, into that element's own rows (no races).
+// The states entering each chunk come from a first forward pass, over every chunk but the last;
+// with L <= chunk there is one chunk and no such pass. Chunks keep the buffers the sweep reads
+// and writes at every step, (T, Np, 16) floats three times, in cache whatever L: with a single
+// chunk of L = 4,000 steps they are 24 MB per thread and the backward runs at half speed.
+//
+// dt is the raw step, as in the forward: the step softplus(dt + delta_bias) (each part optional)
+// is recomputed in the tile, and ddt is the gradient of the raw step. u, dt, z, dout and the
+// gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np), dD and
 // ddelta_bias (B, D) are per-row sums in double, added over b by the caller. With `out`, the
 // forward's output, recomputed on the way, is written there too.
 __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
@@ -357,146 +385,183 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
                                                         const float* dout, float* du, float* ddt,
                                                         float* dz, double* dA_rows, double* dD_rows,
                                                         double* dbias_rows, float* dBt, float* dCt,
-                                                        float* out, int64_t lo, int64_t hi) {
-  const int64_t L = s.L, Np = s.Np, dim = s.dim;
-  const int64_t tile = L * kChannels;
-  std::vector<float> work(8 * tile + 3 * L * Np * kChannels + 4 * Np * kChannels);
-  float* dt_t = work.data();  // (L, 16) tiles
+                                                        float* out, int64_t chunk, int64_t lo,
+                                                        int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
+  const int64_t T = std::max<int64_t>(1, std::min(chunk, L)), chunks = (L + T - 1) / T;
+  const int64_t tile = T * kChannels, state = Np * kChannels;
+  std::vector<float> work(8 * tile + 3 * T * state + 3 * state);
+  float* dt_t = work.data();  // (T, 16) tiles
   float* dstep_t = dt_t + tile;  // d step / d raw dt: sigmoid(dt + bias) with softplus, else 1
   float* u_t = dstep_t + tile;
   float* z_t = u_t + tile;
   float* dout_t = z_t + tile;
-  float* y_t = dout_t + tile;  // C . h_t + D u, before the gate
+  float* y_t = dout_t + tile;  // C . h_t + D u before the gate, then the output
   float* du_t = y_t + tile;
   float* ddt_t = du_t + tile;  // dz reuses dout_t once it is read
-  float* hs = ddt_t + tile;    // (L, Np, 16)
-  float* a2 = hs + L * Np * kChannels;  // A log2 e, (Np, 16)
-  float* A = a2 + Np * kChannels;       // A, (Np, 16)
-  float* gh = A + Np * kChannels;       // dL/dh carried backwards, (Np, 16)
-  float* dA_f = gh + Np * kChannels;    // dA over the last steps, (Np, 16); flushed to dA
-  float* dBv = dA_f + Np * kChannels;   // (L, Np, 16) lane-wise sums over blocks
-  float* dCv = dBv + L * Np * kChannels;
-  std::vector<double> dA(Np * kChannels);
-  alignas(64) float lanes[kChannels];
-  for (int64_t b = lo; b < hi; ++b) {
-    std::fill(dBv, dBv + 2 * L * Np * kChannels, 0.0f);  // dBv and dCv
-    for (int64_t d0 = 0; d0 < dim; d0 += kChannels) {
-      const int64_t width = std::min(kChannels, dim - d0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
-      block_to_tile(s.dt, channel_last, b, d0, width, dim, L, dt_t);
-      const __m512 bias =
-          delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
-      for (int64_t t = 0; t < L; ++t) {  // the raw step -> the step, and its derivative
-        const __m512 pre = _mm512_add_ps(_mm512_loadu_ps(dt_t + t * kChannels), bias);
-        const __m512 one = _mm512_set1_ps(1.0f);
-        _mm512_storeu_ps(dt_t + t * kChannels, softplus ? softplus_avx512(pre) : pre);
-        _mm512_storeu_ps(dstep_t + t * kChannels,
-                         softplus ? _mm512_div_ps(one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(
-                                                                     pre, _mm512_set1_ps(-kLog2e)))))
-                                  : one);
-      }
-      block_to_tile(s.u, channel_last, b, d0, width, dim, L, u_t);
-      block_to_tile(dout, channel_last, b, d0, width, dim, L, dout_t);
-      if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, z_t);
-      for (int64_t n = 0; n < Np; ++n) {
-        for (int64_t j = 0; j < kChannels; ++j) {
-          A[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] : 0.0f;
-          a2[n * kChannels + j] = A[n * kChannels + j] * kLog2e;
-        }
-      }
-      const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
+  float* hs = ddt_t + tile;    // (T, Np, 16)
+  float* dBv = hs + T * state;  // (T, Np, 16) lane-wise sums over blocks
+  float* dCv = dBv + T * state;
+  float* a2 = dCv + T * state;  // A log2 e, (Np, 16)
+  float* A = a2 + state;        // A, (Np, 16)
+  float* h = A + state;         // the first pass's state, (Np, 16)
+  // What each block carries from chunk to chunk: the state entering every chunk, dL/dh, and its
+  // sums over t (dA over the last steps in float, flushed to double every kTile steps).
+  std::vector<float> entering(chunks * blocks * state), gh(blocks * state), dA_f(blocks * state);
+  std::vector<float> dD(blocks * kChannels), dbias(blocks * kChannels);
+  std::vector<double> dA(blocks * state);
 
-      // Forward recompute: the states after every step and y before the gate.
-      for (int64_t t = 0; t < L; ++t) {
-        const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
-        const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
-        const __m512 dtu = _mm512_mul_ps(dt, u);
-        const float* Bn = s.Bt + (b * L + t) * Np;
-        const float* Cn = s.Ct + (b * L + t) * Np;
-        const float* h_prev = t > 0 ? hs + (t - 1) * Np * kChannels : nullptr;
-        float* h = hs + t * Np * kChannels;
-        __m512 y = _mm512_setzero_ps();
-        for (int64_t n = 0; n < Np; ++n) {
-          const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
-          const __m512 hp = h_prev != nullptr ? _mm512_loadu_ps(h_prev + n * kChannels) : _mm512_setzero_ps();
-          const __m512 hn = _mm512_fmadd_ps(a, hp, _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
-          _mm512_storeu_ps(h + n * kChannels, hn);
-          y = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), hn, y);
-        }
-        _mm512_storeu_ps(y_t + t * kChannels, _mm512_fmadd_ps(skip, u, y));
-      }
-
-      // Reverse sweep. Entering step t, gh = exp(dt_{t+1} A) * dL/dh_{t+1}.
-      std::fill(gh, gh + 2 * Np * kChannels, 0.0f);  // gh and dA_f
-      std::fill(dA.begin(), dA.end(), 0.0);
-      __m512 dD = _mm512_setzero_ps(), dbias = _mm512_setzero_ps();
-      for (int64_t t = L - 1; t >= 0; --t) {
-        const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
-        const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
-        const __m512 dtu = _mm512_mul_ps(dt, u);
-        const __m512 g_out = _mm512_loadu_ps(dout_t + t * kChannels);
-        __m512 dy = g_out;  // dL/dy, y = C . h + D u being the output before the gate
-        if (s.z != nullptr) {
-          const __m512 z = _mm512_loadu_ps(z_t + t * kChannels);
-          const __m512 one = _mm512_set1_ps(1.0f);
-          const __m512 sig = _mm512_div_ps(
-              one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)))));
-          const __m512 y = _mm512_loadu_ps(y_t + t * kChannels);
-          const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
-          _mm512_storeu_ps(dout_t + t * kChannels, _mm512_mul_ps(_mm512_mul_ps(g_out, y), dsilu));  // dz
-          const __m512 gate = _mm512_mul_ps(z, sig);
-          dy = _mm512_mul_ps(g_out, gate);
-          _mm512_storeu_ps(y_t + t * kChannels, _mm512_mul_ps(y, gate));  // the output, for `out`
-        }
-        dD = _mm512_fmadd_ps(dy, u, dD);
-        const float* Bn = s.Bt + (b * L + t) * Np;
-        const float* Cn = s.Ct + (b * L + t) * Np;
-        const float* h = hs + t * Np * kChannels;
-        const float* h_prev = t > 0 ? hs + (t - 1) * Np * kChannels : nullptr;
-        __m512 gA = _mm512_setzero_ps(), gB = _mm512_setzero_ps();
-        for (int64_t n = 0; n < Np; ++n) {
-          const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Cn[n]), _mm512_loadu_ps(gh + n * kChannels));
-          const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
-          const __m512 hp = h_prev != nullptr ? _mm512_loadu_ps(h_prev + n * kChannels) : _mm512_setzero_ps();
-          const __m512 ga = _mm512_mul_ps(_mm512_mul_ps(gn, hp), a);  // dL/d(dt A[n])
-          float* dA_n = dA_f + n * kChannels;
-          _mm512_storeu_ps(dA_n, _mm512_fmadd_ps(ga, dt, _mm512_loadu_ps(dA_n)));
-          gA = _mm512_fmadd_ps(ga, _mm512_loadu_ps(A + n * kChannels), gA);
-          gB = _mm512_fmadd_ps(gn, _mm512_set1_ps(Bn[n]), gB);
-          float* dC_tn = dCv + (t * Np + n) * kChannels;
-          float* dB_tn = dBv + (t * Np + n) * kChannels;
-          _mm512_storeu_ps(dC_tn, _mm512_fmadd_ps(dy, _mm512_loadu_ps(h + n * kChannels), _mm512_loadu_ps(dC_tn)));
-          _mm512_storeu_ps(dB_tn, _mm512_fmadd_ps(gn, dtu, _mm512_loadu_ps(dB_tn)));
-          _mm512_storeu_ps(gh + n * kChannels, _mm512_mul_ps(gn, a));
-        }
-        _mm512_storeu_ps(du_t + t * kChannels, _mm512_fmadd_ps(dt, gB, _mm512_mul_ps(dy, skip)));
-        const __m512 ddt_raw = _mm512_mul_ps(_mm512_fmadd_ps(u, gB, gA), _mm512_loadu_ps(dstep_t + t * kChannels));
-        _mm512_storeu_ps(ddt_t + t * kChannels, ddt_raw);
-        dbias = _mm512_add_ps(dbias, ddt_raw);
-        if (t % kTile == 0) {  // float sums over at most kTile steps, then double
-          for (int64_t i = 0; i < Np * kChannels; ++i) dA[i] += dA_f[i];
-          std::fill(dA_f, dA_f + Np * kChannels, 0.0f);
-        }
-      }
-      tile_to_block(du_t, channel_last, b, d0, width, dim, L, du);
-      tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, ddt);
-      if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, dz);
-      if (out != nullptr) tile_to_block(y_t, channel_last, b, d0, width, dim, L, out);
-      alignas(64) float bias_lanes[kChannels];
-      _mm512_storeu_ps(lanes, dD);
-      _mm512_storeu_ps(bias_lanes, dbias);
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t row = b * dim + d0 + j;
-        dD_rows[row] = lanes[j];
-        dbias_rows[row] = bias_lanes[j];
-        for (int64_t n = 0; n < Np; ++n) dA_rows[row * Np + n] = dA[n * kChannels + j];
+  auto load_A = [&](int64_t d0, int64_t width) {
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < kChannels; ++j) {
+        A[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] : 0.0f;
+        a2[n * kChannels + j] = A[n * kChannels + j] * kLog2e;
       }
     }
-    float* dB = dBt + b * L * Np;
-    float* dC = dCt + b * L * Np;
-    for (int64_t i = 0; i < L * Np; ++i) {
-      dB[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dBv + i * kChannels));
-      dC[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dCv + i * kChannels));
+  };
+  auto load_step = [&](int64_t b, int64_t d0, int64_t width, int64_t t0, int64_t steps, bool with_dstep) {
+    block_to_tile(s.dt, channel_last, b, d0, width, dim, L, t0, steps, dt_t);
+    step_from_raw_avx512(dt_t, with_dstep ? dstep_t : nullptr, delta_bias, softplus, d0, width, steps);
+  };
+
+  for (int64_t b = lo; b < hi; ++b) {
+    // First pass: the state entering every chunk.
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+      std::fill(h, h + state, 0.0f);
+      std::copy(h, h + state, entering.data() + blk * state);  // chunk 0 starts from 0
+      if (chunks > 1) load_A(d0, width);
+      for (int64_t c = 0; c + 1 < chunks; ++c) {
+        load_step(b, d0, width, c * T, T, false);
+        block_to_tile(s.u, channel_last, b, d0, width, dim, L, c * T, T, u_t);
+        for (int64_t t = 0; t < T; ++t) {
+          const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
+          const __m512 dtu = _mm512_mul_ps(dt, _mm512_loadu_ps(u_t + t * kChannels));
+          const float* Bn = s.Bt + (b * L + c * T + t) * Np;
+          for (int64_t n = 0; n < Np; ++n) {
+            const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
+            _mm512_storeu_ps(h + n * kChannels, _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * kChannels),
+                                                                _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n]))));
+          }
+        }
+        std::copy(h, h + state, entering.data() + ((c + 1) * blocks + blk) * state);
+      }
+    }
+    std::fill(gh.begin(), gh.end(), 0.0f);
+    std::fill(dA_f.begin(), dA_f.end(), 0.0f);
+    std::fill(dA.begin(), dA.end(), 0.0);
+    std::fill(dD.begin(), dD.end(), 0.0f);
+    std::fill(dbias.begin(), dbias.end(), 0.0f);
+
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = c * T, steps = std::min(T, L - t0);
+      std::fill(dBv, dBv + 2 * T * state, 0.0f);  // dBv and dCv
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+        const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+        load_step(b, d0, width, t0, steps, true);
+        block_to_tile(s.u, channel_last, b, d0, width, dim, L, t0, steps, u_t);
+        block_to_tile(dout, channel_last, b, d0, width, dim, L, t0, steps, dout_t);
+        if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, t0, steps, z_t);
+        load_A(d0, width);
+        const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
+        const float* h_in = entering.data() + (c * blocks + blk) * state;  // h_{t0 - 1}
+        float* gh_b = gh.data() + blk * state;
+        float* dA_fb = dA_f.data() + blk * state;
+        double* dA_b = dA.data() + blk * state;
+
+        // Forward recompute: the states after every step of the chunk and y before the gate.
+        for (int64_t t = 0; t < steps; ++t) {
+          const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
+          const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
+          const __m512 dtu = _mm512_mul_ps(dt, u);
+          const float* Bn = s.Bt + (b * L + t0 + t) * Np;
+          const float* Cn = s.Ct + (b * L + t0 + t) * Np;
+          const float* h_prev = t > 0 ? hs + (t - 1) * state : h_in;
+          float* h_t = hs + t * state;
+          __m512 y = _mm512_setzero_ps();
+          for (int64_t n = 0; n < Np; ++n) {
+            const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
+            const __m512 hn = _mm512_fmadd_ps(a, _mm512_loadu_ps(h_prev + n * kChannels),
+                                              _mm512_mul_ps(dtu, _mm512_set1_ps(Bn[n])));
+            _mm512_storeu_ps(h_t + n * kChannels, hn);
+            y = _mm512_fmadd_ps(_mm512_set1_ps(Cn[n]), hn, y);
+          }
+          _mm512_storeu_ps(y_t + t * kChannels, _mm512_fmadd_ps(skip, u, y));
+        }
+
+        // Reverse sweep. Entering step t, gh = exp(dt_{t+1} A) * dL/dh_{t+1}.
+        __m512 dD_v = _mm512_loadu_ps(dD.data() + blk * kChannels);
+        __m512 dbias_v = _mm512_loadu_ps(dbias.data() + blk * kChannels);
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          const __m512 dt = _mm512_loadu_ps(dt_t + t * kChannels);
+          const __m512 u = _mm512_loadu_ps(u_t + t * kChannels);
+          const __m512 dtu = _mm512_mul_ps(dt, u);
+          const __m512 g_out = _mm512_loadu_ps(dout_t + t * kChannels);
+          __m512 dy = g_out;  // dL/dy, y = C . h + D u being the output before the gate
+          if (s.z != nullptr) {
+            const __m512 z = _mm512_loadu_ps(z_t + t * kChannels);
+            const __m512 one = _mm512_set1_ps(1.0f);
+            const __m512 sig = _mm512_div_ps(
+                one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)))));
+            const __m512 y = _mm512_loadu_ps(y_t + t * kChannels);
+            const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
+            _mm512_storeu_ps(dout_t + t * kChannels, _mm512_mul_ps(_mm512_mul_ps(g_out, y), dsilu));  // dz
+            const __m512 gate = _mm512_mul_ps(z, sig);
+            dy = _mm512_mul_ps(g_out, gate);
+            _mm512_storeu_ps(y_t + t * kChannels, _mm512_mul_ps(y, gate));  // the output, for `out`
+          }
+          dD_v = _mm512_fmadd_ps(dy, u, dD_v);
+          const float* Bn = s.Bt + (b * L + t0 + t) * Np;
+          const float* Cn = s.Ct + (b * L + t0 + t) * Np;
+          const float* h_t = hs + t * state;
+          const float* h_prev = t > 0 ? hs + (t - 1) * state : h_in;
+          __m512 gA = _mm512_setzero_ps(), gB = _mm512_setzero_ps();
+          for (int64_t n = 0; n < Np; ++n) {
+            const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Cn[n]), _mm512_loadu_ps(gh_b + n * kChannels));
+            const __m512 a = exp2_avx512(_mm512_mul_ps(dt, _mm512_loadu_ps(a2 + n * kChannels)));
+            const __m512 ga = _mm512_mul_ps(_mm512_mul_ps(gn, _mm512_loadu_ps(h_prev + n * kChannels)), a);
+            float* dA_n = dA_fb + n * kChannels;  // ga above: dL/d(dt A[n])
+            _mm512_storeu_ps(dA_n, _mm512_fmadd_ps(ga, dt, _mm512_loadu_ps(dA_n)));
+            gA = _mm512_fmadd_ps(ga, _mm512_loadu_ps(A + n * kChannels), gA);
+            gB = _mm512_fmadd_ps(gn, _mm512_set1_ps(Bn[n]), gB);
+            float* dC_tn = dCv + (t * Np + n) * kChannels;
+            float* dB_tn = dBv + (t * Np + n) * kChannels;
+            _mm512_storeu_ps(dC_tn, _mm512_fmadd_ps(dy, _mm512_loadu_ps(h_t + n * kChannels), _mm512_loadu_ps(dC_tn)));
+            _mm512_storeu_ps(dB_tn, _mm512_fmadd_ps(gn, dtu, _mm512_loadu_ps(dB_tn)));
+            _mm512_storeu_ps(gh_b + n * kChannels, _mm512_mul_ps(gn, a));
+          }
+          _mm512_storeu_ps(du_t + t * kChannels, _mm512_fmadd_ps(dt, gB, _mm512_mul_ps(dy, skip)));
+          const __m512 ddt_raw = _mm512_mul_ps(_mm512_fmadd_ps(u, gB, gA), _mm512_loadu_ps(dstep_t + t * kChannels));
+          _mm512_storeu_ps(ddt_t + t * kChannels, ddt_raw);
+          dbias_v = _mm512_add_ps(dbias_v, ddt_raw);
+          if ((t0 + t) % kTile == 0) {  // float sums over at most kTile steps, then double
+            for (int64_t i = 0; i < state; ++i) dA_b[i] += dA_fb[i];
+            std::fill(dA_fb, dA_fb + state, 0.0f);
+          }
+        }
+        _mm512_storeu_ps(dD.data() + blk * kChannels, dD_v);
+        _mm512_storeu_ps(dbias.data() + blk * kChannels, dbias_v);
+        tile_to_block(du_t, channel_last, b, d0, width, dim, L, t0, steps, du);
+        tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, t0, steps, ddt);
+        if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, t0, steps, dz);
+        if (out != nullptr) tile_to_block(y_t, channel_last, b, d0, width, dim, L, t0, steps, out);
+      }
+      float* dB = dBt + (b * L + t0) * Np;
+      float* dC = dCt + (b * L + t0) * Np;
+      for (int64_t i = 0; i < steps * Np; ++i) {
+        dB[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dBv + i * kChannels));
+        dC[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(dCv + i * kChannels));
+      }
+    }
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t row = b * dim + d0 + j;
+        dD_rows[row] = dD[blk * kChannels + j];
+        dbias_rows[row] = dbias[blk * kChannels + j];
+        for (int64_t n = 0; n < Np; ++n) dA_rows[row * Np + n] = dA[blk * state + n * kChannels + j];
+      }
     }
   }
 }
@@ -506,7 +571,7 @@ bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 constexpr int64_t kChannels = 16;
 void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
 void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
-                     double*, double*, float*, float*, float*, int64_t, int64_t) {}
+                     double*, double*, float*, float*, float*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -917,12 +982,13 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 // dC, dD, dz, ddelta_bias, out (dD, dz, ddelta_bias undefined where the input was absent; out, the
 // forward's output recomputed on the way, only with `return_out`). With `reuse_inputs` the
 // caller gives up u, delta, z and dout, whose memory may then hold du, ddelta, dz and out (the
-// AVX-512 kernel copies each block of them into its tiles before it writes the block back).
+// AVX-512 kernel copies each block of them into its tiles before it writes the block back). The
+// AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                             const std::optional<at::Tensor>& delta_bias, bool softplus, bool return_out,
-                            bool reuse_inputs, bool avx512) {
+                            bool reuse_inputs, int64_t chunk, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
@@ -948,7 +1014,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
                       dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
                       dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
                       dD_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(), dBt.data_ptr<float>(),
-                      dCt.data_ptr<float>(), out.defined() ? out.data_ptr<float>() : nullptr, lo, hi);
+                      dCt.data_ptr<float>(), out.defined() ? out.data_ptr<float>() : nullptr, chunk, lo, hi);
     });
     auto as_input = [&](const at::Tensor& t) { return channel_last ? t.transpose(1, 2) : t; };
     return {as_input(du), as_input(ddt), dA_rows.sum(0).narrow(1, 0, N).to(at::kFloat),
@@ -1141,6 +1207,10 @@ def _remove_stale_lock(directory, max_age_s=600):
         os.remove(lock)
 
 
+# Steps per time chunk of the AVX-512 backward: its per-thread buffers are 6 KB per step at N = 32, so 1,024
+# steps keep them within 6 MB, where sequences of up to 1,024 steps run in one chunk and need no extra pass.
+BACKWARD_CHUNK = 1024
+
 _UNSET = object()
 _module = _UNSET
 _lock = threading.Lock()
@@ -1216,7 +1286,7 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, False, False, ctx.avx512)
+        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, False, False, BACKWARD_CHUNK, ctx.avx512)
         return *grads[:8], None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
 
 

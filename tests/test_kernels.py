@@ -118,6 +118,20 @@ def test_scan_matches_reference(case, implementation, dtype):
     assert_close_to_reference(results, reference, dtype)
 
 
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+@every_case
+def test_fused_cpu_backward_in_time_chunks_matches_reference(monkeypatch, case, chunk):
+    """The AVX-512 backward cut into time chunks (the state entering each from a first pass; dL/dh, dA, dD and the
+    bias gradient carried across them) against the float64 step loop."""
+    if not cpu_scan.avx512_enabled():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", chunk)
+    inputs, softplus = case_inputs(case)
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    results = run_with_grads(cpu_scan.selective_scan_cpu, inputs, softplus, torch.float32)
+    assert_close_to_reference(results, reference, torch.float32)
+
+
 @every_dtype
 @every_implementation
 @every_case
@@ -162,11 +176,11 @@ def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx51
     u, delta, A, B, C, D, z, delta_bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     dout = channel_last(torch.randn(u.shape, generator=torch.Generator().manual_seed(2)))
     out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, True, avx512)
-    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, True, False, False, avx512)
+    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, True, False, False, 64, avx512)
     assert expected[-1] is None
     scratch = [None if t is None else channel_last(t.clone()) for t in (dout, u, delta, z)]
     actual = extension.bwd(scratch[0], scratch[1], scratch[2], A, B, C, D, scratch[3], delta_bias, True, True, True,
-                           avx512)
+                           64, avx512)
     # the same sums in another order (the forward keeps two partial sums of C . h)
     torch.testing.assert_close(actual[-1], out, rtol=0, atol=TOLERANCE[torch.float32] * out.abs().max().item())
     for name, got, want in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], actual, expected):

@@ -177,9 +177,11 @@ def parameter_gradients(model, input_ids, labels):
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
 @pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
-def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, selection_source):
+@pytest.mark.parametrize("backward_chunk", [1024, 8])
+def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, selection_source, backward_chunk):
     """A training step goes through MixerCPUFn (which recomputes in the backward what the composition keeps) and
-    gives the composition's loss and gradients."""
+    gives the composition's loss and gradients, with the scan's backward in one time chunk or several."""
+    monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", backward_chunk)
     if not avx512:
         monkeypatch.setenv("M2REC_DISABLE_AVX512", "1")
     elif not cpu_scan.avx512_enabled():
