@@ -19,8 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from . import cpu_scan
-from .cpu_scan import avx512_enabled, load_cpu_scan
+from .cpu_scan import avx512_enabled, fused_backward, load_cpu_scan
 
 
 def _channels_first(t):
@@ -91,9 +90,9 @@ class MixerCPUFn(torch.autograd.Function):
         x = MixerCPUFn._convolve(kernels, x_pre, conv_kernel, conv_bias)
         dt = dt_rank @ dt_proj.t()
         z = F.linear(selection_states, z_weight)
-        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y = kernels.bwd(
+        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y = fused_backward(
             *(_channels_first(t) for t in (grad_y, x, dt)), A, _channels_first(B), _channels_first(C), D,
-            _channels_first(z), dt_bias, True, True, True, cpu_scan.BACKWARD_CHUNK, ctx.avx512)
+            _channels_first(z), dt_bias, True, ctx.avx512, return_out=True, reuse_inputs=True)
         del grad_y, x, dt, z
         grad_out_proj = _flat(grad_out).t() @ _flat(_channels_first(y))
         del y

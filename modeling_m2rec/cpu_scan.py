@@ -275,12 +275,32 @@ inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64
   }
 }
 
+// The raw steps of a (steps, 16) tile of channels d0..d0+width, in place, as the step
+// softplus(dt + delta_bias) (each part optional), and its derivative into `dstep` unless nullptr.
+__attribute__((target("avx512f"))) void step_from_raw_avx512(float* dt, float* dstep, const float* delta_bias,
+                                                             bool softplus, int64_t d0, int64_t width,
+                                                             int64_t steps) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+  const __m512 bias = delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t t = 0; t < steps; ++t) {
+    const __m512 pre = _mm512_add_ps(_mm512_loadu_ps(dt + t * kChannels), bias);
+    _mm512_storeu_ps(dt + t * kChannels, softplus ? softplus_avx512(pre) : pre);
+    if (dstep != nullptr) {
+      const __m512 sigmoid =
+          _mm512_div_ps(one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(pre, _mm512_set1_ps(-kLog2e)))));
+      _mm512_storeu_ps(dstep + t * kChannels, softplus ? sigmoid : one);
+    }
+  }
+}
+
 // Tasks [lo, hi): task = (batch element b, block of 16 channels). u, dt, z and out are either
 // channel-last, (B, L, D), or rows, (B, D, L); either way the block is copied into (L, 16) tiles
-// and y back from one. A block that ends past D is masked; its missing channels read dt = u = 0 and A = 0, so their state stays 0.
+// and y back from one. A block that ends past D is masked; its missing channels read dt = u = 0
+// and A = 0, so their state stays 0.
 //
 // With `delta_bias` (D,) and/or `softplus`, dt is the raw step: dt = softplus(dt + delta_bias) is
-// applied here.
+// applied here, by step_from_raw_avx512 as in the backward.
 __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, bool channel_last,
                                                        const float* delta_bias, bool softplus,
                                                        float* out, float* last, int64_t lo,
@@ -299,18 +319,16 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
       }
     }
     const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
-    const __m512 bias =
-        delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
     float* dt_p = tiles.data();
     float* u_p = dt_p + L * kChannels;
     float* z_p = s.z != nullptr ? u_p + L * kChannels : nullptr;
     float* y_p = u_p + 2 * L * kChannels;
     block_to_tile(s.dt, channel_last, b, d0, width, dim, L, 0, L, dt_p);
+    step_from_raw_avx512(dt_p, nullptr, delta_bias, softplus, d0, width, L);
     block_to_tile(s.u, channel_last, b, d0, width, dim, L, 0, L, u_p);
     if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, 0, L, z_p);
     for (int64_t t = 0; t < L; ++t) {
-      __m512 dt = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dt_p + t * kChannels), bias);
-      if (softplus) dt = softplus_avx512(dt);
+      const __m512 dt = _mm512_loadu_ps(dt_p + t * kChannels);
       const __m512 u = _mm512_maskz_loadu_ps(mask, u_p + t * kChannels);
       const __m512 dtu = _mm512_mul_ps(dt, u);
       const float* Bn = s.Bt + (b * L + t) * Np;
@@ -340,25 +358,6 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
     tile_to_block(y_p, channel_last, b, d0, width, dim, L, 0, L, out);
     for (int64_t n = 0; n < Np; ++n) {
       for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
-    }
-  }
-}
-
-// The raw steps of a (steps, 16) tile of channels d0..d0+width, in place, as the step
-// softplus(dt + delta_bias) (each part optional), and its derivative into `dstep` unless nullptr.
-__attribute__((target("avx512f"))) void step_from_raw_avx512(float* dt, float* dstep, const float* delta_bias,
-                                                             bool softplus, int64_t d0, int64_t width,
-                                                             int64_t steps) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
-  const __m512 bias = delta_bias != nullptr ? _mm512_maskz_loadu_ps(mask, delta_bias + d0) : _mm512_setzero_ps();
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int64_t t = 0; t < steps; ++t) {
-    const __m512 pre = _mm512_add_ps(_mm512_loadu_ps(dt + t * kChannels), bias);
-    _mm512_storeu_ps(dt + t * kChannels, softplus ? softplus_avx512(pre) : pre);
-    if (dstep != nullptr) {
-      const __m512 sigmoid =
-          _mm512_div_ps(one, _mm512_add_ps(one, exp2_avx512(_mm512_mul_ps(pre, _mm512_set1_ps(-kLog2e)))));
-      _mm512_storeu_ps(dstep + t * kChannels, softplus ? sigmoid : one);
     }
   }
 }
@@ -998,7 +997,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
                                            : dout.to(at::kFloat).contiguous();
     const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np, N = in.N;
-    auto output_like = [&](const at::Tensor& t) { return reuse_inputs ? t : at::empty_like(t); };  // in.u's layout
+    // in.u's layout (channel-last or rows); with reuse_inputs, the inputs' own memory
+    auto output_like = [&](const at::Tensor& t) { return reuse_inputs ? t : at::empty_like(t); };
     at::Tensor du = output_like(in.u), ddt = output_like(in.dt);
     at::Tensor dz = in.z.defined() ? output_like(in.z) : at::Tensor();
     at::Tensor out = return_out ? output_like(dout_c) : at::Tensor();
@@ -1286,8 +1286,17 @@ class SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        grads = load_cpu_scan().bwd(dout, *ctx.saved_tensors, ctx.softplus, False, False, BACKWARD_CHUNK, ctx.avx512)
+        grads = fused_backward(dout, *ctx.saved_tensors, ctx.softplus, ctx.avx512)
         return *grads[:8], None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
+
+
+def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, return_out=False,
+                   reuse_inputs=False):
+    """The extension's `bwd` (see its C++ comment) in time chunks of BACKWARD_CHUNK steps: du, ddelta, dA, dB, dC,
+    dD, dz, ddelta_bias and, with `return_out`, the forward's output (else None). With `reuse_inputs` the caller
+    gives up u, delta, z and dout, whose memory may then hold the results."""
+    return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, softplus, return_out, reuse_inputs,
+                               BACKWARD_CHUNK, avx512)
 
 
 def selective_scan_cpu(
@@ -1350,5 +1359,5 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
-__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "causal_conv1d_cpu", "load_cpu_scan",
-           "selective_scan_cpu"]
+__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "causal_conv1d_cpu", "fused_backward",
+           "load_cpu_scan", "selective_scan_cpu"]
