@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_scan import warm_peak_memory_mb  # noqa: E402
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
-from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation  # noqa: E402
-from training.data import DataArguments, TrainDataset, collate_train, prepare_dataset  # noqa: E402
+from m2rec import M2RecConfig, M2RecForSequentialRecommendation  # noqa: E402
+from m2rec.training.data import DataArguments, TrainDataset, collate_train, prepare_dataset  # noqa: E402
 
 TOKENS_PER_STEP = 256 * 200
 MODELS = ("SASRec", "M2Rec", "Mamba (M2Rec w/o FFT, text)")

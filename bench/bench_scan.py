@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecBlock, SASRecConfig  # noqa: E402
-from modeling_m2rec import M2RecConfig, M2RecModel, cpu_scan, kernels  # noqa: E402
+from m2rec import M2RecConfig, M2RecModel, cpu_scan, kernels  # noqa: E402
 
 TOKENS = 256 * 200
 LENGTHS = (50, 200, 1000, 2000)

@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
-from modeling_m2rec import M2RecForSequentialRecommendation  # noqa: E402
-from training.arguments import TrainArguments, parse_args, to_dict  # noqa: E402
-from training.data import prepare_dataset  # noqa: E402
-from training.evaluate import eval_loader, evaluate, run_data_arguments  # noqa: E402
-from training.train import train  # noqa: E402
+from m2rec import M2RecForSequentialRecommendation  # noqa: E402
+from m2rec.training.arguments import TrainArguments, parse_args, to_dict  # noqa: E402
+from m2rec.training.data import prepare_dataset  # noqa: E402
+from m2rec.training.evaluate import eval_loader, evaluate, run_data_arguments  # noqa: E402
+from m2rec.training.train import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from modeling_m2rec.modeling_m2rec import full_softmax_cross_entropy
+from m2rec.modeling_m2rec import full_softmax_cross_entropy
 
 
 class SASRecConfig(PreTrainedConfig):

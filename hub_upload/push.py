@@ -90,7 +90,7 @@ def check_item_id_map(item_id_map, num_items):
 
 def load_source_model(model_dir):
     """The run's model, loaded with this package's class; refuses weights that do not match the code."""
-    from modeling_m2rec import M2RecForSequentialRecommendation
+    from .. import M2RecForSequentialRecommendation
 
     model, info = M2RecForSequentialRecommendation.from_pretrained(model_dir, output_loading_info=True)
     mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", [])]

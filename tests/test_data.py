@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-import training.data as data
-from training.data import (
+import m2rec.training.data as data
+from m2rec.training.data import (
     DataArguments,
     EpochSubsetSampler,
     EvalDataset,

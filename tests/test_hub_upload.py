@@ -17,18 +17,18 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-import modeling_m2rec
+import m2rec
 from hub_server import StandInHub
-from hub_upload import push
-from hub_upload.model_card import build_model_card
-from hub_upload.push import PushError, UploadError, build_repo_folder, load_source_model, main, upload
-from hub_upload.verify import SCORE_TOLERANCE, VerificationError, check_imports, reference_histories, verify_folder
-from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+from m2rec.hub_upload import push
+from m2rec.hub_upload.model_card import build_model_card
+from m2rec.hub_upload.push import PushError, UploadError, build_repo_folder, load_source_model, main, upload
+from m2rec.hub_upload.verify import SCORE_TOLERANCE, VerificationError, check_imports, reference_histories, verify_folder
+from m2rec import M2RecConfig, M2RecForSequentialRecommendation
 
 NUM_ITEMS, MAX_LEN = 30, 16
 REPO_ID = "someone/m2rec-tiny"
 TOKEN = "hf_stand_in_token_0123456789"
-CODE_FILES = {path.name for path in Path(modeling_m2rec.__file__).parent.glob("*.py")} - {"__init__.py"}
+CODE_FILES = {path.name for path in Path(m2rec.__file__).parent.glob("*.py")} - {"__init__.py"}
 TEST_METRICS = {f"{name}@{k}": round(0.05 * i + 0.001 * k, 6)
                 for i, name in enumerate(("HR", "NDCG", "MRR"), start=1) for k in (5, 10, 20)}
 TRAINING_INFO = {
@@ -331,7 +331,7 @@ def test_round_trip_through_the_stand_in_hub(built, tmp_path):
             import sys
             from safetensors.torch import load_file, save_file
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-            assert "modeling_m2rec" not in sys.modules
+            assert "m2rec" not in sys.modules
             with torch.no_grad():
                 logits = model(load_file(sys.argv[1])["input_ids"], last_position_only=True).logits
             save_file({"logits": logits.contiguous()}, sys.argv[2])
@@ -354,7 +354,7 @@ def test_transformers_push_to_hub_gives_a_loadable_but_incomplete_repository(tmp
     push_script = textwrap.dedent(f"""
         import sys, torch
         from safetensors.torch import save_file
-        from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+        from m2rec import M2RecConfig, M2RecForSequentialRecommendation
         torch.manual_seed(0)
         model = M2RecForSequentialRecommendation(M2RecConfig(num_items={NUM_ITEMS}, max_len={MAX_LEN},
             hidden_size=16, state_size=8, text_embedding_dim=8)).eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
-from modeling_m2rec import cpu_scan, kernels
+from m2rec import cpu_scan, kernels
 
 # Max-norm relative error of a float32 implementation against the float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-11}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.metrics import MetricAccumulator, metrics_from_ranks, rank_targets
+from m2rec.training.metrics import MetricAccumulator, metrics_from_ranks, rank_targets
 
 SCORES = torch.tensor([
     [9.0, 0.1, 0.5, 0.3, 0.9, 0.2],  # padding column 0 scores highest but is never ranked

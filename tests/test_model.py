@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
-from modeling_m2rec.cpu_mixer import MixerCPUFn
-from modeling_m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
+from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
+from m2rec.cpu_mixer import MixerCPUFn
+from m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24

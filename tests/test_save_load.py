@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-import modeling_m2rec
-from modeling_m2rec import M2RecForSequentialRecommendation
+import m2rec
+from m2rec import M2RecForSequentialRecommendation
 from test_model import random_histories, tiny_model
 
 # Every module of the remote-code folder but the package's own __init__ (which registers the Auto classes).
-CODE_FILES = {name for name in os.listdir(os.path.dirname(modeling_m2rec.__file__))
+CODE_FILES = {name for name in os.listdir(os.path.dirname(m2rec.__file__))
               if name.endswith(".py") and name != "__init__.py"}
 
 
@@ -75,7 +75,7 @@ def test_remote_code_loads_offline_in_a_fresh_process(tmp_path):
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        assert "modeling_m2rec" not in sys.modules, "the installed package was imported: not a remote-code load"
+        assert "m2rec" not in sys.modules, "the installed package was imported: not a remote-code load"
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
         logits = model(expected["input_ids"]).logits
@@ -97,7 +97,7 @@ def test_remote_code_imports_only_torch_transformers_and_siblings():
     try/except or a function."""
     import ast
 
-    package_dir = os.path.dirname(modeling_m2rec.__file__)
+    package_dir = os.path.dirname(m2rec.__file__)
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
     for name in CODE_FILES:
         tree = ast.parse(open(os.path.join(package_dir, name)).read())

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from training.data import DataArguments, TrainDataset, prepare_dataset
-from training.synthetic import CATEGORIES, SLOT_HOURS, START_TIME, WEEKLY_SCHEDULE, generate_synthetic, item_category
+from m2rec.training.data import DataArguments, TrainDataset, prepare_dataset
+from m2rec.training.synthetic import CATEGORIES, SLOT_HOURS, START_TIME, WEEKLY_SCHEDULE, generate_synthetic, item_category
 
 
 def test_deterministic_for_a_seed():

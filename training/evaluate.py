@@ -1,7 +1,7 @@
 """Full-ranking evaluation (HR/NDCG/MRR@{5,10,20}) and the `m2rec-evaluate` command.
 
     m2rec-evaluate --model runs/ml-1m/best --split test [--exclude_history true]
-    accelerate launch --multi_gpu --num_processes 2 -m training.evaluate --model ... --cpu true
+    accelerate launch --multi_gpu --num_processes 2 -m m2rec.training.evaluate --model ... --cpu true
 
 The data settings are read from the model folder's training_info.json, so the same users, item ids and split are
 rebuilt (from the cache when it is there). Under `accelerate launch` each process ranks its share of the users and
@@ -60,7 +60,7 @@ class EvaluateArguments:
 def main(argv=None):
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
-    from modeling_m2rec import M2RecForSequentialRecommendation
+    from .. import M2RecForSequentialRecommendation
 
     data_args = run_data_arguments(json.loads((Path(args.model) / "training_info.json").read_text()))
 

@@ -1,4 +1,4 @@
-"""Train M2Rec with Accelerate: one script for CPU, one GPU, many GPUs (`accelerate launch -m training.train ...`).
+"""Train M2Rec with Accelerate: one script for CPU, one GPU, many GPUs (`accelerate launch -m m2rec.training.train ...`).
 
     m2rec-train                                   # the embedded synthetic default, offline, a couple of minutes
     m2rec-train --config training/configs/ml-1m.yaml --output_dir runs/ml-1m
@@ -32,7 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling_m2rec import M2RecConfig, M2RecForSequentialRecommendation
+from .. import M2RecConfig, M2RecForSequentialRecommendation
 
 from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
 from .data import DataArguments, EpochSubsetSampler, PreparedDataset, TrainDataset, collate_train, prepare_dataset
