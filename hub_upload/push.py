@@ -7,10 +7,12 @@
    `save_pretrained`, rather than copied. That way the folder gets exactly model.safetensors (one copy of the tied
    weights, nothing pickled), a fresh config.json with `auto_map`, and the complete current set of code files, and
    nothing else that happens to lie in the run folder. Then item_id_map.json, training_info.json and README.md.
-3. Verify it (hub_upload.verify): allowed imports only, and a fresh offline `AutoModel.from_pretrained(folder,
-   trust_remote_code=True)` scores like the source model. If the run folder's own code files differ from the ones
-   being published, the run folder is loaded with its own code too and must score the same, so that the metrics
-   measured with the old code still describe what is uploaded.
+3. Verify it (hub_upload.verify): the code files are byte-identical to the installed package's, they import only
+   what they may, and a fresh offline `AutoModel.from_pretrained(folder, trust_remote_code=True)` scores like the
+   source model.
+Nothing from the run folder is ever executed: its weights are read with the installed package's class, and a run
+folder whose own code files differ from the installed package's is refused before anything is built (the code
+that measured its metrics is not the code that would be published, and running it to compare could run anything).
 4. Upload with huggingface_hub (create_repo, create_branch for --revision, upload_folder). --dry-run stops before.
 """
 
@@ -22,12 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError, safe_open
 
 from .model_card import build_model_card, is_movielens, resolve_license
-from .verify import VerificationError, verify_folder
+from .verify import INSTALLED_CODE, VerificationError, code_differing_from_installed, verify_folder
 
 RUN_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json")
 
@@ -44,7 +48,8 @@ class UploadError(PushError):
 
 
 def read_run_folder(model_dir):
-    """(config, training_info, item_id_map) of a run folder, after checking that they fit together."""
+    """(config, training_info, item_id_map) of a run folder, after checking that they fit together, that its weights
+    read in full and are finite, and that its code files (if any) are the installed package's."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PushError(f"--model {model_dir}: no such directory")
@@ -55,6 +60,7 @@ def read_run_folder(model_dir):
     if missing:
         raise PushError(f"{model_dir} is not a complete run folder: missing {', '.join(missing)} (the trainer writes "
                         f"save_pretrained's files plus item_id_map.json and training_info.json into best/)")
+    check_run_code(model_dir)
     config = _read_json(model_dir / "config.json")
     training_info = _read_json(model_dir / "training_info.json")
     item_id_map = _read_json(model_dir / "item_id_map.json")
@@ -63,7 +69,47 @@ def read_run_folder(model_dir):
     if training_info.get("num_items") not in (None, num_items):
         raise PushError(f"training_info.json says num_items={training_info['num_items']} but config.json says "
                         f"{num_items}: the two files come from different runs")
+    check_weights(model_dir / "model.safetensors")
     return config, training_info, item_id_map
+
+
+def check_run_code(model_dir):
+    """Refuses a run folder whose code files differ from the installed package's, naming them.
+
+    Comparing by running that code would run whatever the folder holds (during a dry run too); and the run's metrics
+    were measured with that code, not with the installed code that would be published.
+    """
+    differing = code_differing_from_installed(model_dir)
+    if differing:
+        model_dir = Path(model_dir)
+        raise PushError(
+            f"the code files {', '.join(differing)} in {model_dir} differ from the installed m2rec's ({INSTALLED_CODE}). "
+            f"m2rec-push never runs code from the folder it publishes, and the run's metrics were measured with that "
+            f"code, not with the code that would be published. Either push with the m2rec version that saved this run, "
+            f"or adopt the installed code: re-save the model with it (python -c \"from m2rec import "
+            f"M2RecForSequentialRecommendation as M; M.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\"), "
+            f"check its metrics with m2rec-evaluate, and push again")
+
+
+def check_weights(path):
+    """Refuses weights that cannot be read in full (a truncated or foreign file) or hold NaN or infinite values,
+    naming the file and the tensors: such a model would only ever recommend arbitrary items."""
+    not_finite = {}
+    try:
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_tensor(name)
+                if tensor.is_floating_point():
+                    count = int((~torch.isfinite(tensor)).sum())
+                    if count:
+                        not_finite[name] = f"{count} of {tensor.numel()}"
+    except (OSError, SafetensorError) as error:
+        raise PushError(f"cannot read {path}: {error}; the file is truncated or not a safetensors file (copy it again "
+                        f"from the run, or save the model again)") from None
+    if not_finite:
+        listed = ", ".join(f"{name} ({count} values)" for name, count in sorted(not_finite.items()))
+        raise PushError(f"{path} holds NaN or infinite weights: {listed}; the training diverged or the file was "
+                        f"corrupted, so it is not published")
 
 
 def _read_json(path):
@@ -106,7 +152,7 @@ def load_source_model(model_dir):
 
 
 def build_repo_folder(model_dir, folder, repo_id, license=None):
-    """Write the repository folder; returns (source model, folders that must also score the same)."""
+    """Write the repository folder; returns the source model (loaded with the installed package's class)."""
     model_dir, folder = Path(model_dir), Path(folder)
     _, training_info, item_id_map = read_run_folder(model_dir)
     model = load_source_model(model_dir)
@@ -116,23 +162,7 @@ def build_repo_folder(model_dir, folder, repo_id, license=None):
     card = build_model_card(repo_id, model.config.to_dict(), training_info, item_id_map, license=license,
                             num_parameters=sum(p.numel() for p in model.parameters()))
     (folder / "README.md").write_text(card, encoding="utf-8")
-    return model, _run_folder_if_code_changed(model_dir, folder)
-
-
-def _run_folder_if_code_changed(model_dir, folder):
-    """[model_dir] when its code files differ from those just written (it must then score the same), else []."""
-    published = {path.name: path.read_bytes() for path in folder.glob("*.py")}
-    original = {path.name: path.read_bytes() for path in model_dir.glob("*.py")}
-    if original == published:
-        return []
-    if not original or "auto_map" not in _read_json(model_dir / "config.json"):
-        print(f"note: {model_dir} has no code files of its own, so the code the run was evaluated with cannot be "
-              f"compared with the code being published", file=sys.stderr)
-        return []
-    changed = sorted(name for name in published.keys() | original.keys() if published.get(name) != original.get(name))
-    print(f"note: the code files {', '.join(changed)} differ from the run folder's; checking that the run folder, "
-          f"loaded with its own code, scores the same", file=sys.stderr)
-    return [model_dir]
+    return model
 
 
 def folder_files(folder):
@@ -253,18 +283,18 @@ def _run(args, folder):
             raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (--dry-run needs none)")
 
     print(f"building the repository folder from {args.model} ...", flush=True)
-    model, extra_folders = build_repo_folder(args.model, folder, args.repo_id, license=args.license)
+    model = build_repo_folder(args.model, folder, args.repo_id, license=args.license)
     training_info = json.loads((folder / "training_info.json").read_text())
     license_id, source = resolve_license(args.license, training_info)
     if source.startswith("default") and is_movielens(training_info.get("dataset")):
         print(f"warning: no --license given; the card says {license_id} (the code's license) and explains that the "
               f"MovieLens terms still apply to the weights. Consider --license other, and --private.", file=sys.stderr)
 
-    print("verifying: files, imports, fresh offline load ...", flush=True)
-    summary = verify_folder(folder, model, extra_folders=extra_folders)
-    print(f"verified: {len(summary['python_files'])} code files import only what they may; a fresh offline "
-          f"AutoModel.from_pretrained(trust_remote_code=True) scores {summary['histories']} histories like the "
-          f"source model (max relative difference {summary['max_difference']:.2g})")
+    print("verifying: files, code, imports, fresh offline load ...", flush=True)
+    summary = verify_folder(folder, model)
+    print(f"verified: {len(summary['python_files'])} code files are the installed m2rec's and import only what they "
+          f"may; a fresh offline AutoModel.from_pretrained(trust_remote_code=True) scores {summary['histories']} "
+          f"histories like the source model (max relative difference {summary['max_difference']:.2g})")
 
     files = folder_files(folder)
     target = (f"{endpoint}/{args.repo_id} (revision {args.revision or constants.DEFAULT_REVISION}, "

@@ -1,14 +1,17 @@
 """Checks a repository folder must pass before it is uploaded.
 
 1. Files: the ones a user needs are there, and no pickle-based weight file is (loading a pickle runs arbitrary code).
-2. Imports: every `.py` file imports only the standard library, torch, transformers and (relatively) its sibling
+2. Code: every `.py` file is byte-identical to the installed package's file of that name, so that the fresh load
+   below runs exactly the installed code and nothing else (checked before anything loads the folder).
+3. Imports: every `.py` file imports only the standard library, torch, transformers and (relatively) its sibling
    files, except inside `try` blocks (DESIGN.md §6). Where it looks follows transformers' remote-code loader
    (`dynamic_module_utils.check_imports`): that scans the *whole* file, function bodies included, skipping only
    `try` blocks and `if is_..._available()` blocks, and refuses to load if any scanned import is missing. So an
    optional CUDA package imported in a function without `try` breaks loading on every machine without that
    package; this check catches it before users do.
-3. A fresh load: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new Python process, offline, with
-   sockets disabled and its own module cache, must score a few fixed histories like the source model does.
+4. A fresh load: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new Python process, offline, with
+   sockets disabled, no Hugging Face token and its own module cache, must score a few fixed histories like the source
+   model does.
 """
 
 import ast
@@ -23,11 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import modeling_m2rec as installed_modeling
+
 # What every user of a transformers model has. (huggingface_hub and safetensors are installed with transformers too,
 # but the project's rule, DESIGN.md §6, is the narrower one, and the model code does not need them.)
 ALLOWED_PACKAGES = frozenset({"torch", "transformers"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 REQUIRED_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json", "README.md")
+# The installed model package, whose files save_pretrained copies next to the weights as remote code.
+INSTALLED_CODE = Path(installed_modeling.__file__).resolve().parent
 
 # Scores of the fresh load may differ from the in-process ones by at most SCORE_TOLERANCE · max(1, max |score|).
 # Code and weights are byte-identical, so the only legitimate difference is floating-point reduction order (a
@@ -67,6 +74,32 @@ def check_files(folder) -> list[str]:
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"auto_map[{auto_class!r}] points at {module}.py, which is not in the folder")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------- code
+
+
+def code_differing_from_installed(folder) -> list[str]:
+    """Relative paths of the folder's `.py` files that are not byte-identical to the installed package's file of the
+    same name (including files the package does not have). Reads the files; runs nothing."""
+    folder = Path(folder)
+    differing = []
+    for path in sorted(folder.rglob("*.py")):
+        name = path.relative_to(folder)
+        installed = INSTALLED_CODE / name
+        if not installed.is_file() or installed.read_bytes() != path.read_bytes():
+            differing.append(name.as_posix())
+    return differing
+
+
+def check_code(folder) -> list[str]:
+    """Problems: code files that differ from the installed package's, which the fresh load would otherwise run."""
+    differing = code_differing_from_installed(folder)
+    if not differing:
+        return []
+    return [f"the code files {', '.join(differing)} differ from the installed m2rec's ({INSTALLED_CODE}); only the "
+            f"installed code is published and loaded (build the folder with m2rec-push, which writes it with "
+            f"save_pretrained, and do not edit it)"]
 
 
 # ---------------------------------------------------------------------------------------------------- imports
@@ -152,38 +185,47 @@ _LOAD_SCRIPT = textwrap.dedent("""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel
 
-    inputs_path, outputs_path, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
-    input_ids = load_file(inputs_path)["input_ids"]
-    scores = {}
-    for index, folder in enumerate(folders):
-        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-        module = type(model).__module__
-        if not module.startswith("transformers_modules"):
-            sys.exit(f"{folder} was not loaded from its own code files but from {module}")
-        with torch.no_grad():
-            scores[str(index)] = model(input_ids, last_position_only=True).logits.contiguous()
-    save_file(scores, outputs_path)
+    folder, inputs_path, outputs_path = sys.argv[1:]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    module = type(model).__module__
+    if not module.startswith("transformers_modules"):
+        sys.exit(f"{folder} was not loaded from its own code files but from {module}")
+    with torch.no_grad():
+        scores = model(load_file(inputs_path)["input_ids"], last_position_only=True).logits
+    save_file({"scores": scores.contiguous()}, outputs_path)
 """)
 
 
-def fresh_load_scores(folders, input_ids, timeout=600):
-    """Scores (B, I) of each folder loaded by `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new
-    offline process with empty Hub and module caches. Raises VerificationError with the child's stderr if it fails."""
+def child_environment(scratch) -> dict:
+    """The fresh load's environment: offline, Hub and module caches under `scratch`, and no credentials.
+
+    Every variable whose name contains TOKEN is removed (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, which huggingface_hub still
+    honours, HF_TOKEN_PATH, and any other service's token), and the empty HF_HOME holds no saved token: the load needs
+    none, and code that reads credentials must find nothing to read.
+    """
+    scratch = Path(scratch)
+    env = {name: value for name, value in os.environ.items() if "TOKEN" not in name.upper()}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(scratch / "hf_home"),
+               HF_MODULES_CACHE=str(scratch / "modules"))
+    return env
+
+
+def fresh_load_scores(folder, input_ids, timeout=600):
+    """Scores (B, I) of the folder loaded by `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new
+    offline process without credentials and with empty Hub and module caches. Raises VerificationError with the
+    child's stderr if it fails."""
     with tempfile.TemporaryDirectory(prefix="m2rec-verify-") as scratch:
         scratch = Path(scratch)
         save_file({"input_ids": input_ids.contiguous()}, scratch / "inputs.safetensors")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(scratch / "hf_home"),
-                   HF_MODULES_CACHE=str(scratch / "modules"))
-        env.pop("HF_TOKEN", None)  # the load needs no credentials
-        command = [sys.executable, "-c", _LOAD_SCRIPT, str(scratch / "inputs.safetensors"),
-                   str(scratch / "scores.safetensors"), *(str(Path(folder).resolve()) for folder in folders)]
+        command = [sys.executable, "-c", _LOAD_SCRIPT, str(Path(folder).resolve()), str(scratch / "inputs.safetensors"),
+                   str(scratch / "scores.safetensors")]
         # cwd=scratch: a `modeling_m2rec` package in the caller's working directory must not be what gets imported.
-        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=scratch, env=child_environment(scratch), capture_output=True, text=True,
+                                timeout=timeout)
         if result.returncode != 0:
             raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) failed in a fresh "
                                      f"offline process:\n{result.stderr.strip()[-3000:]}"])
-        scores = load_file(scratch / "scores.safetensors")
-        return [scores[str(index)] for index in range(len(folders))]
+        return load_file(scratch / "scores.safetensors")["scores"]
 
 
 def score_difference(scores: torch.Tensor, reference: torch.Tensor) -> float:
@@ -194,36 +236,26 @@ def score_difference(scores: torch.Tensor, reference: torch.Tensor) -> float:
     return (scores[:, 1:].double() - reference[:, 1:].double()).abs().max().item() / scale
 
 
-def verify_folder(folder, source_model, extra_folders=()) -> dict:
-    """Refuse (raise VerificationError) unless `folder` is complete, pickle-free, imports only what it may, and loads
-    in a fresh offline process with the same scores as `source_model` (the model as loaded from the run folder).
+def verify_folder(folder, source_model) -> dict:
+    """Refuse (raise VerificationError) unless `folder` is complete, pickle-free, holds exactly the installed code,
+    imports only what it may, and loads in a fresh offline process with the same scores as `source_model` (the model
+    as loaded from the run folder). Nothing in the folder runs before the code check has passed.
 
-    `extra_folders`: other folders that must score the same too (push.py passes the run folder when its code files
-    differ from the ones being published, so that the metrics measured with the old code still describe the model).
     Returns a summary: {"python_files": [...], "histories": B, "max_difference": float}.
     """
     folder = Path(folder)
-    problems = check_files(folder) + check_imports(folder)
-    if problems:  # no point starting a process for a folder that is refused anyway
+    problems = check_files(folder) + check_code(folder) + check_imports(folder)
+    if problems:  # no point starting a process for a folder that is refused anyway, and its code must not run
         raise VerificationError(problems)
 
     config = source_model.config
     input_ids = reference_histories(config.num_items, config.max_len)  # (B, L)
     with torch.no_grad():
         reference = source_model.eval()(input_ids, last_position_only=True).logits  # (B, I)
-    folders = [folder, *extra_folders]
-    differences = [score_difference(scores, reference) for scores in fresh_load_scores(folders, input_ids)]
-    for index, (path, difference) in enumerate(zip(folders, differences)):
-        if difference <= SCORE_TOLERANCE:
-            continue
-        what = ("the repository folder" if index == 0 else
-                f"the run folder {path}, loaded with the code it was saved with,")
-        cause = ("its weights or code differ from the source model's" if index == 0 else
-                 "the code being published changes the model's scores, so the metrics measured by the run do not "
-                 "describe the uploaded model; evaluate again with the current code, or publish with the old one")
-        problems.append(f"{what} scores {len(input_ids)} fixed histories differently in a fresh process: max "
-                        f"relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g}; {cause}")
-    if problems:
-        raise VerificationError(problems)
+    difference = score_difference(fresh_load_scores(folder, input_ids), reference)
+    if not difference <= SCORE_TOLERANCE:  # also refuses NaN
+        raise VerificationError([f"the repository folder scores {len(input_ids)} fixed histories differently in a "
+                                 f"fresh process: max relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g}; its "
+                                 f"weights or code differ from the source model's"])
     return {"python_files": sorted(path.name for path in folder.rglob("*.py")), "histories": len(input_ids),
-            "max_difference": max(differences)}
+            "max_difference": difference}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import m2rec
 from hub_server import StandInHub
-from m2rec.hub_upload import push
+from m2rec.hub_upload import push, verify
 from m2rec.hub_upload.model_card import build_model_card
 from m2rec.hub_upload.push import PushError, UploadError, build_repo_folder, load_source_model, main, upload
 from m2rec.hub_upload.verify import SCORE_TOLERANCE, VerificationError, check_imports, reference_histories, verify_folder
@@ -72,12 +72,9 @@ def built(tmp_path_factory):
     """Run folder, repository folder built and verified from it, source model, verification summary."""
     root = tmp_path_factory.mktemp("push")
     run_dir = make_run_folder(root / "best")
-    with open(run_dir / "modeling_m2rec.py", "a") as code:  # as if saved by an older version of the code
-        code.write("\n# saved by an older m2rec\n")
     folder = root / "repo"
-    model, extra_folders = build_repo_folder(run_dir, folder, REPO_ID)
-    assert extra_folders == [run_dir]  # so verification also loads the run folder with its own code
-    summary = verify_folder(folder, model, extra_folders=extra_folders)
+    model = build_repo_folder(run_dir, folder, REPO_ID)
+    summary = verify_folder(folder, model)
     return run_dir, folder, model, summary
 
 
@@ -119,13 +116,6 @@ def test_repository_folder_holds_safetensors_code_map_info_and_card(built):
         assert (folder / name).read_bytes() == (run_dir / name).read_bytes()
     assert summary["python_files"] == sorted(CODE_FILES)
     assert summary["max_difference"] <= SCORE_TOLERANCE
-
-
-def test_run_folder_is_reloaded_only_when_its_code_differs(built, tmp_path):
-    run_dir, folder = copy_of(built[0], tmp_path), built[1]
-    for code_file in folder.glob("*.py"):
-        shutil.copyfile(code_file, run_dir / code_file.name)
-    assert push._run_folder_if_code_changed(run_dir, folder) == []
 
 
 def test_model_card_metadata_and_body_come_from_training_info(built):
@@ -253,6 +243,76 @@ def test_refuses_run_folder_without_a_valid_item_map(built, tmp_path, capsys):
     (run_dir / "item_id_map.json").write_text(json.dumps({"a": 1, "b": 1}))
     with pytest.raises(PushError, match="exactly one raw id to each model id"):
         build_repo_folder(run_dir, tmp_path / "out", REPO_ID)
+
+
+def code_that_leaves_a_marker(marker):
+    """A line of Python that, if it ever runs, creates `marker` (a stand-in for `import os; os.system(...)`)."""
+    return f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+
+
+def test_push_refuses_a_run_folder_whose_code_differs_and_never_runs_it(built, tmp_path, capsys, monkeypatch):
+    run_dir = copy_of(built[0], tmp_path)
+    marker = tmp_path / "marker"
+    modeling = run_dir / "modeling_m2rec.py"
+    modeling.write_text(code_that_leaves_a_marker(marker) + modeling.read_text())
+    assert main(["--model", str(run_dir), "--repo-id", REPO_ID, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"the code files modeling_m2rec.py in {run_dir} differ from the installed m2rec's" in err
+    assert "never runs code from the folder it publishes" in err and "Traceback" not in err
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with StandInHub(token=TOKEN) as hub:
+        assert main(["--model", str(run_dir), "--repo-id", REPO_ID, "--endpoint", hub.url]) == 1
+    assert hub.requests == [] and "modeling_m2rec.py" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_verification_refuses_code_unlike_the_installed_package_before_loading_it(built, tmp_path):
+    folder = copy_of(built[1], tmp_path)
+    marker = tmp_path / "marker"
+    modeling = folder / "modeling_m2rec.py"
+    modeling.write_text(code_that_leaves_a_marker(marker) + modeling.read_text())
+    (folder / "extra.py").write_text("VALUE = 1\n")
+    with pytest.raises(VerificationError, match=r"the code files extra.py, modeling_m2rec.py differ from the "
+                                                r"installed m2rec's"):
+        verify_folder(folder, built[2])
+    assert not marker.exists()
+
+
+def test_fresh_load_runs_without_any_token_variable(tmp_path, monkeypatch):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "GITHUB_TOKEN"):
+        monkeypatch.setenv(name, TOKEN)
+    seen = {}
+
+    def record_child(command, **kwargs):
+        seen.update(kwargs)
+        return subprocess.CompletedProcess(command, returncode=1, stdout="", stderr="stopped by the test")
+
+    monkeypatch.setattr(verify.subprocess, "run", record_child)
+    with pytest.raises(VerificationError, match="stopped by the test"):
+        verify.fresh_load_scores(tmp_path, reference_histories(NUM_ITEMS, MAX_LEN))
+    env = seen["env"]
+    assert [name for name in env if "TOKEN" in name.upper()] == [] and TOKEN not in env.values()
+    assert env["HF_HUB_OFFLINE"] == "1" and Path(env["HF_HOME"]).parent == Path(seen["cwd"])  # scratch: no saved token
+
+
+def test_push_refuses_truncated_or_non_finite_weights_naming_the_file_and_tensors(built, tmp_path, capsys):
+    run_dir = copy_of(built[0], tmp_path)
+    weights_path = run_dir / "model.safetensors"
+    intact = weights_path.read_bytes()
+    weights_path.write_bytes(intact[: len(intact) // 2])
+    assert main(["--model", str(run_dir), "--repo-id", REPO_ID, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {weights_path}" in err and "truncated" in err and "Traceback" not in err
+
+    weights_path.write_bytes(intact)
+    weights = load_file(weights_path)
+    weights["m2rec.item_embeddings.weight"][3, :2] = float("nan")
+    weights["m2rec.fusion.text_weight"].view(-1)[0] = float("inf")
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    assert main(["--model", str(run_dir), "--repo-id", REPO_ID, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"{weights_path} holds NaN or infinite weights: m2rec.fusion.text_weight (1 of " in err
+    assert "m2rec.item_embeddings.weight (2 of " in err and "scores" not in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------------- CLI and upload
