@@ -13,6 +13,8 @@ import json
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
+from ..cpu_scan import BUILD_TIME_HINT
+
 DEFAULT_LICENSE = "apache-2.0"  # the license of the M2Rec code (pyproject.toml)
 TAGS = ["sequential-recommendation", "recommender-system", "recommendation", "mamba", "state-space-model", "m2rec"]
 TASK_TYPE, TASK_NAME = "sequential-recommendation", "Sequential Recommendation"
@@ -141,6 +143,14 @@ def _usage(repo_id, config, item_id_map):
         "read them first, and pin the commit you reviewed with `revision=\"<commit sha>\"`. They import only torch and "
         "transformers, never touch the network, and use the `mamba-ssm` / `causal-conv1d` CUDA kernels when those are "
         "installed (plain PyTorch otherwise).",
+        "",
+        "On CPU they compile fused C++ kernels (the selective scan and the causal convolution) on first use: this needs "
+        "a C++ compiler (g++ or clang; MSVC on Windows) and `ninja` (`pip install ninja`), takes "
+        f"{BUILD_TIME_HINT} once per machine and torch version, is announced by a warning before it starts, and is "
+        "cached in `TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`). Build them ahead of time, e.g. in a "
+        "container image, with `m2rec-build-kernels` (from the `m2rec` package) or by scoring one history once. "
+        "Without a compiler the model runs the exact plain-PyTorch path instead (the same scores, several times slower "
+        "on CPU), and says so once in the log; `M2REC_DISABLE_FUSED_CPU=1` chooses that path without compiling.",
         "",
         "## Recommend",
         "",

@@ -17,11 +17,14 @@ Shapes: B batch, D channels (d_inner), L length, N state size; the conventions a
 mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
 
 The extension is compiled once per source, torch version and architecture into
-TORCH_EXTENSIONS_DIR (the first build takes about 30 s on two cores) and loaded from there
-afterwards. Where it cannot be built (no compiler, no ninja), `load_cpu_scan` returns None and
-logs why once, and `selective_scan` falls back to PyTorch.
+TORCH_EXTENSIONS_DIR (the first build takes one to two minutes on two cores, announced by a
+warning before it starts) and loaded from there afterwards; `m2rec-build-kernels`
+(`build_kernels_main`) builds it ahead of time. Where it cannot be built (no compiler, no ninja),
+`load_cpu_scan` returns None and logs why once, and `selective_scan` falls back to the exact
+plain-PyTorch path.
 """
 
+import argparse
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -1185,6 +1188,10 @@ def _build_directory(name):
     return os.path.join(root, name)
 
 
+# What a first use costs: measured on 2 cores, 47 s idle and 107 s while other jobs ran (one compiler process).
+BUILD_TIME_HINT = "one to two minutes on 2 cores"
+
+
 def _import_built(name, directory):
     """Imports a finished build directly. load_inline would first take its build lock, and a lock file left by a
     process killed while compiling makes every later load wait forever."""
@@ -1200,7 +1207,7 @@ def _import_built(name, directory):
 
 
 def _remove_stale_lock(directory, max_age_s=600):
-    """A build takes well under a minute: an older lock belongs to a compile that was killed."""
+    """A build takes a minute or two: a lock older than ten minutes belongs to a compile that was killed."""
     lock = os.path.join(directory, "lock")
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > max_age_s:
         logger.warning("removing the stale build lock %s left by an interrupted compile", lock)
@@ -1233,6 +1240,13 @@ def load_cpu_scan():
                 directory = _build_directory(name)
                 _module = _import_built(name, directory)
                 if _module is None:
+                    logger.warning(
+                        "compiling the fused CPU kernels of M2Rec (selective scan and causal convolution, C++) for "
+                        "torch %s: the fast CPU path, built once per machine and torch version; this takes %s and "
+                        "is cached in %s. To build ahead of time run `m2rec-build-kernels` (installed with m2rec); "
+                        "to skip it set M2REC_DISABLE_FUSED_CPU=1 (the exact plain-PyTorch path, several times "
+                        "slower on CPU).",
+                        torch.__version__, BUILD_TIME_HINT, directory)
                     os.makedirs(directory, exist_ok=True)
                     _remove_stale_lock(directory)
                     _module = load_inline(
@@ -1246,13 +1260,19 @@ def load_cpu_scan():
                 logger.info("fused CPU selective scan ready in %.1f s", time.perf_counter() - start)
             except Exception as error:  # any failure to build means: use the PyTorch scan
                 logger.warning(
-                    "could not build the fused CPU selective scan (%s: %s); the plain PyTorch "
-                    "scan will be used instead, which is several times slower on CPU",
+                    "could not build the fused CPU selective scan (%s: %s); the exact plain-PyTorch "
+                    "scan will be used instead, which is several times slower on CPU (it needs a C++ "
+                    "compiler and ninja; M2REC_DISABLE_FUSED_CPU=1 skips the attempt)",
                     type(error).__name__,
                     str(error).strip().splitlines()[-1] if str(error).strip() else "",
                 )
                 _module = None
         return _module
+
+
+def fused_cpu_disabled():
+    """Whether M2REC_DISABLE_FUSED_CPU asks for the plain-PyTorch CPU path (to debug, benchmark, or skip the build)."""
+    return os.environ.get("M2REC_DISABLE_FUSED_CPU", "0") not in ("", "0")
 
 
 def avx512_enabled():
@@ -1359,5 +1379,35 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
-__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "causal_conv1d_cpu", "fused_backward",
-           "load_cpu_scan", "selective_scan_cpu"]
+def build_kernels_main(argv=None):
+    """`m2rec-build-kernels`: compile the fused CPU kernels ahead of time (e.g. while building a container image), or
+    find the cached build, and say where they are cached and whether the AVX-512 variants run on this CPU.
+    Returns the exit status: 1 where they cannot be built (the model then runs the exact plain-PyTorch path)."""
+    argparse.ArgumentParser(
+        prog="m2rec-build-kernels",
+        description="Build M2Rec's fused CPU kernels (selective scan, causal convolution) into TORCH_EXTENSIONS_DIR "
+                    "now, so that the first model call does not compile them. Needs a C++ compiler and ninja.",
+    ).parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # the loader's warnings, e.g. why a build failed
+    directory = _build_directory(_extension_name())
+    start = time.perf_counter()
+    module = load_cpu_scan()
+    if module is None:
+        print("m2rec-build-kernels: error: the fused CPU kernels could not be built (the reason is logged above); "
+              "M2Rec runs the exact plain-PyTorch path instead, several times slower on CPU", file=sys.stderr)
+        return 1
+    if not module.has_avx512():
+        avx512 = "not used (this CPU has no AVX-512F; the generic vectorised loops run)"
+    elif avx512_enabled():
+        avx512 = "used (this CPU has AVX-512F)"
+    else:
+        avx512 = "available but disabled by M2REC_DISABLE_AVX512"
+    print(f"fused CPU kernels ready ({time.perf_counter() - start:.1f} s), cached in {directory}")
+    print(f"AVX-512: {avx512}")
+    if fused_cpu_disabled():
+        print("note: M2REC_DISABLE_FUSED_CPU is set, so M2Rec will not use them until it is unset")
+    return 0
+
+
+__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "build_kernels_main", "causal_conv1d_cpu",
+           "fused_backward", "fused_cpu_disabled", "load_cpu_scan", "selective_scan_cpu"]

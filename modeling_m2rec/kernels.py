@@ -19,12 +19,11 @@ u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta
 """
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import causal_conv1d_cpu, load_cpu_scan, selective_scan_cpu
+from .cpu_scan import causal_conv1d_cpu, fused_cpu_disabled, load_cpu_scan, selective_scan_cpu
 
 
 try:
@@ -238,7 +237,7 @@ def selective_scan_backend(device):
         _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
         return "torch"
     if device.type == "cpu":
-        if os.environ.get("M2REC_DISABLE_FUSED_CPU", "0") not in ("", "0"):
+        if fused_cpu_disabled():
             _log_once("M2REC_DISABLE_FUSED_CPU is set: the selective scan runs in plain PyTorch")
             return "torch"
         if load_cpu_scan() is not None:

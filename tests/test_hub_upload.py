@@ -138,6 +138,7 @@ def test_model_card_metadata_and_body_come_from_training_info(built):
     assert TRAINING_INFO["train_command"] in body and "learning_rate: 0.001" in body
     assert "leave-one-out" in body and "exclude_history: false" in body
     assert "BAAI/bge-large-en-v1.5" in body
+    assert "C++ compiler" in body and "m2rec-build-kernels" in body and "M2REC_DISABLE_FUSED_CPU=1" in body
     assert "GroupLens" in body and "redistribut" in body  # MovieLens terms stated in the limits
     assert "| HR@10 | 0.0600 | 0.2500 |" in body
 

@@ -397,3 +397,55 @@ def test_a_lock_left_by_a_killed_compile_does_not_block_loading(tmp_path):
     cpu_scan._remove_stale_lock(str(tmp_path))
     assert not lock.exists()
     assert cpu_scan._import_built("m2rec_cpu_scan_missing", str(tmp_path)) is None
+
+
+def test_a_first_build_is_announced_before_it_starts(monkeypatch, tmp_path):
+    """With an empty TORCH_EXTENSIONS_DIR the first use compiles C++ for about a minute: a WARNING saying what, why,
+    how long, where and how to skip it must come before the compiler starts, not an INFO line after it."""
+    events = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            events.append(("log", record.levelno, record.getMessage()))
+
+    def compile_extension(**kwargs):
+        events.append(("build", kwargs["build_directory"]))
+        return "compiled module"
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", compile_extension)
+    monkeypatch.setattr(cpu_scan, "_module", cpu_scan._UNSET)  # restored to the built module afterwards
+    recorder = Recorder()
+    cpu_scan.logger.addHandler(recorder)
+    try:
+        assert cpu_scan.load_cpu_scan() == "compiled module"
+        assert cpu_scan.load_cpu_scan() == "compiled module"  # once per process
+    finally:
+        cpu_scan.logger.removeHandler(recorder)
+    build_directory = str(tmp_path / cpu_scan._extension_name())
+    assert events[0][:2] == ("log", logging.WARNING) and events[1] == ("build", build_directory)
+    assert [event for event in events[2:] if event[0] == "build" or event[1] >= logging.WARNING] == []
+    message = events[0][2]
+    for part in ("compiling the fused CPU kernels", "selective scan and causal convolution", torch.__version__,
+                 cpu_scan.BUILD_TIME_HINT, build_directory, "m2rec-build-kernels", "M2REC_DISABLE_FUSED_CPU=1"):
+        assert part in message
+
+
+def test_build_kernels_command_reports_the_cache_and_avx512(monkeypatch, capsys):
+    """`m2rec-build-kernels` (pyproject's console script) builds or finds the extension and says where it is cached
+    and whether AVX-512 runs; it fails with exit status 1 where the kernels cannot be built."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["m2rec-build-kernels"] == "m2rec.cpu_scan:build_kernels_main"
+
+    assert cpu_scan.build_kernels_main([]) == 0  # the cache built by the tests above, so this is fast
+    out = capsys.readouterr().out
+    assert f"cached in {cpu_scan._build_directory(cpu_scan._extension_name())}" in out
+    expected = "used (this CPU has AVX-512F)" if cpu_scan.load_cpu_scan().has_avx512() else "not used"
+    assert f"AVX-512: {expected}" in out
+
+    monkeypatch.setattr(cpu_scan, "load_cpu_scan", lambda: None)
+    assert cpu_scan.build_kernels_main([]) == 1
+    assert "could not be built" in capsys.readouterr().err
