@@ -10,10 +10,11 @@
 3. Verify it (hub_upload.verify): the code files are byte-identical to the installed package's, they import only
    what they may, and a fresh offline `AutoModel.from_pretrained(folder, trust_remote_code=True)` scores like the
    source model.
-Nothing from the run folder is ever executed: its weights are read with the installed package's class, and a run
-folder whose own code files differ from the installed package's is refused before anything is built (the code
-that measured its metrics is not the code that would be published, and running it to compare could run anything).
 4. Upload with huggingface_hub (create_repo, create_branch for --revision, upload_folder). --dry-run stops before.
+
+Nothing from the run folder is ever executed: its weights are read with the installed package's class, and a run
+folder whose own code files differ from the installed package's is refused before anything is built (the code that
+measured its metrics is not the code that would be published, and running it to compare could run anything).
 """
 
 import argparse
@@ -82,12 +83,13 @@ def check_run_code(model_dir):
     differing = code_differing_from_installed(model_dir)
     if differing:
         model_dir = Path(model_dir)
+        resave = (f"from m2rec import M2RecForSequentialRecommendation as M; "
+                  f"M.from_pretrained('{model_dir}').save_pretrained('{model_dir}')")
         raise PushError(
-            f"the code files {', '.join(differing)} in {model_dir} differ from the installed m2rec's ({INSTALLED_CODE}). "
-            f"m2rec-push never runs code from the folder it publishes, and the run's metrics were measured with that "
-            f"code, not with the code that would be published. Either push with the m2rec version that saved this run, "
-            f"or adopt the installed code: re-save the model with it (python -c \"from m2rec import "
-            f"M2RecForSequentialRecommendation as M; M.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\"), "
+            f"the code files {', '.join(differing)} in {model_dir} differ from the installed m2rec's "
+            f"({INSTALLED_CODE}). m2rec-push never runs code from the folder it publishes, and the run's metrics were "
+            f"measured with that code, not with the code that would be published. Either push with the m2rec version "
+            f"that saved this run, or adopt the installed code: re-save the model with it (python -c \"{resave}\"), "
             f"check its metrics with m2rec-evaluate, and push again")
 
 
