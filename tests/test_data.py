@@ -416,13 +416,13 @@ def test_epoch_subset_sampler_draws_a_new_subset_each_epoch():
 
 
 def test_eval_dataset_and_collate():
-    dataset = EvalDataset(hand_dataset(), "test", max_len=3, include_history=True)
+    dataset = EvalDataset(hand_dataset().eval_examples("test"), max_len=3, include_history=True)
     batch = collate_eval([dataset[0], dataset[1]])
     assert batch["input_ids"].tolist() == [[2, 3, 4], [6, 7, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert batch["target"].tolist() == [5, 2] and batch["user_index"].tolist() == [0, 1]
     assert batch["history"].tolist() == [[1, 2, 3, 4, 0, 0], [3, 4, 5, 6, 7, 1]]
-    batch = collate_eval([EvalDataset(hand_dataset(), "valid", max_len=10)[0]], pad_to=5)
+    batch = collate_eval([EvalDataset(hand_dataset().eval_examples("valid"), max_len=10)[0]], pad_to=5)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0]] and "history" not in batch
     assert batch["input_ids"].dtype == torch.long
 

@@ -826,13 +826,13 @@ class EpochSubsetSampler(torch.utils.data.Sampler):
 class EvalDataset(torch.utils.data.Dataset):
     """One example per user: the leave-one-out input (most recent max_len items) and target.
 
-    With include_history=True an example also carries the user's full history before the target,
-    for `exclude_history` metrics (the input alone is truncated to max_len).
+    examples: (full history, target) per user, as `PreparedDataset.eval_examples` gives them; histories are
+    truncated per item. With include_history=True an example also carries the user's full history before the
+    target, for `exclude_history` metrics (the input alone is truncated to max_len).
     """
 
-    def __init__(self, prepared: PreparedDataset, split: str, max_len: int, include_history: bool = False):
-        self.examples = prepared.eval_examples(split)  # full histories; truncated per item below
-        self.max_len, self.include_history = max_len, include_history
+    def __init__(self, examples: list[tuple[list[int], int]], max_len: int, include_history: bool = False):
+        self.examples, self.max_len, self.include_history = examples, max_len, include_history
 
     def __len__(self) -> int:
         return len(self.examples)
