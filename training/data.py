@@ -182,8 +182,10 @@ def _undecodable(path: Path, codec: str) -> Optional[str]:
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as e:
-                line = newlines + block.count(b"\n", 0, e.start) + 1
-                return f"line {line} (byte {block[e.start]:#04x} at offset {offset + e.start})"
+                # e.object is the block after the bytes of a character begun in the previous one (no newline).
+                carried = len(e.object) - len(block)
+                line = newlines + e.object.count(b"\n", 0, e.start) + 1
+                return f"line {line} (byte {e.object[e.start]:#04x} at offset {offset - carried + e.start})"
             offset, newlines = offset + len(block), newlines + block.count(b"\n")
         try:
             decoder.decode(b"", final=True)
