@@ -602,10 +602,10 @@ class PreparedDataset:
     def load(cls, directory: str | os.PathLike) -> "PreparedDataset":
         """Read a saved dataset; a missing, unreadable or inconsistent file is a ValueError naming it."""
         directory = Path(directory)
-        meta = _read_json(directory / "meta.json", dict)
-        sequences = _read_json(directory / "sequences.json", dict)
-        item_id_map = _read_json(directory / "item_id_map.json", dict)
-        item_texts = _read_json(directory / "item_texts.json", list)
+        meta = read_json_file(directory / "meta.json", dict)
+        sequences = read_json_file(directory / "sequences.json", dict)
+        item_id_map = read_json_file(directory / "item_id_map.json", dict)
+        item_texts = read_json_file(directory / "item_texts.json", list)
         if not {"sequences", "user_ids"} <= set(sequences):
             raise ValueError(f"{directory / 'sequences.json'}: expected keys 'sequences' and 'user_ids'")
         prepared = cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory,
@@ -619,8 +619,9 @@ class PreparedDataset:
         return prepared
 
 
-def _read_json(path: Path, kind: type) -> Any:
-    """A JSON file that must hold a `kind` (dict or list); ValueError naming the file otherwise."""
+def read_json_file(path: Path, kind: type) -> Any:
+    """A JSON file that must hold a `kind` (dict or list); a missing, unreadable or other file is a ValueError
+    naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)

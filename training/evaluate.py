@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset
+from .. import M2RecConfig, M2RecForSequentialRecommendation
+from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset, read_json_file
 from .metrics import MetricAccumulator, rank_targets
 
 logger = logging.getLogger(__name__)
@@ -122,17 +123,14 @@ def main(argv=None):
     end_run(accelerator)
 
 
-def load_trained_model(folder: str | os.PathLike):
+def load_trained_model(folder: str | os.PathLike) -> M2RecForSequentialRecommendation:
     """The M2Rec saved in `folder`, loaded strictly: a folder of another model type, weights that cannot be read
     (a truncated or corrupt model.safetensors), weights whose tensors do not match the config (missing, unexpected
     or differently shaped) or non-finite weights are a ValueError naming the file and the type or tensors, never a
     partly initialised model."""
-    from .. import M2RecConfig, M2RecForSequentialRecommendation
-
     folder = Path(folder)
     config_file, weights = folder / "config.json", folder / "model.safetensors"
-    config = _read_json(config_file)
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = read_json_file(config_file, dict).get("model_type")
     if model_type != M2RecConfig.model_type:
         raise ValueError(f"{config_file}: model_type {model_type!r}, not {M2RecConfig.model_type!r}; this folder "
                          f"holds another kind of model")
@@ -156,27 +154,18 @@ def load_trained_model(folder: str | os.PathLike):
     return model
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
-
-
 def read_item_id_map(folder: Path, num_items: int) -> dict[str, int]:
     """The model's raw item id -> item id map (item_id_map.json), checked to cover exactly its items 1..num_items."""
     path = folder / "item_id_map.json"
-    mapping = _read_json(path)
-    if not isinstance(mapping, dict) or sorted(mapping.values()) != list(range(1, num_items + 1)):
+    mapping = read_json_file(path, dict)
+    if sorted(mapping.values()) != list(range(1, num_items + 1)):
         raise ValueError(f"{path} does not map raw ids one-to-one onto the model's items 1..{num_items}")
     return mapping
 
 
 def read_training_info(folder: Path) -> dict:
-    info = _read_json(folder / "training_info.json")
-    if not isinstance(info, dict) or not isinstance(info.get("train_config"), dict):
+    info = read_json_file(folder / "training_info.json", dict)
+    if not isinstance(info.get("train_config"), dict):
         raise ValueError(f"{folder / 'training_info.json'}: expected an object with 'train_config'")
     return info
 
