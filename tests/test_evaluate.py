@@ -58,7 +58,8 @@ METRICS = ("HR@5", "NDCG@5", "MRR@5", "HR@10", "NDCG@10", "MRR@10", "HR@20", "ND
 
 def test_row_order_of_the_data_file_cannot_change_the_metrics(run):
     info = json.loads((run / "run" / "best" / "training_info.json").read_text())
-    assert info["data_fingerprint"] and info["data_paths"]["data_path"] == str(run / "interactions.csv")
+    assert info["data_fingerprint"] == json.loads(next((run / "cache").glob("table-*/meta.json")).read_text())[
+        "fingerprint"]
     as_trained = evaluate_cli(run)
     assert as_trained["NDCG@10"] == pytest.approx(info["metrics"]["test"]["NDCG@10"], abs=1e-12)
     assert as_trained["data"]["same_as_training"] is True and as_trained["data"]["unknown_items"] == 0
@@ -93,16 +94,19 @@ def test_other_data_counts_items_unknown_to_the_model(run):
     assert other["data"]["same_as_training"] is False
 
 
-def test_a_missing_relative_data_path_uses_the_recorded_absolute_one_or_says_what_to_do(run, tmp_path,
-                                                                                         monkeypatch):
+def test_a_relative_data_path_not_found_from_here_says_how_to_point_at_the_data(run, tmp_path, monkeypatch):
     info = json.loads((run / "run" / "best" / "training_info.json").read_text())
-    info["train_config"]["data_path"] = "data/interactions.csv"  # relative to where training ran
+    info["train_config"]["data_path"] = "data/interactions.csv"
     monkeypatch.chdir(tmp_path)
-    options = EvaluateArguments(model="unused")
-    assert evaluation_data_arguments(info, options).data_path == str(run / "interactions.csv")
-    del info["data_paths"]
-    with pytest.raises(FileNotFoundError, match=r"data_path='data/interactions.csv' .* pass --data_path"):
-        evaluation_data_arguments(info, options)
+    message = (r"data_path='data/interactions.csv' \(training_info.json, a path relative to where training ran\) is "
+               r"not found from .* pass --data_path")
+    with pytest.raises(FileNotFoundError, match=message):
+        evaluation_data_arguments(info, EvaluateArguments(model="unused"))
+    (tmp_path / "data").mkdir()
+    shutil.copy(run / "interactions.csv", tmp_path / "data")
+    assert evaluation_data_arguments(info, EvaluateArguments(model="unused")).data_path == "data/interactions.csv"
+    moved = EvaluateArguments(model="unused", data_path=str(run / "interactions.csv"))
+    assert evaluation_data_arguments(info, moved).data_path == str(run / "interactions.csv")
 
 
 def test_a_folder_holding_another_model_type_is_refused(run, tmp_path):

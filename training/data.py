@@ -541,8 +541,7 @@ class PreparedDataset:
     sequences[u]: item ids of user u (user_ids[u] is the raw id); item_id_map: raw item id -> id;
     item_texts[i]: text of item i, index 0 = "" (padding), None for items without text;
     path: the cache directory it lives in (holds item_id_map.json), None when not cached;
-    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset);
-    source_paths: data_path, item_path and text_lookup_path as absolute paths, those that were set.
+    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset).
     """
 
     sequences: list[list[int]]
@@ -551,7 +550,6 @@ class PreparedDataset:
     item_texts: list[Optional[str]]
     path: Optional[Path] = None
     fingerprint: Optional[str] = None
-    source_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -732,8 +730,6 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
     item_texts.json and meta.json. Concurrent processes may all build it; the first rename wins.
     """
     key = fingerprint(args)
-    source_paths = {name: str(Path(getattr(args, name)).expanduser().resolve())
-                    for name in ("data_path", "item_path", "text_lookup_path") if getattr(args, name)}
     directory = Path(args.cache_dir).expanduser() / f"{args.format}-{key[:16]}" if args.cache_dir else None
     if directory is not None and directory.exists():
         # Entries are renamed into place complete, so an unreadable one was damaged afterwards: rebuild it.
@@ -744,7 +740,7 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             logger.info("loading prepared data from %s", directory)
-            prepared.fingerprint, prepared.source_paths = key, source_paths
+            prepared.fingerprint = key
             return prepared
 
     start = time.perf_counter()
@@ -756,7 +752,7 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
                 prepared.num_interactions, len(raw.users), missing_text)
     if directory is not None:
         prepared.save(directory, meta={"fingerprint": key, "settings": asdict(args)})
-    prepared.fingerprint, prepared.source_paths = key, source_paths
+    prepared.fingerprint = key
     return prepared
 
 

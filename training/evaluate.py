@@ -114,9 +114,10 @@ def main(argv=None):
     loader = accelerator.prepare(examples_loader(examples, model.config.max_len, args))
     metrics = evaluate(model, loader, accelerator, args.exclude_history)
     if accelerator.is_main_process:
+        data_path = str(Path(data_args.data_path).expanduser().resolve()) if data_args.data_path else None
         result = {"model": args.model, "split": args.split, "exclude_history": args.exclude_history, **metrics,
-                  "data": {"path": data.source_paths.get("data_path", data_args.format),
-                           "fingerprint": data.fingerprint, "same_as_training": same_data, **coverage}}
+                  "data": {"format": data_args.format, "path": data_path, "fingerprint": data.fingerprint,
+                           "same_as_training": same_data, **coverage}}
         print(json.dumps(result, indent=2))
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
@@ -182,9 +183,10 @@ def _run_data_settings(info: dict) -> dict:
 
 
 def evaluation_data_arguments(info: dict, args: EvaluateArguments) -> DataArguments:
-    """The run's data settings with the overrides given on the command line. A relative path recorded by training
-    that does not exist from here is replaced by the absolute path training recorded, when that exists; otherwise it
-    is an error that says how to point at the data."""
+    """The run's data settings with the overrides given on the command line. A recorded path that does not exist
+    from here is an error that says how to point at the data. (training_info.json keeps the paths as they were
+    given, relative ones too: it is published with the model, and absolute paths would publish the trainer's
+    folders.)"""
     settings = _run_data_settings(info)
     if args.data_path is not None:  # other data: the training data's item table belongs to the training data
         settings["item_path"] = None
@@ -192,18 +194,10 @@ def evaluation_data_arguments(info: dict, args: EvaluateArguments) -> DataArgume
     settings.update(overrides)
     for name in ("data_path", "item_path", "text_lookup_path"):
         value = settings.get(name)
-        if not value or name in overrides or Path(value).expanduser().exists():
-            continue
-        recorded = info.get("data_paths", {}).get(name)
-        if recorded and Path(recorded).exists():
-            logger.info("%s %r is not found from %s; using the absolute path training recorded, %s", name, value,
-                        Path.cwd(), recorded)
-            settings[name] = recorded
-        else:
-            raise FileNotFoundError(
-                f"{name}={value!r} (training_info.json) is not found from {Path.cwd()}"
-                + (f", nor at the absolute path training recorded, {recorded}" if recorded else "")
-                + f"; run from the folder training ran in, or pass --{name}")
+        if value and name not in overrides and not Path(value).expanduser().exists():
+            relative = "" if Path(value).expanduser().is_absolute() else ", a path relative to where training ran"
+            raise FileNotFoundError(f"{name}={value!r} (training_info.json{relative}) is not found from "
+                                    f"{Path.cwd()}; run from the folder training ran in, or pass --{name}")
     return DataArguments(**settings)
 
 

@@ -194,7 +194,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             "text_encoder": None if model_args.fusion == "none" else data_args.text_encoder,
             "train_command": command, "train_config": settings, "seed": train_args.seed,
             "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items,
-            "data_fingerprint": data.fingerprint, "data_paths": data.source_paths}
+            "data_fingerprint": data.fingerprint}
 
     epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
                   total=train_args.num_train_epochs, desc="epochs", disable=not accelerator.is_local_main_process)
