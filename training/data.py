@@ -7,7 +7,13 @@
     collate_train/eval        right-padded LongTensor batches (real items first, 0 after)
 
 Ids: items are 1..num_items in order of first appearance in the (filtered) input file, 0 is
-padding; users are indexed 0..num_users-1 in the same way (`PreparedDataset.user_ids`).
+padding; users are indexed 0..num_users-1 in the same way (`PreparedDataset.user_ids`). So the
+numbering depends on row order: a trained model is matched to data through its raw ids
+(item_id_map.json), never through these numbers. Raw ids are text, with integral decimals written
+as integers ("3.0" is "3", as a float column of Parquet or JSONL gives them).
+
+Text files are read as UTF-8 (a byte-order mark dropped) or, when they are not valid UTF-8, as
+latin-1, logged (`DataArguments.encoding` chooses another codec).
 
 The cache is plain JSON files, not `datasets`: a prepared dataset is a few MB of integer lists that
 load in well under a second, stay readable with any tool, and need no second cache layer (datasets
