@@ -446,6 +446,11 @@ class M2RecModel(M2RecPreTrainedModel):
         """Checks ids and padding; returns the (B, L) boolean mask of real items."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            # Refused rather than answered with an empty result: no loss or ranking exists for it, and a caller
+            # that filtered every history away is better told here than by a kernel (the FFT's MKL error).
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: the batch holds no sequence; "
+                             f"pass at least one history")
         if input_ids.shape[1] > self.config.max_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} positions but max_len is {self.config.max_len}; "
                              f"keep each user's most recent {self.config.max_len} items")

@@ -122,12 +122,100 @@ def test_table_jsonl_and_parquet_agree(tmp_path):
      "line 2: not valid JSON"),
     ("x.inter", "user_id:token\titem_id:token\n1\t2\t3\n", {"format": "recbole", "time_column": None},
      "line 2: expected 2 fields"),
+    ("t.csv", "user_id,item_id,timestamp\n1,2,3\n1,3,inf\n", {"format": "table"},
+     "line 3: time must be a finite number, got 'inf'"),
+    ("t.jsonl", '{"user_id": 1, "item_id": 2, "timestamp": -Infinity}\n', {"format": "table"},
+     "line 1: time must be a finite number, got '-inf'"),
+    ("ratings.dat", "1::2::3::4\n1::3::3::inf\n", {"format": "movielens"}, "line 2: timestamp must be a finite"),
 ])
 def test_malformed_input_names_file_and_line(tmp_path, name, text, options, expected):
     path = write(tmp_path / name, text)
     with pytest.raises(ValueError) as error:
         read_raw(args(tmp_path, data_path=str(path), **options))
     assert str(path) in str(error.value) and expected in str(error.value)
+
+
+def test_non_utf8_with_an_explicit_encoding_names_the_file(tmp_path):
+    path = write(tmp_path / "t.csv", "user_id,item_id,timestamp\n1,2,3\n1,Café,4\n", "latin-1")
+    with pytest.raises(ValueError, match=r"t\.csv is not valid utf-8 at line 3 \(byte 0xe9 at offset 37\)"):
+        read_raw(args(tmp_path, format="table", data_path=str(path), encoding="utf-8"))
+    with pytest.raises(ValueError, match="encoding='klingon' is not a known text encoding"):
+        args(tmp_path, format="table", data_path=str(path), encoding="klingon")
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
+    table = write(tmp_path / "t.csv", "\ufeffuser_id,item_id,timestamp\n1,2,3\n")
+    raw = read_raw(args(tmp_path, format="table", data_path=str(table)))
+    assert raw.users == ["1"]
+    sequences = write(tmp_path / "seq.txt", "\ufeff1 a b\n")
+    assert read_raw(args(tmp_path, format="sequence", data_path=str(sequences))).users == ["1", "1"]
+
+
+def test_encoding_reads_utf8_and_falls_back_to_latin1(tmp_path, caplog):
+    write(tmp_path / "utf8" / "ratings.dat", "1::10::5::1\n")
+    write(tmp_path / "utf8" / "movies.dat", "10::Amélie (2001)::Comedy\n")
+    raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path / "utf8")))
+    assert raw.item_text == {"10": "Amélie (2001), Comedy"}
+    write(tmp_path / "latin" / "ratings.dat", "1::10::5::1\n")
+    write(tmp_path / "latin" / "movies.dat", "10::Amélie (2001)::Comedy\n", "latin-1")
+    with caplog.at_level("INFO", logger="m2rec.training.data"):
+        raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path / "latin")))
+    assert raw.item_text == {"10": "Amélie (2001), Comedy"}
+    assert "movies.dat is not valid UTF-8" in caplog.text and "reading it as latin-1" in caplog.text
+    # An explicit encoding is used as given.
+    raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path / "utf8"), encoding="latin-1"))
+    assert raw.item_text == {"10": "AmÃ©lie (2001), Comedy"}
+
+
+def test_integral_float_ids_are_the_integer_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # A float item column (as pandas writes one with missing values) against an int item table.
+    rows = [{"user_id": 1.0, "item_id": 3.0, "timestamp": 1}, {"user_id": 1.0, "item_id": 4.0, "timestamp": 2},
+            {"user_id": 2.0, "item_id": 3.5, "timestamp": 3}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    write(tmp_path / "x.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(tmp_path / "x.csv", "user_id,item_id,timestamp\n1.0,3.0,1\n1,4.00,2\n2,3.5,3\n")
+    write(tmp_path / "items.csv", "item_id,title\n3,Three\n4,Four\n")
+    for name in ("x.parquet", "x.jsonl", "x.csv"):
+        raw = read_raw(args(tmp_path, format="table", data_path=str(tmp_path / name),
+                            item_path=str(tmp_path / "items.csv")))
+        assert raw.users == ["1", "1", "2"] and raw.items == ["3", "4", "3.5"], name
+        assert raw.item_text == {"3": "Three", "4": "Four"}
+    write(tmp_path / "items.jsonl", '{"item_id": 3.0, "title": "Three"}\n')
+    write(tmp_path / "seq.txt", "u 3 4.0 3\n")
+    raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt"),
+                        item_path=str(tmp_path / "items.jsonl")))
+    assert raw.items == ["3", "4", "3"] and raw.item_text == {"3": "Three"}
+
+
+def test_conflicting_texts_for_one_item_are_reported(tmp_path, caplog):
+    write(tmp_path / "seq.txt", "u a b\n")
+    write(tmp_path / "items.csv", "item_id,title\na,Alpha\nb,Beta\na,Alpha\na,Aleph\n")
+    with caplog.at_level("WARNING", logger="m2rec.training.data"):
+        raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt"),
+                            item_path=str(tmp_path / "items.csv")))
+    assert raw.item_text == {"a": "Alpha", "b": "Beta"}  # the first text wins; a repeat of it is no conflict
+    assert "items.csv: 1 rows give another text" in caplog.text
+    assert "'a': line 2 'Alpha', line 5 'Aleph'" in caplog.text
+
+
+def test_item_table_ids_that_match_no_interaction(tmp_path, caplog):
+    write(tmp_path / "seq.txt", "u a b c\n")
+    write(tmp_path / "items.csv", "asin,title\nB001,Alpha\nB002,Beta\n")
+    with pytest.raises(ValueError) as error:
+        read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt"),
+                      item_path=str(tmp_path / "items.csv"), item_id_column="asin"))
+    message = str(error.value)
+    assert "none of the 3 items of" in message and "items.csv" in message
+    assert "['a', 'b', 'c']" in message and "['B001', 'B002']" in message
+    write(tmp_path / "items.csv", "asin,title\na,Alpha\nB002,Beta\n")
+    with caplog.at_level("WARNING", logger="m2rec.training.data"):
+        raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt"),
+                            item_path=str(tmp_path / "items.csv"), item_id_column="asin"))
+    assert raw.item_text == {"a": "Alpha", "B002": "Beta"}
+    assert "2 of 3 items" in caplog.text and "['b', 'c']" in caplog.text
 
 
 def test_malformed_item_file_names_file_and_line(tmp_path):
@@ -219,6 +307,37 @@ def test_cache_hit_and_miss(tmp_path, monkeypatch):
         prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
 
 
+@pytest.mark.parametrize("damage", ["truncate sequences.json", "empty item_texts.json", "delete meta.json",
+                                    "edit meta.json"])
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
+    first = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+    action, name = damage.split()
+    target = first.path / name
+    if action == "truncate":
+        target.write_bytes(target.read_bytes()[:10])
+    elif action == "empty":
+        target.write_bytes(b"")
+    elif action == "delete":
+        target.unlink()
+    else:
+        target.write_text(json.dumps({**json.loads(target.read_text()), "num_users": 7}))
+    with caplog.at_level("WARNING", logger="m2rec.training.data"):
+        again = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+    assert f"the cached prepared data in {first.path} is damaged" in caplog.text
+    assert (name in caplog.text) if action != "edit" else "num_users" in caplog.text
+    assert again.sequences == first.sequences and again.item_id_map == first.item_id_map
+    assert PreparedDataset.load(first.path).sequences == first.sequences  # the rebuilt entry is whole again
+
+
+def test_prepared_dataset_carries_its_fingerprint(tmp_path):
+    path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
+    built = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+    cached = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
+    assert built.fingerprint == cached.fingerprint == data.fingerprint(
+        args(tmp_path, format="sequence", data_path=path, item_core=2))
+
+
 # --- leave-one-out views ------------------------------------------------------------------------
 
 
@@ -296,13 +415,13 @@ def test_epoch_subset_sampler_draws_a_new_subset_each_epoch():
 
 
 def test_eval_dataset_and_collate():
-    dataset = EvalDataset(hand_dataset(), "test", max_len=3, include_history=True)
+    dataset = EvalDataset(hand_dataset().eval_examples("test"), max_len=3, include_history=True)
     batch = collate_eval([dataset[0], dataset[1]])
     assert batch["input_ids"].tolist() == [[2, 3, 4], [6, 7, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert batch["target"].tolist() == [5, 2] and batch["user_index"].tolist() == [0, 1]
     assert batch["history"].tolist() == [[1, 2, 3, 4, 0, 0], [3, 4, 5, 6, 7, 1]]
-    batch = collate_eval([EvalDataset(hand_dataset(), "valid", max_len=10)[0]], pad_to=5)
+    batch = collate_eval([EvalDataset(hand_dataset().eval_examples("valid"), max_len=10)[0]], pad_to=5)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0]] and "history" not in batch
     assert batch["input_ids"].dtype == torch.long
 

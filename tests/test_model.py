@@ -299,11 +299,15 @@ def test_bad_text_embeddings_are_refused(bad, message):
         (torch.tensor([[1, 0, 2]]), "not right-padded"),
         (torch.ones(1, MAX_LEN + 1, dtype=torch.long), f"max_len is {MAX_LEN}"),
         (torch.ones(5, dtype=torch.long), "shape"),
+        (torch.zeros(0, 4, dtype=torch.long), "input_ids has shape \\(0, 4\\): the batch holds no sequence"),
     ],
 )
 def test_bad_inputs_are_refused(input_ids, message):
+    model = tiny_model()
     with pytest.raises(ValueError, match=message):
-        tiny_model()(input_ids)
+        model(input_ids)
+    with pytest.raises(ValueError, match=message):
+        model.recommend(input_ids, k=3)
 
 
 def test_recommend_ranks_best_first_without_padding_or_seen_items():

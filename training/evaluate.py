@@ -1,30 +1,46 @@
 """Full-ranking evaluation (HR/NDCG/MRR@{5,10,20}) and the `m2rec-evaluate` command.
 
     m2rec-evaluate --model runs/ml-1m/best --split test [--exclude_history true]
+    m2rec-evaluate --model runs/ml-1m/best --data_path other/ratings.csv --format table   # a model on other data
     accelerate launch --multi_gpu --num_processes 2 -m m2rec.training.evaluate --model ... --cpu true
 
-The data settings are read from the model folder's training_info.json, so the same users, item ids and split are
-rebuilt (from the cache when it is there). Under `accelerate launch` each process ranks its share of the users and
-`gather_for_metrics` brings the ranks together; each user is counted exactly once.
+The model is loaded strictly (`load_trained_model`). The data settings are read from the model folder's
+training_info.json (any of them can be overridden, e.g. `--data_path`), the data is prepared as for training, and
+its items are translated into the model's own ids through the folder's item_id_map.json: the row order of the data
+file, or another file's numbering, cannot change which item a score belongs to. Items the model does not know are
+counted and reported (see `examples_in_model_ids`). Under `accelerate launch` each process ranks its share of the
+users and `gather_for_metrics` brings the ranks together; each user is counted exactly once.
 """
 
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset
+from .. import M2RecConfig, M2RecForSequentialRecommendation
+from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset, read_json_file
 from .metrics import MetricAccumulator, rank_targets
+
+logger = logging.getLogger(__name__)
+
+Example = tuple[list[int], int]  # (full history, target), item ids
 
 
 def eval_loader(data: PreparedDataset, split: str, max_len: int, train_args) -> DataLoader:
-    dataset = EvalDataset(data, split, max_len, include_history=train_args.exclude_history)
+    return examples_loader(data.eval_examples(split), max_len, train_args)
+
+
+def examples_loader(examples: list[Example], max_len: int, train_args) -> DataLoader:
+    dataset = EvalDataset(examples, max_len, include_history=train_args.exclude_history)
     return DataLoader(dataset, batch_size=train_args.eval_batch_size, shuffle=False, collate_fn=collate_eval,
                       num_workers=train_args.num_workers)
 
@@ -46,6 +62,12 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{name} {metrics[name]:.4f}" for name in ("HR@10", "NDCG@10", "MRR@10"))
 
 
+# Data settings that `m2rec-evaluate` can override, to evaluate a model on other data or on moved files.
+DATA_OVERRIDES = ("format", "data_path", "item_path", "user_column", "item_column", "time_column", "item_id_column",
+                  "encoding", "cache_dir")
+_SAME_AS_TRAINING = {"help": "Default: as in training (training_info.json)."}
+
+
 @dataclass
 class EvaluateArguments:
     model: str = field(metadata={"help": "A model folder written by m2rec-train (…/best)."})
@@ -55,36 +77,165 @@ class EvaluateArguments:
     num_workers: int = 0
     cpu: bool = False
     output: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+    format: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    data_path: Optional[str] = field(
+        default=None, metadata={"help": "Evaluate on this interaction file instead of the training data (the item "
+                                        "table of the training data is then not used unless --item_path names it)."})
+    item_path: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    user_column: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    item_column: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    time_column: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    item_id_column: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    encoding: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
+    cache_dir: Optional[str] = field(default=None, metadata=_SAME_AS_TRAINING)
 
 
 def main(argv=None):
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else argv, look_for_args_file=False)
-    from .. import M2RecForSequentialRecommendation
-
-    data_args = run_data_arguments(json.loads((Path(args.model) / "training_info.json").read_text()))
-
     accelerator = Accelerator(cpu=args.cpu)
-    with accelerator.main_process_first():
-        data = prepare_dataset(data_args)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = Path(args.model)
     # Inference only: the model is moved, not wrapped for distributed training (DDP's reducer is not needed, and
     # tearing it down at exit can hang the process once its peer has exited).
-    model = M2RecForSequentialRecommendation.from_pretrained(args.model).to(accelerator.device)
-    loader = accelerator.prepare(eval_loader(data, args.split, data_args.max_len, args))
+    model = load_trained_model(folder).to(accelerator.device)
+    model_item_ids = read_item_id_map(folder, model.config.num_items)
+    info = read_training_info(folder)
+    data_args = evaluation_data_arguments(info, args)
+    with accelerator.main_process_first():
+        data = prepare_dataset(data_args)
+    examples, coverage = examples_in_model_ids(data, args.split, model_item_ids)
+    same_data = None if info.get("data_fingerprint") is None else data.fingerprint == info["data_fingerprint"]
+    if same_data is False:
+        logger.warning("the data (%s) is not the data the model was trained on (its fingerprint differs); its items "
+                       "are matched to the model's through %s", data_args.data_path or data_args.format,
+                       folder / "item_id_map.json")
+    loader = accelerator.prepare(examples_loader(examples, model.config.max_len, args))
     metrics = evaluate(model, loader, accelerator, args.exclude_history)
     if accelerator.is_main_process:
-        result = {"model": args.model, "split": args.split, "exclude_history": args.exclude_history, **metrics}
+        data_path = str(Path(data_args.data_path).expanduser().resolve()) if data_args.data_path else None
+        result = {"model": args.model, "split": args.split, "exclude_history": args.exclude_history, **metrics,
+                  "data": {"format": data_args.format, "path": data_path, "fingerprint": data.fingerprint,
+                           "same_as_training": same_data, **coverage}}
         print(json.dumps(result, indent=2))
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
     end_run(accelerator)
 
 
+def load_trained_model(folder: str | os.PathLike) -> M2RecForSequentialRecommendation:
+    """The M2Rec saved in `folder`, loaded strictly: a folder of another model type, weights that cannot be read
+    (a truncated or corrupt model.safetensors), weights whose tensors do not match the config (missing, unexpected
+    or differently shaped) or non-finite weights are a ValueError naming the file and the type or tensors, never a
+    partly initialised model."""
+    folder = Path(folder)
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    model_type = read_json_file(config_file, dict).get("model_type")
+    if model_type != M2RecConfig.model_type:
+        raise ValueError(f"{config_file}: model_type {model_type!r}, not {M2RecConfig.model_type!r}; this folder "
+                         f"holds another kind of model")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    try:
+        with safe_open(weights, framework="pt"):  # reads the header, which must cover the whole file
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} cannot be read, it is truncated or corrupt: {e}") from None
+    # Tensors of another shape are reported with the others below instead of raised with a pointer to a log table.
+    model, loading = M2RecForSequentialRecommendation.from_pretrained(folder, output_loading_info=True,
+                                                                      ignore_mismatched_sizes=True)
+    problems = {kind: sorted(keys) for kind, keys in loading.items() if keys}
+    if problems:
+        raise ValueError(f"{weights} does not fit {config_file}: {problems}")
+    non_finite = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise ValueError(f"{weights}: tensors {non_finite[:10]} hold NaN or infinite values")
+    return model
+
+
+def read_item_id_map(folder: Path, num_items: int) -> dict[str, int]:
+    """The model's raw item id -> item id map (item_id_map.json), checked to cover exactly its items 1..num_items."""
+    path = folder / "item_id_map.json"
+    mapping = read_json_file(path, dict)
+    if sorted(mapping.values()) != list(range(1, num_items + 1)):
+        raise ValueError(f"{path} does not map raw ids one-to-one onto the model's items 1..{num_items}")
+    return mapping
+
+
+def read_training_info(folder: Path) -> dict:
+    info = read_json_file(folder / "training_info.json", dict)
+    if not isinstance(info.get("train_config"), dict):
+        raise ValueError(f"{folder / 'training_info.json'}: expected an object with 'train_config'")
+    return info
+
+
 def run_data_arguments(info: dict) -> DataArguments:
     """The data settings a run was trained with, from its training_info.json, so that the same users, item ids
     and split are rebuilt."""
+    return DataArguments(**_run_data_settings(info))
+
+
+def _run_data_settings(info: dict) -> dict:
     data_fields = {f.name for f in fields(DataArguments)}
-    return DataArguments(**{k: v for k, v in info["train_config"].items() if k in data_fields})
+    return {k: v for k, v in info["train_config"].items() if k in data_fields}
+
+
+def evaluation_data_arguments(info: dict, args: EvaluateArguments) -> DataArguments:
+    """The run's data settings with the overrides given on the command line. A recorded path that does not exist
+    from here is an error that says how to point at the data. (training_info.json keeps the paths as they were
+    given, relative ones too: it is published with the model, and absolute paths would publish the trainer's
+    folders.)"""
+    settings = _run_data_settings(info)
+    if args.data_path is not None:  # other data: the training data's item table belongs to the training data
+        settings["item_path"] = None
+    overrides = {name: getattr(args, name) for name in DATA_OVERRIDES if getattr(args, name) is not None}
+    settings.update(overrides)
+    for name in ("data_path", "item_path", "text_lookup_path"):
+        value = settings.get(name)
+        if value and name not in overrides and not Path(value).expanduser().exists():
+            relative = "" if Path(value).expanduser().is_absolute() else ", a path relative to where training ran"
+            raise FileNotFoundError(f"{name}={value!r} (training_info.json{relative}) is not found from "
+                                    f"{Path.cwd()}; run from the folder training ran in, or pass --{name}")
+    return DataArguments(**settings)
+
+
+def examples_in_model_ids(data: PreparedDataset, split: str, model_item_ids: dict[str, int]) -> tuple[
+        list[Example], dict]:
+    """The leave-one-out examples of `data` with items translated, by raw id, into the model's ids.
+
+    Items the model does not know (it has no embedding for them) are dropped from the inputs; a user whose target
+    is unknown cannot be ranked and is skipped, as is a user with no known item left in the input. Returns the
+    examples and a report: unknown_items (distinct raw ids, with examples), unknown_inputs_dropped (positions,
+    over evaluated users), users_skipped_unknown_target, users_skipped_no_known_input.
+    """
+    to_model = [0] * (data.num_items + 1)  # the data's item id -> the model's, 0 = unknown
+    unknown = []
+    for raw_id, item in data.item_id_map.items():
+        to_model[item] = model_item_ids.get(raw_id, 0)
+        if not to_model[item]:
+            unknown.append(raw_id)
+    examples, unknown_target, no_known_input, dropped = [], 0, 0, 0
+    for history, target in data.eval_examples(split):
+        if not to_model[target]:
+            unknown_target += 1
+            continue
+        known = [to_model[item] for item in history if to_model[item]]
+        if not known:
+            no_known_input += 1
+            continue
+        dropped += len(history) - len(known)
+        examples.append((known, to_model[target]))
+    report = {"unknown_items": len(unknown), "unknown_item_examples": unknown[:5], "unknown_inputs_dropped": dropped,
+              "users_skipped_unknown_target": unknown_target, "users_skipped_no_known_input": no_known_input}
+    if unknown:
+        logger.warning("%d of %d items of the data are unknown to the model (e.g. %s): dropped from %d inputs; %d "
+                       "users with an unknown target and %d with no known input item are not evaluated",
+                       len(unknown), data.num_items, unknown[:5], dropped, unknown_target, no_known_input)
+    if not examples:
+        raise ValueError(f"no user of the data can be evaluated: {report}")
+    return examples, report
 
 
 def end_run(accelerator: Accelerator) -> None:

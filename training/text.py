@@ -69,6 +69,21 @@ def _cache_file(cache_dir: str | os.PathLike, model_name_or_path: str, texts: li
     return Path(cache_dir).expanduser() / f"text-emb-{safe_name}-{digest[:16]}.npy"
 
 
+def _load_cached_embeddings(cache_file: Path, num_rows: int) -> Optional[torch.Tensor]:
+    """The cached (num_rows, E) array, or None (with a warning naming the file) when it is damaged."""
+    try:
+        embeddings = np.load(cache_file, allow_pickle=False)
+        problem = (None if embeddings.ndim == 2 and embeddings.shape[0] == num_rows and embeddings.dtype == np.float32
+                   else f"shape {embeddings.shape} {embeddings.dtype}, expected ({num_rows}, E) float32")
+    except (OSError, ValueError, EOFError) as e:
+        problem = str(e)
+    if problem is not None:
+        logger.warning("the cached text embeddings %s are damaged (%s); encoding the texts again", cache_file, problem)
+        return None
+    logger.info("loading item text embeddings from %s", cache_file)
+    return torch.from_numpy(embeddings)
+
+
 def encode_item_texts(
     item_texts: Sequence[Optional[str]],
     model_name_or_path: str | os.PathLike = DEFAULT_TEXT_ENCODER,
@@ -97,8 +112,9 @@ def encode_item_texts(
 
     cache_file = _cache_file(cache_dir, model_name_or_path, texts) if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
-        logger.info("loading item text embeddings from %s", cache_file)
-        return torch.from_numpy(np.load(cache_file)), num_missing
+        cached = _load_cached_embeddings(cache_file, len(texts))
+        if cached is not None:
+            return cached, num_missing
 
     try:
         from sentence_transformers import SentenceTransformer

@@ -193,7 +193,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     info = {"dataset": data_args.dataset_name, "data_format": data_args.format,
             "text_encoder": None if model_args.fusion == "none" else data_args.text_encoder,
             "train_command": command, "train_config": settings, "seed": train_args.seed,
-            "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items}
+            "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items,
+            "data_fingerprint": data.fingerprint}
 
     epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
                   total=train_args.num_train_epochs, desc="epochs", disable=not accelerator.is_local_main_process)
