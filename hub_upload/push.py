@@ -25,11 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import SafetensorError, safe_open
 
 from .model_card import build_model_card, is_movielens, resolve_license
 from .verify import INSTALLED_CODE, VerificationError, code_differing_from_installed, verify_folder
@@ -49,8 +47,8 @@ class UploadError(PushError):
 
 
 def read_run_folder(model_dir):
-    """(config, training_info, item_id_map) of a run folder, after checking that they fit together, that its weights
-    read in full and are finite, and that its code files (if any) are the installed package's."""
+    """(config, training_info, item_id_map) of a run folder, after checking that they fit together and that its code
+    files (if any) are the installed package's (`load_source_model` checks the weights)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PushError(f"--model {model_dir}: no such directory")
@@ -70,7 +68,6 @@ def read_run_folder(model_dir):
     if training_info.get("num_items") not in (None, num_items):
         raise PushError(f"training_info.json says num_items={training_info['num_items']} but config.json says "
                         f"{num_items}: the two files come from different runs")
-    check_weights(model_dir / "model.safetensors")
     return config, training_info, item_id_map
 
 
@@ -91,27 +88,6 @@ def check_run_code(model_dir):
             f"measured with that code, not with the code that would be published. Either push with the m2rec version "
             f"that saved this run, or adopt the installed code: re-save the model with it (python -c \"{resave}\"), "
             f"check its metrics with m2rec-evaluate, and push again")
-
-
-def check_weights(path):
-    """Refuses weights that cannot be read in full (a truncated or foreign file) or hold NaN or infinite values,
-    naming the file and the tensors: such a model would only ever recommend arbitrary items."""
-    not_finite = {}
-    try:
-        with safe_open(path, framework="pt") as weights:
-            for name in weights.keys():
-                tensor = weights.get_tensor(name)
-                if tensor.is_floating_point():
-                    count = int((~torch.isfinite(tensor)).sum())
-                    if count:
-                        not_finite[name] = f"{count} of {tensor.numel()}"
-    except (OSError, SafetensorError) as error:
-        raise PushError(f"cannot read {path}: {error}; the file is truncated or not a safetensors file (copy it again "
-                        f"from the run, or save the model again)") from None
-    if not_finite:
-        listed = ", ".join(f"{name} ({count} values)" for name, count in sorted(not_finite.items()))
-        raise PushError(f"{path} holds NaN or infinite weights: {listed}; the training diverged or the file was "
-                        f"corrupted, so it is not published")
 
 
 def _read_json(path):
@@ -137,17 +113,14 @@ def check_item_id_map(item_id_map, num_items):
 
 
 def load_source_model(model_dir):
-    """The run's model, loaded with this package's class; refuses weights that do not match the code."""
-    from .. import M2RecForSequentialRecommendation
+    """The run's model, loaded strictly with this package's class (`m2rec.training.evaluate.load_trained_model`):
+    unreadable, mismatched or non-finite weights are a PushError naming the file and the tensors."""
+    from ..training.evaluate import load_trained_model
 
-    model, info = M2RecForSequentialRecommendation.from_pretrained(model_dir, output_loading_info=True)
-    mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", [])]
-    problems = {"missing": info.get("missing_keys"), "unexpected": info.get("unexpected_keys"),
-                "mismatched": mismatched}
-    problems = {kind: sorted(keys) for kind, keys in problems.items() if keys}
-    if problems:
-        raise PushError(f"the weights in {model_dir}/model.safetensors do not match the model code: {problems}")
-    return model.eval()
+    try:
+        return load_trained_model(model_dir).eval()
+    except (OSError, ValueError) as error:
+        raise PushError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- build

@@ -141,17 +141,21 @@ def load_trained_model(folder: str | os.PathLike) -> M2RecForSequentialRecommend
         with safe_open(weights, framework="pt"):  # reads the header, which must cover the whole file
             pass
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} cannot be read, it is truncated or corrupt: {e}") from None
+        raise ValueError(f"cannot read {weights}: it is truncated or not a safetensors file ({e}); copy it again "
+                         f"from the run, or save the model again") from None
     # Tensors of another shape are reported with the others below instead of raised with a pointer to a log table.
     model, loading = M2RecForSequentialRecommendation.from_pretrained(folder, output_loading_info=True,
                                                                       ignore_mismatched_sizes=True)
     problems = {kind: sorted(keys) for kind, keys in loading.items() if keys}
     if problems:
         raise ValueError(f"{weights} does not fit {config_file}: {problems}")
-    non_finite = [name for name, tensor in model.state_dict().items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    non_finite = {name: f"{int((~torch.isfinite(tensor)).sum())} of {tensor.numel()}"
+                  for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()}
     if non_finite:
-        raise ValueError(f"{weights}: tensors {non_finite[:10]} hold NaN or infinite values")
+        listed = ", ".join(f"{name} ({count} values)" for name, count in sorted(non_finite.items()))
+        raise ValueError(f"{weights} holds NaN or infinite weights: {listed}; the training diverged or the file "
+                         f"was corrupted")
     return model
 
 
