@@ -28,7 +28,7 @@ from transformers import HfArgumentParser
 
 from .. import M2RecConfig, M2RecForSequentialRecommendation
 from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset, read_json_file
-from .metrics import MetricAccumulator, rank_targets
+from .metrics import MetricAccumulator, history_statistics, rank_targets
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +40,40 @@ def eval_loader(data: PreparedDataset, split: str, max_len: int, train_args) -> 
 
 
 def examples_loader(examples: list[Example], max_len: int, train_args) -> DataLoader:
-    dataset = EvalDataset(examples, max_len, include_history=train_args.exclude_history)
+    # Every example carries its full history: the statistics of both protocols need it (history_statistics).
+    dataset = EvalDataset(examples, max_len, include_history=True)
     return DataLoader(dataset, batch_size=train_args.eval_batch_size, shuffle=False, collate_fn=collate_eval,
                       num_workers=train_args.num_workers)
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = False) -> dict:
-    """Mean metrics over the users in `loader` (a prepared eval loader), plus "num_users"."""
+    """Mean metrics over the users in `loader` (a prepared eval loader), plus "num_users".
+
+    HR/NDCG/MRR@{5,10,20} follow `exclude_history`; `history_statistics`'s values (both protocols @10, the
+    user's own items in the top 10, the rank of the last input item) come with them."""
     model.eval()
     accumulator = MetricAccumulator()
     for batch in loader:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       last_position_only=True).logits  # (B, I)
-        ranks = rank_targets(scores.float(), batch["target"], batch["history"] if exclude_history else None)
-        accumulator.add(*accelerator.gather_for_metrics((ranks, batch["user_index"])))
+                       last_position_only=True).logits.float()  # (B, I)
+        ranks = rank_targets(scores, batch["target"], batch["history"] if exclude_history else None)
+        extras = history_statistics(scores, batch["target"], batch["input_ids"], batch["history"])
+        ranks, user_index, extras = accelerator.gather_for_metrics((ranks, batch["user_index"], extras))
+        accumulator.add(ranks, user_index, extras)
     return accumulator.compute()
 
 
 def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{name} {metrics[name]:.4f}" for name in ("HR@10", "NDCG@10", "MRR@10"))
+
+
+def format_history_statistics(metrics: dict) -> str:
+    """One line: NDCG@10 under both protocols and how much of the top 10 is the user's own history."""
+    return (f"NDCG@10 history kept {metrics['history_kept/NDCG@10']:.4f} / excluded "
+            f"{metrics['history_excluded/NDCG@10']:.4f}; own earlier items in the top 10: "
+            f"{metrics['seen_in_top10']:.2f}; last input item in the top 10 for "
+            f"{100 * metrics['last_item_in_top10']:.0f} % of users (first for {100 * metrics['last_item_at_top1']:.0f} %)")
 
 
 # Data settings that `m2rec-evaluate` can override, to evaluate a model on other data or on moved files.

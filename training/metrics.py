@@ -10,6 +10,11 @@ from it. In a distributed evaluation each process ranks its users, gathers (rank
 
 Ties are pessimistic: an item with the same score as the target ranks above it. A model that gives
 every item the same score therefore ranks every target last instead of first.
+
+`history_statistics` adds what decides the gap between the two protocols (the user's earlier items
+kept in the ranking, as the paper's tables have it, or removed): the @10 metrics under both, how many
+of the top 10 are the user's own earlier items, and where the user's last input item ranks. They are
+per-user values too, averaged by the same accumulator (`add(..., extras=...)`).
 """
 
 from __future__ import annotations
@@ -53,10 +58,40 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str,
     return values
 
 
+def history_statistics(scores: torch.Tensor, targets: torch.Tensor, input_ids: torch.Tensor,
+                       history: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
+    """Per-user (B,) values that show how much a model spends its top k on the user's own history.
+
+    scores: (B, I + 1); targets: (B,); input_ids: (B, L) the right-padded model input; history: (B, H) the
+    full history before the target, padded with 0. Returns "history_kept/HR@k" … "history_excluded/MRR@k"
+    (the @k metrics under both protocols), "seen_in_top{k}" (how many of the history-kept top k are items of
+    the user's history) and "last_item_in_top{k}" / "last_item_at_top1" (whether the last input item is
+    ranked among the top k / first, pessimistic ties as everywhere here).
+    """
+    scores = scores.detach().float()
+    values = {}
+    for protocol, excluded in (("history_kept", None), ("history_excluded", history)):
+        for name, value in metrics_from_ranks(rank_targets(scores, targets, excluded), (k,)).items():
+            values[f"{protocol}/{name}"] = value
+    ranked = scores.clone()
+    ranked[:, 0] = float("-inf")  # padding is never recommended
+    top = ranked.topk(min(k, ranked.shape[1] - 1), dim=1).indices  # (B, k)
+    in_history = torch.zeros_like(ranked, dtype=torch.bool)  # (B, I + 1)
+    in_history.scatter_(1, history, True)
+    in_history[:, 0] = False
+    values[f"seen_in_top{k}"] = in_history.gather(1, top).sum(1).double()
+    last_items = input_ids.gather(1, ((input_ids != 0).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)  # (B,)
+    last_rank = rank_targets(scores, last_items)
+    values[f"last_item_in_top{k}"] = (last_rank < k).double()
+    values["last_item_at_top1"] = (last_rank == 0).double()
+    return values
+
+
 class MetricAccumulator:
     """Sums per-user metric values over batches and averages them.
 
-    `add` takes ranks (B,) and, optionally, each row's user index (B,): a user already counted is
+    `add` takes ranks (B,), optionally each row's user index (B,), and optionally other per-user
+    values {name: (B,)} to average alongside (`history_statistics`'s). A user already counted is
     skipped, so rows duplicated by distributed padding or an uneven last batch count once.
     """
 
@@ -66,17 +101,20 @@ class MetricAccumulator:
         self.count = 0
         self.seen: set[int] = set()
 
-    def add(self, ranks: torch.Tensor, user_index: Optional[torch.Tensor] = None) -> None:
-        ranks = ranks.detach().cpu()
+    def add(self, ranks: torch.Tensor, user_index: Optional[torch.Tensor] = None,
+            extras: Optional[dict[str, torch.Tensor]] = None) -> None:
+        rows = slice(None)
         if user_index is not None:
-            fresh = []
+            rows = []
             for row, user in enumerate(user_index.tolist()):
                 if user not in self.seen:
                     self.seen.add(user)
-                    fresh.append(row)
-            ranks = ranks[fresh]
-        for name, values in metrics_from_ranks(ranks, self.ks).items():
-            self.sums[name] += values.sum().item()
+                    rows.append(row)
+        ranks = ranks.detach().cpu()[rows]
+        values = metrics_from_ranks(ranks, self.ks)
+        values.update({name: value.detach().cpu()[rows] for name, value in (extras or {}).items()})
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.sum().item()
         self.count += len(ranks)
 
     def compute(self) -> dict[str, float]:
