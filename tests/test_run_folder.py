@@ -95,6 +95,7 @@ def test_resume_refuses_changes_and_inexact_states_then_records_what_it_was_allo
     assert f"{run / 'checkpoint.tmp' / 'random_states_0.pkl'} is truncated" in inexact.stderr
     assert "--resume_inexact true" in inexact.stderr
     assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert not (run / ".lock").exists()  # released on errors too
 
     result = run_cli("m2rec.training.train", resume + ["--resume_inexact", "true"], root)
     assert "early stopping after epoch 2" in result.stderr

@@ -242,7 +242,8 @@ def checkpoint_problems(checkpoint: Path, record: dict, num_processes: int) -> l
     """Why `checkpoint` cannot be restored exactly (missing, truncated or altered files, missing RNG states)."""
     manifest = record.get("files")
     if manifest is None:
-        return [f"{checkpoint / COMPLETION_MARK} lists no files (written by an older m2rec): they cannot be checked"]
+        return [f"{checkpoint / COMPLETION_MARK} lists no files and settings (written by an older m2rec): its files, "
+                f"data and settings cannot be checked"]
     problems = []
     for name, expected in manifest.items():
         path = checkpoint / name
@@ -273,8 +274,11 @@ def promote_checkpoint(output_dir: Path, checkpoint: Path) -> None:
 
 def changed_settings(record: dict, settings: dict, data_fingerprint: str) -> dict:
     """{name: [checkpoint's value, this call's value]} for what the checkpoint fixes and this call changes;
-    "data" when the data's fingerprint differs."""
-    saved = record.get("settings", {})
+    "data" when the data's fingerprint differs. A checkpoint of an older m2rec recorded neither: nothing to compare
+    (`checkpoint_problems` reports it)."""
+    if "settings" not in record:
+        return {}
+    saved = record["settings"]
     changes = {name: [saved.get(name), settings.get(name)] for name in sorted(set(saved) | set(settings))
                if name not in RESUMABLE_CHANGES and saved.get(name) != settings.get(name)}
     if record.get("data_fingerprint") != data_fingerprint:

@@ -3,6 +3,7 @@
     m2rec-train                                   # the embedded synthetic default, offline, a couple of minutes
     m2rec-train --config training/configs/ml-1m.yaml --output_dir runs/ml-1m
     m2rec-train --config ... --resume true        # continue a killed run from output_dir/checkpoint
+    m2rec-train --config ... --overwrite_output_dir true   # start afresh; the old run moves to output_dir/archive/
 
 A run directory holds (see run_folder.py for how it is kept whole):
     best/             the selected model (save_pretrained: config.json, model.safetensors, remote code) plus
@@ -157,8 +158,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         lock.release()
 
 
-def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming: bool,
-                            fresh_tensorboard_run: str, model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
+def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming: bool, fresh_tensorboard_run: str,
+                            model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
                             command: str, model_builder) -> dict:
     set_seed(train_args.seed)
     with accelerator.main_process_first():  # the first process fills the caches, the others read them
@@ -191,8 +192,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
     else:
-        state = TrainerState(tensorboard_run=fresh_tensorboard_run)
-    state.tensorboard_run = state.tensorboard_run or fresh_tensorboard_run  # a checkpoint of an older m2rec
+        state = TrainerState()
+    state.tensorboard_run = state.tensorboard_run or fresh_tensorboard_run  # a fresh run (or an older checkpoint)
     tensorboard_dir = output_dir / "logs" / state.tensorboard_run
     accelerator.init_trackers(f"logs/{state.tensorboard_run}", config={
         k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
