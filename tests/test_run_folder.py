@@ -55,7 +55,7 @@ def test_a_folder_holding_a_run_is_refused_then_archived_by_overwrite(finished_r
 
     refused = run_cli("m2rec.training.train", small_args(root, "again", epochs=1), root, check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "already holds a run (metrics.jsonl, best, checkpoint, logs)" in refused.stderr
+    assert "already holds a run (metrics.jsonl, best, checkpoint)" in refused.stderr
     assert "--resume true" in refused.stderr and "--overwrite_output_dir true" in refused.stderr
     assert (run / "metrics.jsonl").read_bytes() == old_metrics
 
@@ -184,3 +184,16 @@ def test_lock_refuses_a_live_run_takes_over_a_stale_one_and_releases(tmp_path, c
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
     assert not path.exists()
+
+
+def test_resume_restores_best_from_an_interrupted_swap(tmp_path):
+    from m2rec.training.run_folder import recover_best
+
+    for name, epoch in (("best.old", 2), ("best.tmp", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_info.json").write_text(json.dumps({"best_epoch": epoch}))
+    recover_best(tmp_path, best_epoch=2)  # the checkpoint was saved before the swap to epoch 3's model began
+    assert json.loads((tmp_path / "best" / "training_info.json").read_text())["best_epoch"] == 2
+    shutil.rmtree(tmp_path / "best")
+    with pytest.raises(RunFolderError, match="model of epoch 2\\) is missing"):
+        recover_best(tmp_path, best_epoch=2)

@@ -23,8 +23,10 @@ from accelerate.utils import broadcast_object_list
 logger = logging.getLogger(__name__)
 
 # What a run writes; any of them means the folder holds a run (the .tmp/.old ones are left by an interrupted save).
-RUN_ENTRIES = ("metrics.jsonl", "best", "best.tmp", "best.old", "checkpoint", "checkpoint.tmp", "checkpoint.old",
-               "logs")
+RUN_ENTRIES = ("metrics.jsonl", "best", "best.tmp", "best.old", "checkpoint", "checkpoint.tmp", "checkpoint.old")
+# TensorBoard files alone (a run killed in its first epoch) are no run to protect: each run writes its own
+# logs/<run>/, so a new run does not mix with them. An overwritten run's logs are archived with it.
+LOGS = "logs"
 CHECKPOINT = "checkpoint"
 # The candidates `replace_directory` can leave behind when killed between its renames.
 CHECKPOINT_CANDIDATES = (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
@@ -34,7 +36,8 @@ COMPLETION_MARK = "trainer_state.json"
 # the checkpoint's model, optimizer and data order are. Every other setting must match unless overridden.
 RESUMABLE_CHANGES = {"num_train_epochs", "early_stopping_patience", "eval_batch_size", "num_workers", "output_dir",
                      "cache_dir", "text_batch_size", "cpu", "dataset_name", "data_path", "item_path",
-                     "text_lookup_path", "resume", "overwrite_output_dir", "resume_inexact", "resume_override"}
+                     "text_lookup_path", "config", "resume", "overwrite_output_dir", "resume_inexact",
+                     "resume_override"}
 DATA = "data"  # the --resume_override name of the data fingerprint
 
 
@@ -122,6 +125,7 @@ def claim_run_folder(output_dir: Path, lock: RunLock, resume: bool, overwrite: b
                     f"{output_dir} already holds a run ({', '.join(existing)}). Continue it with --resume true, or "
                     f"start afresh with --overwrite_output_dir true (its files are moved to {output_dir}/archive/), "
                     f"or choose another --output_dir.")
+            existing += [LOGS] if (output_dir / LOGS).exists() else []
             archived = archive_run(output_dir, existing)
             logger.warning("moved the previous run's files (%s) to %s", ", ".join(existing), archived)
         return resume
@@ -270,6 +274,27 @@ def promote_checkpoint(output_dir: Path, checkpoint: Path) -> None:
         if output_dir / name != checkpoint:
             shutil.rmtree(output_dir / name, ignore_errors=True)
     checkpoint.rename(final)
+
+
+def recover_best(output_dir: Path, best_epoch: int) -> None:
+    """Finish an interrupted swap of best/: a kill between `replace_directory`'s renames leaves no best/, the
+    previous best as best.old/ and the new one as best.tmp/. The checkpoint resumed from was saved before that
+    swap began, so best.old/ (its `best_epoch`) is the one that belongs to it; the redone epoch saves the new one."""
+    best = output_dir / "best"
+    if best.exists() or best_epoch == 0:
+        return
+    for candidate in (output_dir / "best.old", output_dir / "best.tmp"):
+        try:
+            candidate_epoch = json.loads((candidate / "training_info.json").read_text())["best_epoch"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if candidate_epoch == best_epoch:
+            candidate.rename(best)
+            logger.warning("restored %s (best epoch %d) from %s, left by an interrupted save", best, best_epoch,
+                           candidate.name)
+            return
+    raise RunFolderError(f"--resume true: {best} (the model of epoch {best_epoch}) is missing, and no best.old/ or "
+                         f"best.tmp/ of that epoch was found")
 
 
 def changed_settings(record: dict, settings: dict, data_fingerprint: str) -> dict:

@@ -45,8 +45,9 @@ from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainData
                    prepare_dataset)
 from .evaluate import end_run, evaluate, eval_loader, format_metrics
 from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, claim_run_folder,
-                         find_checkpoint, promote_checkpoint, quiet_checkpointing, refuse_unapproved_changes,
-                         replace_directory, run_on_main_process, save_checkpoint, write_text_atomic)
+                         find_checkpoint, promote_checkpoint, quiet_checkpointing, recover_best,
+                         refuse_unapproved_changes, replace_directory, run_on_main_process, save_checkpoint,
+                         write_text_atomic)
 from .text import encode_item_texts, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -274,13 +275,15 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
     for group in optimizer.param_groups:
         group["lr"] = train_args.learning_rate
     optimizer.param_groups[0]["weight_decay"] = train_args.weight_decay  # the decayed group (optimizer_groups)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        promote_checkpoint(output_dir, checkpoint)
-    accelerator.wait_for_everyone()
-
     saved = record["state"] if "state" in record else record  # an older m2rec wrote the state alone
     state = TrainerState(**{name: saved[name] for name in TrainerState.__dataclass_fields__ if name in saved})
+
+    def repair_interrupted_swaps() -> None:
+        promote_checkpoint(output_dir, checkpoint)
+        recover_best(output_dir, state.best_epoch)
+
+    accelerator.wait_for_everyone()  # every process has read the checkpoint before it moves
+    run_on_main_process(accelerator, repair_interrupted_swaps)
     # Re-judged with this call's settings: a run that stopped at its epoch cap continues under a higher one.
     state.finished = stopping_reached(state, train_args)
     state.resumes.append({"after_epoch": state.epoch, "checkpoint": checkpoint.name, "overridden": changes,
