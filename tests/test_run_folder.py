@@ -197,3 +197,21 @@ def test_resume_restores_best_from_an_interrupted_swap(tmp_path):
     shutil.rmtree(tmp_path / "best")
     with pytest.raises(RunFolderError, match="model of epoch 2\\) is missing"):
         recover_best(tmp_path, best_epoch=2)
+
+
+def test_claim_starts_a_resume_of_nothing_and_refuses_contradictory_flags(tmp_path, caplog):
+    from m2rec.training.run_folder import claim_run_folder
+
+    with pytest.raises(RunFolderError, match="contradict"):
+        claim_run_folder(tmp_path / "run", RunLock(tmp_path / "run.lock"), resume=True, overwrite=True)
+    (tmp_path / "run" / "logs" / "run-killed-in-epoch-1").mkdir(parents=True)  # TensorBoard files alone
+    lock = RunLock(tmp_path / "run" / ".lock")
+    # One command both starts and continues a run (bench/reproduce.py always passes --resume true).
+    assert claim_run_folder(tmp_path / "run", lock, resume=True, overwrite=False) is False
+    assert "holds no run yet" in caplog.text and lock.held
+    lock.release()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert claim_run_folder(tmp_path / "run", lock, resume=False, overwrite=True) is False
+    lock.release()
+    (archive,) = (tmp_path / "run" / "archive").iterdir()
+    assert sorted(p.name for p in archive.iterdir()) == ["logs", "metrics.jsonl"]

@@ -64,9 +64,10 @@ class RunLock:
             except FileExistsError:
                 owner = self._read_owner()
                 if not self._is_stale(owner):
+                    holder = (f"pid {owner.get('pid')} on host {owner.get('host')}, since {owner.get('since')}"
+                              if owner else "its lock file is empty or unreadable")
                     raise RunFolderError(
-                        f"{self.path.parent} is in use by another run (pid {owner.get('pid')} on host "
-                        f"{owner.get('host')}, since {owner.get('since')}). Wait for it, or use another "
+                        f"{self.path.parent} is in use by another run ({holder}). Wait for it, or use another "
                         f"--output_dir; if that run is gone, delete {self.path}.")
                 logger.warning("taking over the stale lock %s of pid %s, which is no longer running", self.path,
                                owner.get("pid"))
