@@ -153,8 +153,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     resuming, fresh_tensorboard_run = run_on_main_process(accelerator, claim_folder)
     try:
-        return train_in_claimed_folder(accelerator, output_dir, resuming, fresh_tensorboard_run, model_args,
-                                       data_args, train_args, command, model_builder)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            return train_in_claimed_folder(accelerator, output_dir, resuming, fresh_tensorboard_run, model_args,
+                                           data_args, train_args, command, model_builder)
     finally:
         lock.release()
 
@@ -186,10 +187,12 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
 
-    settings = {**to_dict(model_args, data_args, train_args), "num_processes": accelerator.num_processes}
+    settings = to_dict(model_args, data_args, train_args)
+    # What a checkpoint fixes: the settings, and the process count (each process has its own RNG state and batch).
+    checkpointed_settings = {**settings, "num_processes": accelerator.num_processes}
     data_fingerprint = fingerprint(data_args)
     if resuming:
-        state = resume(accelerator, optimizer, output_dir, settings, data_fingerprint, train_args)
+        state = resume(accelerator, optimizer, output_dir, checkpointed_settings, data_fingerprint, train_args)
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
     else:
@@ -202,50 +205,48 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
             "text_encoder": None if model_args.fusion == "none" else data_args.text_encoder,
             "train_command": command, "train_config": settings, "seed": train_args.seed,
             "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items,
-            "resumes": state.resumes}
+            "num_processes": accelerator.num_processes, "resumes": state.resumes}
     resumed_now = state.resumes[-1] if resuming else None
 
     epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
                   total=train_args.num_train_epochs, desc="epochs", disable=not accelerator.is_local_main_process)
-    with logging_redirect_tqdm():  # log lines above the progress bars, not through them
-        for epoch in epochs:
-            if state.finished:
-                break
-            train_loader.set_epoch(epoch)
-            started = time.perf_counter()
-            train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, last_position_only)
-            train_seconds = time.perf_counter() - started
-            valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
+    for epoch in epochs:
+        if state.finished:
+            break
+        train_loader.set_epoch(epoch)
+        started = time.perf_counter()
+        train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, last_position_only)
+        train_seconds = time.perf_counter() - started
+        valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
 
-            state.epoch = epoch + 1
-            improved = valid["NDCG@10"] > state.best_ndcg
-            if improved:
-                state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["NDCG@10"], epoch + 1, 0
-                save_best(accelerator, model, output_dir, data,
-                          {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
-            else:
-                state.epochs_without_improvement += 1
-            state.finished = stopping_reached(state, train_args)
-            save_checkpoint(accelerator, output_dir, {"state": asdict(state), "data_fingerprint": data_fingerprint,
-                                                      "settings": settings})
+        state.epoch = epoch + 1
+        improved = valid["NDCG@10"] > state.best_ndcg
+        if improved:
+            state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["NDCG@10"], epoch + 1, 0
+            save_best(accelerator, model, output_dir, data,
+                      {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
+        else:
+            state.epochs_without_improvement += 1
+        state.finished = stopping_reached(state, train_args)
+        save_checkpoint(accelerator, output_dir, {"state": asdict(state), "data_fingerprint": data_fingerprint,
+                                                  "settings": checkpointed_settings})
 
-            seconds = time.perf_counter() - started
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
-                      "eval_seconds": seconds - train_seconds, "optimizer_step": adam_step(optimizer), "valid": valid}
-            if resumed_now is not None:
-                record["resumed"], resumed_now = resumed_now, None
-            accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}},
-                            step=epoch + 1)
-            if accelerator.is_main_process:
-                append_jsonl(output_dir / "metrics.jsonl", record)
-            logger.info("epoch %d/%d: train loss %.4f, validation HR@10 %.4f NDCG@10 %.4f%s (%.1f s)", epoch + 1,
-                        train_args.num_train_epochs, train_loss, valid["HR@10"], valid["NDCG@10"],
-                        " (best so far)" if improved else "", seconds)
-            if state.epochs_without_improvement >= train_args.early_stopping_patience:
-                logger.info("early stopping after epoch %d: validation NDCG@10 has not improved for %d epochs "
-                            "(best %.4f at epoch %d)", epoch + 1, state.epochs_without_improvement,
-                            state.best_ndcg, state.best_epoch)
-            epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=state.best_epoch)
+        seconds = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
+                  "eval_seconds": seconds - train_seconds, "optimizer_step": adam_step(optimizer), "valid": valid}
+        if resumed_now is not None:
+            record["resumed"], resumed_now = resumed_now, None
+        accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
+        if accelerator.is_main_process:
+            append_jsonl(output_dir / "metrics.jsonl", record)
+        logger.info("epoch %d/%d: train loss %.4f, validation HR@10 %.4f NDCG@10 %.4f%s (%.1f s)", epoch + 1,
+                    train_args.num_train_epochs, train_loss, valid["HR@10"], valid["NDCG@10"],
+                    " (best so far)" if improved else "", seconds)
+        if state.epochs_without_improvement >= train_args.early_stopping_patience:
+            logger.info("early stopping after epoch %d: validation NDCG@10 has not improved for %d epochs "
+                        "(best %.4f at epoch %d)", epoch + 1, state.epochs_without_improvement,
+                        state.best_ndcg, state.best_epoch)
+        epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=state.best_epoch)
 
     results = test_best_model(accelerator, model_class, output_dir, data, data_args, train_args, state.resumes)
     if accelerator.is_main_process:
