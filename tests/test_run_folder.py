@@ -110,6 +110,7 @@ def test_resume_refuses_changes_and_inexact_states_then_records_what_it_was_allo
     optimizer = torch.load(run / "checkpoint" / "optimizer.bin", weights_only=False)
     assert {group["lr"] for group in optimizer["param_groups"]} == {0.0}
     assert not (run / "checkpoint.tmp").exists() and not (run / "checkpoint.old").exists()
+    assert [p.name for p in (run / "logs").iterdir()] == [p.name for p in (root / "base" / "logs").iterdir()]
 
 
 def write_checkpoint(path, epoch, files=None):
