@@ -135,22 +135,26 @@ def test_find_checkpoint_takes_the_newest_complete_one_and_names_what_it_found(t
 
 
 def test_checkpoint_problems_name_truncated_altered_and_missing_files(tmp_path):
-    from m2rec.training.run_folder import file_identity
+    from m2rec.training.run_folder import file_identity, inexact_resume_possible
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
         (checkpoint / name).write_bytes(b"0123456789")
-    record = {"files": {p.name: file_identity(p) for p in sorted(checkpoint.iterdir())}}
-    assert checkpoint_problems(checkpoint, record, num_processes=1) == []
-    (checkpoint / "model.safetensors").write_bytes(b"01234")
-    (checkpoint / "optimizer.bin").write_bytes(b"abcdefghij")
+    record = {"files": {p.name: file_identity(p) for p in checkpoint.iterdir()}}
+    assert checkpoint_problems(checkpoint, record, num_processes=1) == {}
     (checkpoint / "random_states_0.pkl").unlink()
     problems = checkpoint_problems(checkpoint, record, num_processes=2)
-    assert problems == [f"{checkpoint / 'model.safetensors'} is truncated or altered (5 bytes, 10 written)",
-                        f"{checkpoint / 'optimizer.bin'} does not match the checksum written with it",
-                        f"{checkpoint / 'random_states_0.pkl'} is missing",
-                        f"{checkpoint} has no RNG state for process 1"]
+    assert problems == {"random_states_0.pkl": f"{checkpoint / 'random_states_0.pkl'} is missing",
+                        "random_states_1.pkl": f"{checkpoint} has no RNG state for process 1"}
+    assert inexact_resume_possible(problems)  # fresh seeds can replace lost RNG states
+    (checkpoint / "model.safetensors").write_bytes(b"01234")
+    (checkpoint / "optimizer.bin").write_bytes(b"abcdefghij")
+    problems = checkpoint_problems(checkpoint, record, num_processes=1)
+    assert problems["model.safetensors"] == f"{checkpoint / 'model.safetensors'} is truncated or altered " \
+                                            f"(5 bytes, 10 written)"
+    assert problems["optimizer.bin"] == f"{checkpoint / 'optimizer.bin'} does not match the checksum written with it"
+    assert not inexact_resume_possible(problems)  # weights cannot be made up
 
 
 def test_resume_settings_that_may_change_pass_and_fixed_ones_need_an_override():

@@ -243,26 +243,33 @@ def find_checkpoint(output_dir: Path) -> tuple[Path, dict]:
     return path, record
 
 
-def checkpoint_problems(checkpoint: Path, record: dict, num_processes: int) -> list[str]:
-    """Why `checkpoint` cannot be restored exactly (missing, truncated or altered files, missing RNG states)."""
+def checkpoint_problems(checkpoint: Path, record: dict, num_processes: int) -> dict[str, str]:
+    """{file name: why} for what cannot be restored exactly (missing, truncated or altered files, RNG states)."""
     manifest = record.get("files")
     if manifest is None:
-        return [f"{checkpoint / COMPLETION_MARK} lists no files and settings (written by an older m2rec): its files, "
-                f"data and settings cannot be checked"]
-    problems = []
+        return {COMPLETION_MARK: f"{checkpoint / COMPLETION_MARK} lists no files and settings (written by an older "
+                                 f"m2rec): its files, data and settings cannot be checked"}
+    problems = {}
     for name, expected in manifest.items():
         path = checkpoint / name
         if not path.is_file():
-            problems.append(f"{path} is missing")
+            problems[name] = f"{path} is missing"
         elif path.stat().st_size != expected["bytes"]:
-            problems.append(f"{path} is truncated or altered ({path.stat().st_size} bytes, "
-                            f"{expected['bytes']} written)")
+            problems[name] = (f"{path} is truncated or altered ({path.stat().st_size} bytes, "
+                              f"{expected['bytes']} written)")
         elif file_identity(path)["sha256"] != expected["sha256"]:
-            problems.append(f"{path} does not match the checksum written with it")
+            problems[name] = f"{path} does not match the checksum written with it"
     for process in range(num_processes):
-        if f"random_states_{process}.pkl" not in manifest:
-            problems.append(f"{checkpoint} has no RNG state for process {process}")
+        name = f"random_states_{process}.pkl"
+        if name not in manifest:
+            problems[name] = f"{checkpoint} has no RNG state for process {process}"
     return problems
+
+
+def inexact_resume_possible(problems: dict[str, str]) -> bool:
+    """RNG states can be given up (the run continues from fresh seeds), and a checkpoint of an older m2rec can be
+    loaded unchecked; a model or optimizer state cannot be made up."""
+    return all(name.startswith("random_states_") or name == COMPLETION_MARK for name in problems)
 
 
 def promote_checkpoint(output_dir: Path, checkpoint: Path) -> None:

@@ -45,9 +45,9 @@ from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainData
                    prepare_dataset)
 from .evaluate import end_run, evaluate, eval_loader, format_metrics
 from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, claim_run_folder,
-                         find_checkpoint, promote_checkpoint, quiet_checkpointing, recover_best,
-                         refuse_unapproved_changes, replace_directory, run_on_main_process, save_checkpoint,
-                         write_text_atomic)
+                         find_checkpoint, inexact_resume_possible, promote_checkpoint, quiet_checkpointing,
+                         recover_best, refuse_unapproved_changes, replace_directory, run_on_main_process,
+                         save_checkpoint, write_text_atomic)
 from .text import encode_item_texts, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -263,10 +263,11 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
     changes = changed_settings(record, settings, data_fingerprint)
     refuse_unapproved_changes(changes, train_args.resume_override, settings)
     problems = checkpoint_problems(checkpoint, record, accelerator.num_processes)
-    if problems and not train_args.resume_inexact:
-        raise RunFolderError(f"--resume true: {checkpoint} cannot be restored exactly: {'; '.join(problems)}. "
-                             f"Continue anyway with --resume_inexact true (recorded in training_info.json), or "
-                             f"start afresh with --overwrite_output_dir true.")
+    if problems and not (train_args.resume_inexact and inexact_resume_possible(problems)):
+        way_on = ("Continue anyway with --resume_inexact true (recorded in training_info.json), or start afresh "
+                  if inexact_resume_possible(problems) else "Start afresh ")
+        raise RunFolderError(f"--resume true: {checkpoint} cannot be restored exactly: "
+                             f"{'; '.join(problems.values())}. {way_on}with --overwrite_output_dir true.")
     try:
         with quiet_checkpointing():
             accelerator.load_state(str(checkpoint))
@@ -288,10 +289,10 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
     # Re-judged with this call's settings: a run that stopped at its epoch cap continues under a higher one.
     state.finished = stopping_reached(state, train_args)
     state.resumes.append({"after_epoch": state.epoch, "checkpoint": checkpoint.name, "overridden": changes,
-                          "inexact": problems})
+                          "inexact": list(problems.values())})
     logger.info("resumed from %s after epoch %d (optimizer step %d)%s%s", checkpoint, state.epoch,
                 adam_step(optimizer), f"; overridden: {changes}" if changes else "",
-                f"; INEXACT: {'; '.join(problems)}" if problems else "")
+                f"; INEXACT: {'; '.join(problems.values())}" if problems else "")
     return state
 
 
