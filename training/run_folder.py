@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
@@ -353,13 +354,13 @@ _CHECKPOINT_CHATTER = {
 }
 
 
-class quiet_checkpointing:
+@contextmanager
+def quiet_checkpointing():
     """Within the block, drop accelerate's per-file save/load INFO lines and its shared-tensor warning."""
-
-    def __enter__(self):
-        for name, chatter in _CHECKPOINT_CHATTER.items():
-            logging.getLogger(name).addFilter(chatter)
-
-    def __exit__(self, *exc_info):
+    for name, chatter in _CHECKPOINT_CHATTER.items():
+        logging.getLogger(name).addFilter(chatter)
+    try:
+        yield
+    finally:
         for name, chatter in _CHECKPOINT_CHATTER.items():
             logging.getLogger(name).removeFilter(chatter)
