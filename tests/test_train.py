@@ -112,7 +112,7 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_after = json.loads(state_file.read_text())["epoch"]
+    killed_after = json.loads(state_file.read_text())["state"]["epoch"]
     assert 1 <= killed_after < epochs, "the run was not killed mid-way; make its epochs longer"
 
     run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs) + ["--resume", "true"], tmp_path)

@@ -62,6 +62,15 @@ class TrainArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds a run; its files are moved to "
+                                         "output_dir/archive/<time>/, never deleted."})
+    resume_inexact: bool = field(
+        default=False, metadata={"help": "With --resume: continue even if the checkpoint's RNG states (or a file's "
+                                         "checksum) cannot be restored exactly; recorded in training_info.json."})
+    resume_override: Optional[list[str]] = field(
+        default=None, metadata={"help": "With --resume: settings the checkpoint fixes that this call may change "
+                                        "(e.g. learning_rate train_batch_size), or 'data' for changed data."})
     num_workers: int = 0
 
 

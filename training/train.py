@@ -3,13 +3,19 @@
     m2rec-train                                   # the embedded synthetic default, offline, a couple of minutes
     m2rec-train --config training/configs/ml-1m.yaml --output_dir runs/ml-1m
     m2rec-train --config ... --resume true        # continue a killed run from output_dir/checkpoint
+    m2rec-train --config ... --overwrite_output_dir true   # start afresh; the old run moves to output_dir/archive/
 
-A run directory holds:
+A run directory holds (see run_folder.py for how it is kept whole):
     best/             the selected model (save_pretrained: config.json, model.safetensors, remote code) plus
-                      item_id_map.json and training_info.json (settings, metrics, the command)
+                      item_id_map.json and training_info.json (settings, metrics, the command, any resumes)
     checkpoint/       the latest full state (accelerator.save_state + trainer_state.json) for --resume
     metrics.jsonl     one line per epoch: train loss, validation metrics, times
-    logs/             TensorBoard
+    logs/<run>/       TensorBoard, one subfolder per training run (a resumed run continues its own)
+    archive/<time>/   earlier runs' files, moved aside by --overwrite_output_dir true
+
+A folder holding a run is refused unless --resume true or --overwrite_output_dir true; a second run in a folder
+being written to is refused. --resume refuses a checkpoint that cannot be restored exactly (--resume_inexact true
+accepts that) and changed data or settings the checkpoint fixes (--resume_override NAME... accepts those).
 
 Model selection is on validation NDCG@10 with early stopping; the test split is evaluated once, with the
 selected model, at the end.
@@ -17,12 +23,11 @@ selected model, at the end.
 
 import json
 import logging
-import os
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -31,12 +36,19 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import M2RecConfig, M2RecForSequentialRecommendation
 
 from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
-from .data import DataArguments, EpochSubsetSampler, PreparedDataset, TrainDataset, collate_train, prepare_dataset
-from .evaluate import end_run, evaluate, eval_loader, format_metrics
+from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainDataset, collate_train,
+                   prepare_dataset)
+from .evaluate import (end_run, evaluate, eval_loader, format_history_statistics, format_metrics,
+                       load_trained_model)
+from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, claim_run_folder,
+                         find_checkpoint, inexact_resume_possible, promote_checkpoint, quiet_checkpointing,
+                         recover_best, refuse_unapproved_changes, replace_directory, run_on_main_process,
+                         save_checkpoint, write_text_atomic)
 from .text import encode_item_texts, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -51,6 +63,8 @@ class TrainerState:
     best_epoch: int = 0
     epochs_without_improvement: int = 0
     finished: bool = False
+    tensorboard_run: str = ""  # logs/<tensorboard_run>: a resumed run continues its own
+    resumes: list[dict] = field(default_factory=list)  # what each --resume changed or could not restore
 
 
 def item_text_embeddings(data: PreparedDataset, data_args: DataArguments, show_progress: bool) -> torch.Tensor:
@@ -75,7 +89,8 @@ def build_model(model_args: ModelArguments, max_len: int, num_items: int,
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; never the parameters marked `_no_weight_decay` (A_log, D, Δ bias), biases or norms."""
+    """[decayed, not decayed]: decay matrices only; never the parameters marked `_no_weight_decay` (A_log, D,
+    Δ bias), biases or norms."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if not parameter.requires_grad:
@@ -90,28 +105,6 @@ def adam_step(optimizer) -> int:
     for state in optimizer.state.values():
         return int(state["step"])
     return 0
-
-
-def replace_directory(staging: Path, final: Path) -> None:
-    """Move a fully written `staging` folder to `final`, so a kill never leaves a half-written `final`."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState) -> None:
-    staging = output_dir / "checkpoint.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        (staging / "trainer_state.json").write_text(json.dumps(asdict(state)))
-        replace_directory(staging, output_dir / "checkpoint")
-    accelerator.wait_for_everyone()
 
 
 def save_best(accelerator: Accelerator, model, output_dir: Path, data: PreparedDataset, info: dict) -> None:
@@ -130,7 +123,7 @@ def append_jsonl(path: Path, record: dict, keep_epochs_up_to: int | None = None)
     if keep_epochs_up_to is not None and path.exists():
         lines = [line for line in path.read_text().splitlines()
                  if line and json.loads(line).get("epoch", 0) <= keep_epochs_up_to]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
     if record:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -142,6 +135,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     `model_builder(max_len, num_items, text_embeddings)` replaces the M2Rec built from `model_args` by another
     `PreTrainedModel` with the same forward protocol (the benchmarks train their SASRec baseline this way).
+    Raises RunFolderError (every process) when the output folder cannot be used as asked.
     """
     output_dir = Path(train_args.output_dir)
     accelerator = Accelerator(
@@ -152,10 +146,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    set_seed(train_args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output_dir / ".lock")  # taken by the main process for all of them
 
+    def claim_folder() -> tuple[bool, str]:
+        resuming = claim_run_folder(output_dir, lock, train_args.resume, train_args.overwrite_output_dir)
+        return resuming, time.strftime("run-%Y%m%d-%H%M%S")  # the TensorBoard run of a fresh start
+
+    resuming, fresh_tensorboard_run = run_on_main_process(accelerator, claim_folder)
+    try:
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            return train_in_claimed_folder(accelerator, output_dir, resuming, fresh_tensorboard_run, model_args,
+                                           data_args, train_args, command, model_builder)
+    finally:
+        lock.release()
+
+
+def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming: bool, fresh_tensorboard_run: str,
+                            model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
+                            command: str, model_builder) -> dict:
+    set_seed(train_args.seed)
     with accelerator.main_process_first():  # the first process fills the caches, the others read them
         data = prepare_dataset(data_args)
         text_embeddings = (None if model_args.fusion == "none"
@@ -166,6 +175,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    # The batch size is per process: `accelerate launch` over more processes multiplies the step's batch.
+    logger.info("batch: %d sequences per optimizer step = %d per process x %d processes x %d accumulation steps",
+                train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps,
+                train_args.train_batch_size, accelerator.num_processes, train_args.gradient_accumulation_steps)
 
     # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
     last_position_only = model_args.fft_mode == "global" or train_args.last_position_training
@@ -175,26 +188,27 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
 
-    state = TrainerState()
-    if train_args.resume and (output_dir / "checkpoint" / "trainer_state.json").exists():
-        accelerator.load_state(str(output_dir / "checkpoint"))
-        state = TrainerState(**json.loads((output_dir / "checkpoint" / "trainer_state.json").read_text()))
-        # Re-judged with this call's settings: a run that stopped at its epoch cap continues under a higher one.
-        state.finished = stopping_reached(state, train_args)
-        logger.info("resumed after epoch %d (optimizer step %d)", state.epoch, adam_step(optimizer))
-    elif train_args.resume:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
-    if accelerator.is_main_process:
-        append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
-
     settings = to_dict(model_args, data_args, train_args)
-    accelerator.init_trackers("logs", config={k: v for k, v in settings.items()
-                                              if isinstance(v, (int, float, str, bool))})
+    # What a checkpoint fixes: the settings, and the process count (each process has its own RNG state and batch).
+    checkpointed_settings = {**settings, "num_processes": accelerator.num_processes}
+    data_fingerprint = data.fingerprint
+    if resuming:
+        state = resume(accelerator, optimizer, output_dir, checkpointed_settings, data_fingerprint, train_args)
+        if accelerator.is_main_process:
+            append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
+    else:
+        state = TrainerState()
+    state.tensorboard_run = state.tensorboard_run or fresh_tensorboard_run  # a fresh run (or an older checkpoint)
+    tensorboard_dir = output_dir / "logs" / state.tensorboard_run
+    accelerator.init_trackers(f"logs/{state.tensorboard_run}", config={
+        k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
     info = {"dataset": data_args.dataset_name, "data_format": data_args.format,
             "text_encoder": None if model_args.fusion == "none" else data_args.text_encoder,
             "train_command": command, "train_config": settings, "seed": train_args.seed,
             "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items,
-            "data_fingerprint": data.fingerprint}
+            "data_fingerprint": data_fingerprint, "num_processes": accelerator.num_processes,
+            "resumes": state.resumes}
+    resumed_now = state.resumes[-1] if resuming else None
 
     epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
                   total=train_args.num_train_epochs, desc="epochs", disable=not accelerator.is_local_main_process)
@@ -208,31 +222,94 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
 
         state.epoch = epoch + 1
-        if valid["NDCG@10"] > state.best_ndcg:
+        improved = valid["NDCG@10"] > state.best_ndcg
+        if improved:
             state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["NDCG@10"], epoch + 1, 0
             save_best(accelerator, model, output_dir, data,
                       {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
         else:
             state.epochs_without_improvement += 1
         state.finished = stopping_reached(state, train_args)
-        save_checkpoint(accelerator, output_dir, state)
+        save_checkpoint(accelerator, output_dir, {"state": asdict(state), "data_fingerprint": data_fingerprint,
+                                                  "settings": checkpointed_settings})
 
+        seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
-                  "eval_seconds": time.perf_counter() - started - train_seconds,
-                  "optimizer_step": adam_step(optimizer), "valid": valid}
+                  "eval_seconds": seconds - train_seconds, "optimizer_step": adam_step(optimizer), "valid": valid}
+        if resumed_now is not None:
+            record["resumed"], resumed_now = resumed_now, None
         accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", record)
+        logger.info("epoch %d/%d: train loss %.4f, validation HR@10 %.4f NDCG@10 %.4f%s (%.1f s)", epoch + 1,
+                    train_args.num_train_epochs, train_loss, valid["HR@10"], valid["NDCG@10"],
+                    " (best so far)" if improved else "", seconds)
+        if state.epochs_without_improvement >= train_args.early_stopping_patience:
+            logger.info("early stopping after epoch %d: validation NDCG@10 has not improved for %d epochs "
+                        "(best %.4f at epoch %d)", epoch + 1, state.epochs_without_improvement,
+                        state.best_ndcg, state.best_epoch)
         epochs.set_postfix(loss=f"{train_loss:.4f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=state.best_epoch)
 
-    results = test_best_model(accelerator, model_class, output_dir, data, data_args, train_args)
+    results = test_best_model(accelerator, model_class, output_dir, data, data_args, train_args, state.resumes)
     if accelerator.is_main_process:
-        print(f"best epoch {results['best_epoch']}\n"
-              f"validation: {format_metrics(results['validation'])}\n"
-              f"test:       {format_metrics(results['test'])}\n"
-              f"model: {output_dir / 'best'}")
+        print(run_summary(results, output_dir, tensorboard_dir, data, train_args))
     end_run(accelerator)
     return results
+
+
+def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict, data_fingerprint: str,
+           train_args: TrainArguments) -> TrainerState:
+    """Restore model, optimizer and RNG states from the newest complete checkpoint, exactly, on these data and
+    settings; what `--resume_override` and `--resume_inexact` let through is recorded in the returned state."""
+    checkpoint, record = find_checkpoint(output_dir)
+    changes = changed_settings(record, settings, data_fingerprint)
+    refuse_unapproved_changes(changes, train_args.resume_override, settings)
+    problems = checkpoint_problems(checkpoint, record, accelerator.num_processes)
+    if problems and not (train_args.resume_inexact and inexact_resume_possible(problems)):
+        way_on = ("Continue anyway with --resume_inexact true (recorded in training_info.json), or start afresh "
+                  if inexact_resume_possible(problems) else "Start afresh ")
+        raise RunFolderError(f"--resume true: {checkpoint} cannot be restored exactly: "
+                             f"{'; '.join(problems.values())}. {way_on}with --overwrite_output_dir true.")
+    try:
+        with quiet_checkpointing():
+            accelerator.load_state(str(checkpoint))
+    except Exception as error:
+        raise RunFolderError(f"--resume true: cannot restore {checkpoint}: {error}") from error
+    # load_state brought back the checkpoint's learning rate and decay; an approved override must take effect.
+    for group in optimizer.param_groups:
+        group["lr"] = train_args.learning_rate
+    optimizer.param_groups[0]["weight_decay"] = train_args.weight_decay  # the decayed group (optimizer_groups)
+    saved = record["state"] if "state" in record else record  # an older m2rec wrote the state alone
+    state = TrainerState(**{name: saved[name] for name in TrainerState.__dataclass_fields__ if name in saved})
+
+    def repair_interrupted_swaps() -> None:
+        promote_checkpoint(output_dir, checkpoint)
+        recover_best(output_dir, state.best_epoch)
+
+    accelerator.wait_for_everyone()  # every process has read the checkpoint before it moves
+    run_on_main_process(accelerator, repair_interrupted_swaps)
+    # Re-judged with this call's settings: a run that stopped at its epoch cap continues under a higher one.
+    state.finished = stopping_reached(state, train_args)
+    state.resumes.append({"after_epoch": state.epoch, "checkpoint": checkpoint.name, "overridden": changes,
+                          "inexact": list(problems.values())})
+    logger.info("resumed from %s after epoch %d (optimizer step %d)%s%s", checkpoint, state.epoch,
+                adam_step(optimizer), f"; overridden: {changes}" if changes else "",
+                f"; INEXACT: {'; '.join(problems.values())}" if problems else "")
+    return state
+
+
+def run_summary(results: dict, output_dir: Path, tensorboard_dir: Path, data: PreparedDataset,
+                train_args: TrainArguments) -> str:
+    history = "excluded from" if train_args.exclude_history else "kept in"
+    return (f"protocol: leave-one-out (each user's last item is the test target, the one before it validation), "
+            f"full ranking over all {data.num_items} items, the user's earlier items {history} the ranking\n"
+            f"best epoch {results['best_epoch']} (selected on validation NDCG@10)\n"
+            f"validation: {format_metrics(results['validation'])}\n"
+            f"test:       {format_metrics(results['test'])}\n"
+            f"test, both protocols: {format_history_statistics(results['test'])}\n"
+            f"model:       {output_dir / 'best'}\n"
+            f"metrics:     {output_dir / 'metrics.jsonl'}\n"
+            f"TensorBoard: {tensorboard_dir}")
 
 
 def make_train_loader(train_data: TrainDataset, train_args: TrainArguments) -> DataLoader:
@@ -271,19 +348,21 @@ def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: b
 
 
 def test_best_model(accelerator, model_class, output_dir: Path, data, data_args: DataArguments,
-                    train_args: TrainArguments) -> dict:
+                    train_args: TrainArguments, resumes: list[dict]) -> dict:
     """Evaluate the selected checkpoint on the test split (the only time the test split is read) and record the
-    metrics in best/training_info.json."""
+    metrics, and every resume of the run, in best/training_info.json."""
     best_dir = output_dir / "best"
-    model = model_class.from_pretrained(best_dir).to(accelerator.device)  # inference only: no DDP wrapper
+    # Strictly for M2Rec (a bench baseline brings its own class): never test a partly initialised model.
+    model = (load_trained_model(best_dir) if model_class is M2RecForSequentialRecommendation
+             else model_class.from_pretrained(best_dir))
+    model = model.to(accelerator.device)  # inference only: no DDP wrapper
     test_loader = accelerator.prepare(eval_loader(data, "test", data_args.max_len, train_args))
     test = evaluate(model, test_loader, accelerator, train_args.exclude_history)
     info = json.loads((best_dir / "training_info.json").read_text())
     info["metrics"]["test"] = test
+    info["resumes"] = resumes
     if accelerator.is_main_process:
-        staging = best_dir / "training_info.json.tmp"
-        staging.write_text(json.dumps(info, indent=2))
-        os.replace(staging, best_dir / "training_info.json")
+        write_text_atomic(best_dir / "training_info.json", json.dumps(info, indent=2))
     accelerator.wait_for_everyone()
     return {"best_epoch": info["best_epoch"], **info["metrics"]}
 
@@ -291,7 +370,10 @@ def test_best_model(accelerator, model_class, output_dir: Path, data, data_args:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["m2rec-train", *argv])
-    train(*parse_args(argv), command=command)
+    try:
+        train(*parse_args(argv), command=command)
+    except RunFolderError as error:
+        sys.exit(f"m2rec-train: error: {error}")
 
 
 if __name__ == "__main__":
