@@ -50,6 +50,9 @@ def test_config_by_the_name_of_a_shipped_config():
 
 def test_config_values_are_checked(tmp_path):
     config = tmp_path / "run.yaml"
+    config.write_text("format: synthetic\nlearning_rte: 0.01\n")
+    with pytest.raises(ValueError, match=r"run.yaml: unknown options \['learning_rte'\]"):
+        parse_args(["--config", str(config)])
     config.write_text("format: synthetic\nfusion: gates\n")
     with pytest.raises(ValueError, match=r"run.yaml: fusion: 'gates' is not one of"):
         parse_args(["--config", str(config)])
