@@ -54,7 +54,9 @@ class TrainArguments:
     learning_rate: float = 1e-3
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW decay of matrices; A_log, D, biases and norms are never decayed."})
-    train_batch_size: int = field(default=2048, metadata={"help": "Sequences per step and process."})
+    train_batch_size: int = field(
+        default=2048, metadata={"help": "Sequences per step and process: the global batch is this * processes * "
+                                        "gradient_accumulation_steps."})
     eval_batch_size: int = 4096
     gradient_accumulation_steps: int = 1
     last_position_training: bool = field(
