@@ -92,7 +92,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataAr
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    shipped = ", ".join(path.stem for path in sorted(SHIPPED_CONFIGS.glob("*.yaml")))
+    shipped = ", ".join(shipped_config_names())
     parser.add_argument(
         "--config", metavar="FILE_OR_NAME", default=argparse.SUPPRESS,
         help=f"YAML or JSON file of option: value pairs, or the name of a shipped config ({shipped}). It takes the "
@@ -109,8 +109,12 @@ def resolve_config(name: str) -> Path:
     shipped = SHIPPED_CONFIGS / f"{name}.yaml"
     if path.name == name and shipped.is_file():
         return shipped
-    names = sorted(config.stem for config in SHIPPED_CONFIGS.glob("*.yaml"))
-    raise ValueError(f"--config {name}: no such file, nor a shipped config (shipped: {', '.join(names)})")
+    raise ValueError(f"--config {name}: no such file, nor a shipped config "
+                     f"(shipped: {', '.join(shipped_config_names())})")
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
 def load_config_file(path: Path, parser: HfArgumentParser) -> dict:
@@ -118,7 +122,7 @@ def load_config_file(path: Path, parser: HfArgumentParser) -> dict:
         values = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
-    actions = {action.dest: action for action in parser._actions if action.dest != "config"}
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}")
