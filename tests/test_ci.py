@@ -17,13 +17,15 @@ def run_ci(tmp_path, *commands):
     block = "\n".join(["# a comment", *commands, ""])
     (checkout / "README.md").write_text(f"# Title\n\n```bash\n{block}```\n\n```bash\nnot a command of CI\n```\n")
     subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    subprocess.run(["git", "-C", str(checkout), "add", "-A"], check=True)
+    (checkout / "untracked").write_text("not in a clone")
     return subprocess.run(["bash", str(checkout / ".ci" / "run")], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
 
 
 def test_runs_each_command_in_a_fresh_copy_offline_and_returns_the_tests_exit_code(tmp_path):
     main = 'touch made-by-main && test "$HF_HUB_OFFLINE" = 1 && echo "test:  HR@10 0.3  NDCG@10 0.2" # m2rec-train'
-    tests = "test -e README.md && test ! -e made-by-main && echo pytest && exit 3"
+    tests = "test -e README.md && test ! -e untracked && test ! -e made-by-main && echo pytest && exit 3"
     result = run_ci(tmp_path, main, tests)
     assert result.returncode == 3, result.stderr
     assert "CI: main job done" in result.stdout and "pytest" in result.stdout
