@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file, save_file
 
 import m2rec
@@ -76,6 +76,13 @@ def built(tmp_path_factory):
     model = build_repo_folder(run_dir, folder, REPO_ID)
     summary = verify_folder(folder, model)
     return run_dir, folder, model, summary
+
+
+@pytest.fixture(autouse=True)
+def hub_reachable(monkeypatch):
+    """These tests reach only stand-in Hubs on 127.0.0.1 (or a closed port there), so they hold under
+    HF_HUB_OFFLINE=1 too, as CI runs them; huggingface_hub reads the variable once, at import."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def copy_of(folder, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2rec.training.arguments import TrainArguments, parse_args
+from m2rec.training.arguments import TrainArguments
 from m2rec.training.data import DataArguments, prepare_dataset
 from m2rec.training.metrics import MetricAccumulator, rank_targets
 from m2rec.training.train import make_train_loader
@@ -149,18 +149,6 @@ def test_two_process_evaluation_counts_each_user_once(tmp_path):
     assert single["num_users"] == double["num_users"] == 300
     for name in ("HR@10", "NDCG@10", "MRR@10", "HR@20"):
         assert double[name] == pytest.approx(single[name], abs=1e-6)
-
-
-def test_arguments_from_yaml_with_command_line_overrides(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("format: synthetic\nmax_len: 77\nlearning_rate: 0.01\nfusion: sum\n")
-    model_args, data_args, train_args = parse_args(["--config", str(config), "--learning_rate", "0.5"])
-    assert (data_args.max_len, train_args.learning_rate, model_args.fusion) == (77, 0.5, "sum")
-    config.write_text("format: synthetic\nlearning_rte: 0.01\n")
-    with pytest.raises(ValueError, match="learning_rte"):
-        parse_args(["--config", str(config)])
-    _, data_args, train_args = parse_args([])  # no arguments: the embedded default
-    assert data_args.format == "synthetic" and train_args.output_dir == "runs/synthetic"
 
 
 def test_capped_epochs_draw_new_samples_through_the_prepared_loader():

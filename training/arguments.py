@@ -1,11 +1,19 @@
-"""Run configuration: three dataclasses parsed by transformers' `HfArgumentParser` from a YAML/JSON file
-(`--config`) and/or the command line (the command line wins).
+"""Run configuration: three dataclasses parsed by transformers' `HfArgumentParser`, in layers, each over the one
+before: the dataclass defaults, then a config file, then the command line. The config file is `--config FILE` (YAML
+or JSON, or the name of a shipped config such as `ml-1m`) or, without `--config`, the embedded default
+(configs/synthetic.yaml), so `m2rec-train --output_dir X` runs the embedded default with that one change.
+
+A `--config` file replaces the embedded default rather than layering over it: the embedded default is tuned for a
+toy dataset (max_len 50, 40 epochs, a small text encoder, output_dir runs/synthetic), and a real-data config that
+leaves one of those out must get the documented default, not the toy's value. (`accelerate launch --config_file`
+replaces accelerate's default config the same way.)
 
 `DataArguments` (what data, how it is prepared) lives in `training.data`; the model's hyperparameters are those of
 `M2RecConfig` (documented there); `TrainArguments` holds the optimisation and bookkeeping. Defaults are the paper's
 (§IV-A): AdamW, lr 1e-3, batch 2048, d = 64, 1 layer, d_state 32, dropout 0.2.
 """
 
+import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -17,7 +25,8 @@ from transformers import HfArgumentParser
 
 from .data import DataArguments
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "synthetic.yaml"
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "synthetic.yaml"
 
 
 @dataclass
@@ -45,7 +54,9 @@ class TrainArguments:
     learning_rate: float = 1e-3
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW decay of matrices; A_log, D, biases and norms are never decayed."})
-    train_batch_size: int = field(default=2048, metadata={"help": "Sequences per step and process."})
+    train_batch_size: int = field(
+        default=2048, metadata={"help": "Sequences per step and process: the global batch is this * processes * "
+                                        "gradient_accumulation_steps."})
     eval_batch_size: int = 4096
     gradient_accumulation_steps: int = 1
     last_position_training: bool = field(
@@ -75,17 +86,44 @@ class TrainArguments:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """`--config FILE` (YAML or JSON, keys = field names) sets defaults; other flags override them. With no
-    arguments at all, the embedded synthetic config is used."""
+    """The run's settings: the dataclass defaults, under `--config` (or the embedded default), under the other flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument("--config")
+    config_name = config_flag.parse_known_args(argv)[0].config
+    config_path = DEFAULT_CONFIG if config_name is None else resolve_config(config_name)
+    parser = build_parser()
+    # Defaults, not arguments: argparse shows them in --help and lets every flag on the command line win.
+    parser.set_defaults(**load_config_file(config_path, parser))
+    # [:3]: the namespace of --config itself follows the three dataclasses when the flag is given.
+    return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[:3])
+
+
+def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    config_path = DEFAULT_CONFIG if not argv else None
-    if "--config" in argv:
-        at = argv.index("--config")
-        config_path, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
-    if config_path is not None:
-        parser.set_defaults(**load_config_file(config_path, parser))
-    return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
+    shipped = ", ".join(shipped_config_names())
+    parser.add_argument(
+        "--config", metavar="FILE_OR_NAME", default=argparse.SUPPRESS,
+        help=f"YAML or JSON file of option: value pairs, or the name of a shipped config ({shipped}). It takes the "
+             f"place of the embedded default ({DEFAULT_CONFIG.stem}, whose values are the defaults shown here "
+             f"without --config) over the built-in defaults; flags on the command line override it.")
+    return parser
+
+
+def resolve_config(name: str) -> Path:
+    """A config file's path: `name` itself when it is a file, else the shipped config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    if path.name == name and shipped.is_file():
+        return shipped
+    raise ValueError(f"--config {name}: no such file, nor a shipped config "
+                     f"(shipped: {', '.join(shipped_config_names())})")
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
 def load_config_file(path: Path, parser: HfArgumentParser) -> dict:
@@ -93,10 +131,14 @@ def load_config_file(path: Path, parser: HfArgumentParser) -> dict:
         values = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}")
+    for name, value in values.items():
+        # argparse checks the choices of command-line values only, not of defaults.
+        if actions[name].choices is not None and value not in actions[name].choices:
+            raise ValueError(f"{path}: {name}: {value!r} is not one of {list(actions[name].choices)}")
     return values
 
 
