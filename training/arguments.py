@@ -3,10 +3,11 @@ before: the dataclass defaults, then a config file, then the command line. The c
 or JSON, or the name of a shipped config such as `ml-1m`) or, without `--config`, the embedded default
 (configs/synthetic.yaml), so `m2rec-train --output_dir X` runs the embedded default with that one change.
 
-A `--config` file replaces the embedded default rather than layering over it: the embedded default is tuned for a
-toy dataset (max_len 50, 40 epochs, a small text encoder, output_dir runs/synthetic), and a real-data config that
-leaves one of those out must get the documented default, not the toy's value. (`accelerate launch --config_file`
-replaces accelerate's default config the same way.)
+A `--config` file that does not name its own data (no `format` or `data_path`) is a change to the embedded default
+run and layers over it, so `num_train_epochs: 5` alone still trains the synthetic data offline. A file that names
+its data replaces the embedded default: that default is tuned for a toy dataset (max_len 50, 40 epochs, a small
+text encoder, output_dir runs/synthetic), and a real-data config that leaves one of those out must get the
+documented default, not the toy's value.
 
 `DataArguments` (what data, how it is prepared) lives in `training.data`; the model's hyperparameters are those of
 `M2RecConfig` (documented there); `TrainArguments` holds the optimisation and bookkeeping. Defaults are the paper's
@@ -27,6 +28,8 @@ from .data import DataArguments
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = SHIPPED_CONFIGS / "synthetic.yaml"
+# A config file setting one of these describes its own data, so it does not inherit the embedded default's settings.
+DATA_KEYS = frozenset({"format", "data_path"})
 
 
 @dataclass
@@ -86,15 +89,21 @@ class TrainArguments:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """The run's settings: the dataclass defaults, under `--config` (or the embedded default), under the other flags."""
+    """The run's settings: the dataclass defaults, under the embedded default (unless `--config` names its own
+    data), under `--config`, under the other flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_flag = argparse.ArgumentParser(add_help=False)
     config_flag.add_argument("--config")
     config_name = config_flag.parse_known_args(argv)[0].config
-    config_path = DEFAULT_CONFIG if config_name is None else resolve_config(config_name)
     parser = build_parser()
+    values = load_config_file(DEFAULT_CONFIG, parser)
+    if config_name is not None:
+        config_values = load_config_file(resolve_config(config_name), parser)
+        if DATA_KEYS & config_values.keys():
+            values = {}
+        values.update(config_values)
     # Defaults, not arguments: argparse shows them in --help and lets every flag on the command line win.
-    parser.set_defaults(**load_config_file(config_path, parser))
+    parser.set_defaults(**values)
     # [:3]: the namespace of --config itself follows the three dataclasses when the flag is given.
     return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[:3])
 
@@ -104,9 +113,10 @@ def build_parser() -> HfArgumentParser:
     shipped = ", ".join(shipped_config_names())
     parser.add_argument(
         "--config", metavar="FILE_OR_NAME", default=argparse.SUPPRESS,
-        help=f"YAML or JSON file of option: value pairs, or the name of a shipped config ({shipped}). It takes the "
-             f"place of the embedded default ({DEFAULT_CONFIG.stem}, whose values are the defaults shown here "
-             f"without --config) over the built-in defaults; flags on the command line override it.")
+        help=f"YAML or JSON file of option: value pairs, or the name of a shipped config ({shipped}). It layers "
+             f"over the embedded default ({DEFAULT_CONFIG.stem}, whose values are the defaults shown here) unless it "
+             f"names its own data (format or data_path), which starts from the built-in defaults instead; flags on "
+             f"the command line override it.")
     return parser
 
 
