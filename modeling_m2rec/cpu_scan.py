@@ -1182,9 +1182,9 @@ def _extension_name():
 
 
 def _build_directory(name):
-    """Where the extension is built: TORCH_EXTENSIONS_DIR (or torch's default cache) / name."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions")
+    """Where the extension is built: TORCH_EXTENSIONS_DIR, else torch's default (the XDG cache folder) / name."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cache, "torch_extensions")
     return os.path.join(root, name)
 
 
