@@ -230,8 +230,6 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
         else:
             state.epochs_without_improvement += 1
         state.finished = stopping_reached(state, train_args)
-        save_checkpoint(accelerator, output_dir, {"state": asdict(state), "data_fingerprint": data_fingerprint,
-                                                  "settings": checkpointed_settings})
 
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
@@ -239,8 +237,12 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
         if resumed_now is not None:
             record["resumed"], resumed_now = resumed_now, None
         accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
+        # The epoch's line goes before the checkpoint that marks the epoch done: a kill in between makes --resume
+        # redo the epoch and drop the line, while the other order would lose the line for good.
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", record)
+        save_checkpoint(accelerator, output_dir, {"state": asdict(state), "data_fingerprint": data_fingerprint,
+                                                  "settings": checkpointed_settings})
         logger.info("epoch %d/%d: train loss %.4f, validation HR@10 %.4f NDCG@10 %.4f%s (%.1f s)", epoch + 1,
                     train_args.num_train_epochs, train_loss, valid["HR@10"], valid["NDCG@10"],
                     " (best so far)" if improved else "", seconds)
