@@ -147,7 +147,7 @@ def _usage(repo_id, config, item_id_map):
         "On CPU they compile fused C++ kernels (the selective scan and the causal convolution) on first use: this "
         "needs a C++ compiler (g++ or clang; MSVC on Windows) and `ninja` (`pip install ninja`), takes "
         f"{BUILD_TIME_HINT} once per machine and torch version, is announced by a warning before it starts, and is "
-        "cached in `TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`). Build them ahead of time, e.g. in a "
+        "cached in `TORCH_EXTENSIONS_DIR` (default `$XDG_CACHE_HOME/torch_extensions`, else `~/.cache/torch_extensions`). Build them ahead of time, e.g. in a "
         "container image, with `m2rec-build-kernels` (from the `m2rec` package) or by scoring one history once. "
         "Without a compiler the model runs the exact plain-PyTorch path instead (the same scores, several times "
         "slower on CPU), and says so once in the log; `M2REC_DISABLE_FUSED_CPU=1` chooses that path without "

@@ -43,3 +43,9 @@ def test_fails_loudly_when_the_readme_commands_are_not_found(tmp_path, commands)
     result = run_ci(tmp_path, *commands)
     assert result.returncode == 1
     assert "README.md's first bash block must hold two commands" in result.stderr
+
+
+def test_fails_when_a_pip_command_does_not_pin_the_cpu_torch(tmp_path):
+    result = run_ci(tmp_path, 'pip install -e ".[text]" && m2rec-train', "echo pytest")
+    assert result.returncode == 1
+    assert "must pin the CPU torch" in result.stderr and "CI: main" not in result.stdout

@@ -63,7 +63,8 @@ def test_history_statistics_count_own_items_in_the_top_and_rank_the_last_item():
     targets = torch.tensor([6, 4])
     input_ids = torch.tensor([[2, 5], [1, 0]])
     history = torch.tensor([[2, 5], [1, 0]])
-    values = history_statistics(scores, targets, input_ids, history, k=3)
+    values = history_statistics(scores, rank_targets(scores, targets), rank_targets(scores, targets, history),
+                                input_ids, history, k=3)
     assert values["seen_in_top3"].tolist() == [2.0, 0.0]
     assert values["last_item_in_top3"].tolist() == [1.0, 0.0] and values["last_item_at_top1"].tolist() == [1.0, 0.0]
     # User 0's target (0.4) ranks 4th with its history kept, 2nd with it removed; user 1's target ranks 2nd in both.

@@ -318,7 +318,7 @@ def _parse_time(value: Any, path: Path, number: int) -> float:
     else:
         text = str(value).strip()
         try:
-            seconds = float(text)
+            float(text)
         except ValueError:
             pass
         else:
@@ -709,7 +709,7 @@ _NOT_IN_FINGERPRINT = {"dataset_name", "data_path", "item_path", "text_lookup_pa
                        "text_batch_size"}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -724,7 +724,7 @@ def fingerprint(args: DataArguments) -> str:
     still misses, and hashing is much cheaper than parsing the same bytes.
     """
     settings = {k: v for k, v in asdict(args).items() if k not in _NOT_IN_FINGERPRINT}
-    files = {role: _sha256_file(path) for role, path in _input_files(args).items()}
+    files = {role: sha256_file(path) for role, path in _input_files(args).items()}
     blob = json.dumps({"version": PIPELINE_VERSION, "settings": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -57,8 +57,10 @@ def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = Fa
     for batch in loader:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        last_position_only=True).logits.float()  # (B, I)
-        ranks = rank_targets(scores, batch["target"], batch["history"] if exclude_history else None)
-        extras = history_statistics(scores, batch["target"], batch["input_ids"], batch["history"])
+        ranks_kept = rank_targets(scores, batch["target"])
+        ranks_excluded = rank_targets(scores, batch["target"], batch["history"])
+        ranks = ranks_excluded if exclude_history else ranks_kept
+        extras = history_statistics(scores, ranks_kept, ranks_excluded, batch["input_ids"], batch["history"])
         ranks, user_index, extras = accelerator.gather_for_metrics((ranks, batch["user_index"], extras))
         accumulator.add(ranks, user_index, extras)
     return accumulator.compute()

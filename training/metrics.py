@@ -58,20 +58,21 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str,
     return values
 
 
-def history_statistics(scores: torch.Tensor, targets: torch.Tensor, input_ids: torch.Tensor,
-                       history: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
+def history_statistics(scores: torch.Tensor, ranks_kept: torch.Tensor, ranks_excluded: torch.Tensor,
+                       input_ids: torch.Tensor, history: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
     """Per-user (B,) values that show how much a model spends its top k on the user's own history.
 
-    scores: (B, I + 1); targets: (B,); input_ids: (B, L) the right-padded model input; history: (B, H) the
-    full history before the target, padded with 0. Returns "history_kept/HR@k" … "history_excluded/MRR@k"
+    scores: (B, I + 1); ranks_kept / ranks_excluded: (B,) the targets' `rank_targets` without / with `history`;
+    input_ids: (B, L) the right-padded model input; history: (B, H) the full history before the target, padded
+    with 0. Returns "history_kept/HR@k" … "history_excluded/MRR@k"
     (the @k metrics under both protocols), "seen_in_top{k}" (how many of the history-kept top k are items of
     the user's history) and "last_item_in_top{k}" / "last_item_at_top1" (whether the last input item is
     ranked among the top k / first, pessimistic ties as everywhere here).
     """
     scores = scores.detach().float()
     values = {}
-    for protocol, excluded in (("history_kept", None), ("history_excluded", history)):
-        for name, value in metrics_from_ranks(rank_targets(scores, targets, excluded), (k,)).items():
+    for protocol, ranks in (("history_kept", ranks_kept), ("history_excluded", ranks_excluded)):
+        for name, value in metrics_from_ranks(ranks, (k,)).items():
             values[f"{protocol}/{name}"] = value
     ranked = scores.clone()
     ranked[:, 0] = float("-inf")  # padding is never recommended

@@ -9,7 +9,6 @@ A run never deletes or truncates another run's files: it refuses a folder that h
 it or to archive it, and refuses a folder another live process is writing to.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
+
+from .data import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +208,12 @@ def save_checkpoint(accelerator, output_dir: Path, record: dict) -> None:
 
 
 def file_identity(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def checkpoint_state(record: dict) -> dict:
+    """The TrainerState fields of a checkpoint's record (an older m2rec wrote the state alone)."""
+    return record["state"] if "state" in record else record
 
 
 def find_checkpoint(output_dir: Path) -> tuple[Path, dict]:
@@ -226,7 +228,7 @@ def find_checkpoint(output_dir: Path) -> tuple[Path, dict]:
             continue
         try:
             record = json.loads((path / COMPLETION_MARK).read_text())
-            epoch = record["state"]["epoch"] if "state" in record else record["epoch"]
+            epoch = checkpoint_state(record)["epoch"]
         except FileNotFoundError:
             found.append(f"{name}/ (incomplete: no {COMPLETION_MARK})")
             continue

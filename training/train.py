@@ -45,10 +45,10 @@ from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainData
                    prepare_dataset)
 from .evaluate import (end_run, evaluate, eval_loader, format_history_statistics, format_metrics,
                        load_trained_model)
-from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, claim_run_folder,
-                         find_checkpoint, inexact_resume_possible, promote_checkpoint, quiet_checkpointing,
-                         recover_best, refuse_unapproved_changes, replace_directory, run_on_main_process,
-                         save_checkpoint, write_text_atomic)
+from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, checkpoint_state,
+                         claim_run_folder, find_checkpoint, inexact_resume_possible, promote_checkpoint,
+                         quiet_checkpointing, recover_best, refuse_unapproved_changes, replace_directory,
+                         run_on_main_process, save_checkpoint, write_text_atomic)
 from .text import encode_item_texts, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
     for group in optimizer.param_groups:
         group["lr"] = train_args.learning_rate
     optimizer.param_groups[0]["weight_decay"] = train_args.weight_decay  # the decayed group (optimizer_groups)
-    saved = record["state"] if "state" in record else record  # an older m2rec wrote the state alone
+    saved = checkpoint_state(record)
     state = TrainerState(**{name: saved[name] for name in TrainerState.__dataclass_fields__ if name in saved})
 
     def repair_interrupted_swaps() -> None:
