@@ -374,20 +374,40 @@ def test_train_dataset_all_positions_and_truncation():
     assert collate_train([short[0]], pad_to=3)["input_ids"].shape == (1, 3)
 
 
-def test_train_dataset_labels_every_item_once():
+@pytest.mark.parametrize("max_len, stride", [(1, None), (2, None), (3, None), (10, None), (3, 1), (3, 2), (4, 3)])
+def test_train_dataset_labels_every_item_once(max_len, stride):
     """Every training item after a user's first is the label of exactly one position, with the items before it
-    in the same window as its context."""
+    in the same window as its context: at least max_len - stride + 1 inputs up to its position (the item before
+    it included) when the user has them."""
     prepared = hand_dataset()
-    for max_len in (1, 2, 3, 10):
-        dataset = TrainDataset(prepared, max_len=max_len)
-        labelled = {user: [] for user in range(len(prepared.train_sequences()))}
-        for k in range(len(dataset)):
-            sample = dataset[k]
-            assert 1 <= len(sample["input_ids"]) <= max_len
-            assert sample["input_ids"][1:] == sample["labels"][:-1]
-            labelled[int(dataset.users[k])] += sample["labels"]
-        for user, sequence in enumerate(prepared.train_sequences()):
-            assert sorted(labelled[user]) == sorted(sequence[1:]), (max_len, user)
+    dataset = TrainDataset(prepared, max_len=max_len, stride=stride)
+    stride = stride or max_len
+    labelled = {user: [] for user in range(len(prepared.train_sequences()))}
+    for k in range(len(dataset)):
+        sample, sequence = dataset[k], prepared.train_sequences()[int(dataset.users[k])]
+        assert 1 <= len(sample["input_ids"]) <= max_len
+        assert sample["input_ids"] == sequence[int(dataset.ends[k]) - len(sample["input_ids"]):int(dataset.ends[k])]
+        for position, label in enumerate(sample["labels"]):
+            if label != -100:
+                assert label == sequence[int(dataset.ends[k]) - len(sample["labels"]) + position + 1]
+                item_index = int(dataset.ends[k]) - len(sample["labels"]) + position + 1
+                assert position + 1 >= min(max_len - stride + 1, item_index), (max_len, stride, k, position)
+                labelled[int(dataset.users[k])].append(label)
+    for user, sequence in enumerate(prepared.train_sequences()):
+        assert sorted(labelled[user]) == sorted(sequence[1:]), (max_len, stride, user)
+
+
+def test_train_dataset_overlapping_windows():
+    windows = TrainDataset(hand_dataset(), max_len=3, stride=1)
+    assert [windows[k] for k in range(len(windows))][-4:] == [
+        {"input_ids": [4, 5, 6], "labels": [-100, -100, 7]},
+        {"input_ids": [3, 4, 5], "labels": [-100, -100, 6]},
+        {"input_ids": [3, 4], "labels": [-100, 5]},
+        {"input_ids": [3], "labels": [4]},
+    ]
+    assert windows.num_targets == TrainDataset(hand_dataset(), max_len=3).num_targets == 2 + 4
+    with pytest.raises(ValueError, match="train_window_stride=4 must be between 1 and max_len=3"):
+        TrainDataset(hand_dataset(), max_len=3, stride=4)
 
 
 def test_train_dataset_every_prefix():

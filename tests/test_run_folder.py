@@ -170,6 +170,11 @@ def test_resume_settings_that_may_change_pass_and_fixed_ones_need_an_override():
     with pytest.raises(RunFolderError, match=r"unknown setting\(s\) \['hiden_size'\]"):
         refuse_unapproved_changes(changes, ["hiden_size", "data"], now)
 
+    # A setting that a checkpoint of an older m2rec lacks is unchanged at its default, changed at another value.
+    defaults = {"learning_rate": 0.001, "max_grad_norm": None}
+    assert changed_settings(saved, {**now, "max_grad_norm": None}, "abc", defaults) == {}
+    assert changed_settings(saved, {**now, "max_grad_norm": 1.0}, "abc", defaults) == {"max_grad_norm": [None, 1.0]}
+
 
 def test_lock_refuses_a_live_run_takes_over_a_stale_one_and_releases(tmp_path, caplog):
     path = tmp_path / ".lock"

@@ -100,11 +100,14 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
 
 
 def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
+    """With every piece of state a run can have: a learning-rate schedule, clipping, overlapping windows."""
     epochs = 5
-    uninterrupted = run_cli("m2rec.training.train", small_args(tmp_path, "straight", epochs), tmp_path)
+    recipe = ["--lr_scheduler_type", "cosine", "--warmup_ratio", "0.2", "--max_grad_norm", "1.0",
+              "--train_window_stride", "10"]
+    uninterrupted = run_cli("m2rec.training.train", small_args(tmp_path, "straight", epochs) + recipe, tmp_path)
     assert uninterrupted.returncode == 0
 
-    process = run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs), tmp_path,
+    process = run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs) + recipe, tmp_path,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 300
@@ -115,14 +118,18 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     killed_after = json.loads(state_file.read_text())["state"]["epoch"]
     assert 1 <= killed_after < epochs, "the run was not killed mid-way; make its epochs longer"
 
-    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs) + ["--resume", "true"], tmp_path)
+    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs) + recipe + ["--resume", "true"], tmp_path)
     straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    # Warm-up over the first epoch, then a cosine decay to zero at the epoch cap.
+    rates = [r["learning_rate"] for r in straight]
+    assert rates[0] == pytest.approx(0.003) and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)
     resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == list(range(1, epochs + 1))
     steps_per_epoch = straight[0]["optimizer_step"]
     # AdamW's own step counter continues across the kill: its state was restored, not rebuilt.
     assert [r["optimizer_step"] for r in resumed] == [steps_per_epoch * e for e in range(1, epochs + 1)]
     for a, b in zip(straight, resumed):
+        assert b["learning_rate"] == a["learning_rate"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["valid"]["NDCG@10"] == pytest.approx(a["valid"]["NDCG@10"], rel=1e-5)
     final = [json.loads((tmp_path / run / "best" / "training_info.json").read_text()) for run in ("straight", "killed")]
@@ -130,7 +137,8 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     assert final[1]["metrics"]["test"]["NDCG@10"] == pytest.approx(final[0]["metrics"]["test"]["NDCG@10"], rel=1e-5)
 
     # A run that stopped at its epoch cap continues when resumed under a higher cap.
-    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs + 1) + ["--resume", "true"], tmp_path)
+    run_cli("m2rec.training.train", small_args(tmp_path, "killed", epochs + 1) + recipe + ["--resume", "true"],
+            tmp_path)
     extended = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [r["epoch"] for r in extended] == list(range(1, epochs + 2))
     assert extended[-1]["optimizer_step"] == steps_per_epoch * (epochs + 1)

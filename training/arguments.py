@@ -65,9 +65,21 @@ class TrainArguments:
     last_position_training: bool = field(
         default=False, metadata={"help": "Train on one target per prefix (each prefix a sample, RecBole style) "
                                          "instead of every position; fft_mode='global' always does."})
+    train_window_stride: Optional[int] = field(
+        default=None, metadata={"help": "Every-position training: cut windows of max_len inputs ending every N "
+                                        "items, with the loss on their last N positions only, so every target is "
+                                        "trained once per epoch with at least max_len - N items of context, at "
+                                        "max_len / N times the work. Default: max_len (windows overlap by one)."})
     train_samples_per_epoch: Optional[int] = field(
         default=None, metadata={"help": "Cap each epoch at this many training samples, a new random draw every "
                                         "epoch (last-position training has a sample per prefix). Default: all."})
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata={"help": "Learning-rate decay after the warm-up, to zero at num_train_epochs."})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Share of num_train_epochs' optimizer steps over which the learning rate "
+                                       "rises linearly from zero."})
+    max_grad_norm: Optional[float] = field(
+        default=None, metadata={"help": "Clip the gradients' global norm to this value. Default: no clipping."})
     early_stopping_patience: int = field(
         default=10, metadata={"help": "Stop after this many epochs without a better validation NDCG@10."})
     exclude_history: bool = field(

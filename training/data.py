@@ -769,10 +769,14 @@ class TrainDataset(torch.utils.data.Dataset):
     """Training samples from each user's history minus the last two items.
 
     mode="all": next-item loss at every position. A user's training items are cut, from the most
-    recent back, into windows of max_len + 1 items that overlap by one, so that every item after the
-    first is the label of exactly one position (as every prefix is a sample once in mode="last");
-    input_ids = window[:-1], labels = window[1:], so labels[t] is the item after input_ids[t]. A user
-    with at most max_len + 1 training items gives one sample; a longer history gives several, the
+    recent back, into windows of up to max_len inputs that end every `stride` items (default max_len):
+    input_ids = window[:-1], labels = window[1:], so labels[t] is the item after input_ids[t], and only
+    the last `stride` labels of a window count (the others are -100), so every item after the first is
+    the label of exactly one position (as every prefix is a sample once in mode="last"). With the
+    default stride the windows overlap by one item and every label counts; a smaller stride makes
+    windows overlap so that every target sees at least max_len - stride items of context (when the
+    user has them), like RecBole's prefixes, at max_len / stride times the encoder work per epoch. A
+    user with at most stride + 1 training items gives one sample; a longer history gives several, the
     oldest possibly shorter. (One window per user would never train on the older items of long
     histories: a third of ML-1M's targets at max_len 200.)
     mode="last": every prefix is a sample (RecBole style): input_ids = the up to max_len items before
@@ -780,15 +784,18 @@ class TrainDataset(torch.utils.data.Dataset):
     Users with fewer than two training items give no sample.
     """
 
-    def __init__(self, prepared: PreparedDataset, max_len: int, mode: str = "all"):
+    def __init__(self, prepared: PreparedDataset, max_len: int, mode: str = "all", stride: Optional[int] = None):
         if mode not in ("all", "last"):
             raise ValueError(f"mode={mode!r}; choose 'all' (every position) or 'last' (every prefix)")
+        self.stride = max_len if stride is None else stride
+        if not 1 <= self.stride <= max_len:
+            raise ValueError(f"train_window_stride={stride} must be between 1 and max_len={max_len}")
         self.sequences, self.max_len, self.mode = prepared.train_sequences(), max_len, mode
         users, ends = [], []  # sample k predicts sequences[users[k]][ends[k]]
         for user, sequence in enumerate(self.sequences):
             if len(sequence) >= 2:
                 last = len(sequence) - 1
-                positions = range(last, 0, -max_len) if mode == "all" else range(1, len(sequence))
+                positions = range(last, 0, -self.stride) if mode == "all" else range(1, len(sequence))
                 users += [user] * len(positions)
                 ends += positions
         self.users, self.ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
@@ -796,12 +803,20 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
+    @property
+    def num_targets(self) -> int:
+        """Labelled positions over all samples: each training item after a user's first, in either mode."""
+        return sum(len(sequence) - 1 for sequence in self.sequences if len(sequence) >= 2)
+
     def __getitem__(self, k: int) -> dict[str, list[int]]:
         sequence, end = self.sequences[self.users[k]], int(self.ends[k])
         start = max(0, end - self.max_len)
         input_ids = sequence[start:end]
         if self.mode == "all":
             labels = sequence[start + 1:end + 1]
+            # Earlier labels belong to the window that ends `stride` items before this one.
+            seen = max(0, len(labels) - self.stride)
+            labels = [-100] * seen + labels[seen:]
         else:
             labels = [-100] * (len(input_ids) - 1) + [sequence[end]]
         return {"input_ids": input_ids, "labels": labels}

@@ -308,13 +308,13 @@ def recover_best(output_dir: Path, best_epoch: int) -> None:
                          f"best.tmp/ of that epoch was found")
 
 
-def changed_settings(record: dict, settings: dict, data_fingerprint: str) -> dict:
+def changed_settings(record: dict, settings: dict, data_fingerprint: str, defaults: dict | None = None) -> dict:
     """{name: [checkpoint's value, this call's value]} for what the checkpoint fixes and this call changes;
     "data" when the data's fingerprint differs. A checkpoint of an older m2rec recorded neither: nothing to compare
-    (`checkpoint_problems` reports it)."""
+    (`checkpoint_problems` reports it). A setting newer than the checkpoint is unchanged at its value in `defaults`."""
     if "settings" not in record:
         return {}
-    saved = record["settings"]
+    saved = {**{name: value for name, value in (defaults or {}).items() if name in settings}, **record["settings"]}
     changes = {name: [saved.get(name), settings.get(name)] for name in sorted(set(saved) | set(settings))
                if name not in RESUMABLE_CHANGES and saved.get(name) != settings.get(name)}
     if record.get("data_fingerprint") != data_fingerprint:

@@ -23,6 +23,7 @@ selected model, at the end.
 
 import json
 import logging
+import math
 import shlex
 import shutil
 import sys
@@ -37,6 +38,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import get_scheduler
 
 from .. import M2RecConfig, M2RecForSequentialRecommendation
 
@@ -175,25 +177,31 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    # The batch size is per process: `accelerate launch` over more processes multiplies the step's batch.
-    logger.info("batch: %d sequences per optimizer step = %d per process x %d processes x %d accumulation steps",
-                train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps,
-                train_args.train_batch_size, accelerator.num_processes, train_args.gradient_accumulation_steps)
 
     # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
     last_position_only = model_args.fft_mode == "global" or train_args.last_position_training
-    train_data = TrainDataset(data, data_args.max_len, mode="last" if last_position_only else "all")
+    train_data = TrainDataset(data, data_args.max_len, mode="last" if last_position_only else "all",
+                              stride=train_args.train_window_stride)
+    # The batch size is per process: `accelerate launch` over more processes multiplies the step's batch.
+    step_sequences = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
+    logger.info("batch: %d sequences per optimizer step = %d per process x %d processes x %d accumulation steps; "
+                "about %d targets per step", step_sequences, train_args.train_batch_size, accelerator.num_processes,
+                train_args.gradient_accumulation_steps, step_sequences * train_data.num_targets / len(train_data))
     train_loader = make_train_loader(train_data, train_args)
     valid_loader = eval_loader(data, "valid", data_args.max_len, train_args)
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
+    scheduler = make_scheduler(optimizer, train_args, batches_per_epoch=len(train_loader))
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+    if scheduler is not None:  # prepared, it is saved and restored with the checkpoint
+        scheduler = accelerator.prepare(scheduler)
 
     settings = to_dict(model_args, data_args, train_args)
     # What a checkpoint fixes: the settings, and the process count (each process has its own RNG state and batch).
     checkpointed_settings = {**settings, "num_processes": accelerator.num_processes}
     data_fingerprint = data.fingerprint
     if resuming:
-        state = resume(accelerator, optimizer, output_dir, checkpointed_settings, data_fingerprint, train_args)
+        state = resume(accelerator, optimizer, scheduler, output_dir, checkpointed_settings, data_fingerprint,
+                       train_args)
         if accelerator.is_main_process:
             append_jsonl(output_dir / "metrics.jsonl", {}, keep_epochs_up_to=state.epoch)
     else:
@@ -217,7 +225,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
             break
         train_loader.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss = train_one_epoch(model, optimizer, train_loader, accelerator, last_position_only)
+        train_loss = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, last_position_only,
+                                     train_args.max_grad_norm)
         train_seconds = time.perf_counter() - started
         valid = evaluate(model, valid_loader, accelerator, train_args.exclude_history)
 
@@ -233,7 +242,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
 
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": train_seconds,
-                  "eval_seconds": seconds - train_seconds, "optimizer_step": adam_step(optimizer), "valid": valid}
+                  "eval_seconds": seconds - train_seconds, "optimizer_step": adam_step(optimizer),
+                  "learning_rate": optimizer.param_groups[0]["lr"], "valid": valid}
         if resumed_now is not None:
             record["resumed"], resumed_now = resumed_now, None
         accelerator.log({"train/loss": train_loss, **{f"valid/{k}": v for k, v in valid.items()}}, step=epoch + 1)
@@ -259,12 +269,12 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     return results
 
 
-def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict, data_fingerprint: str,
+def resume(accelerator: Accelerator, optimizer, scheduler, output_dir: Path, settings: dict, data_fingerprint: str,
            train_args: TrainArguments) -> TrainerState:
     """Restore model, optimizer and RNG states from the newest complete checkpoint, exactly, on these data and
     settings; what `--resume_override` and `--resume_inexact` let through is recorded in the returned state."""
     checkpoint, record = find_checkpoint(output_dir)
-    changes = changed_settings(record, settings, data_fingerprint)
+    changes = changed_settings(record, settings, data_fingerprint, defaults=default_settings())
     refuse_unapproved_changes(changes, train_args.resume_override, settings)
     problems = checkpoint_problems(checkpoint, record, accelerator.num_processes)
     if problems and not (train_args.resume_inexact and inexact_resume_possible(problems)):
@@ -278,8 +288,7 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
     except Exception as error:
         raise RunFolderError(f"--resume true: cannot restore {checkpoint}: {error}") from error
     # load_state brought back the checkpoint's learning rate and decay; an approved override must take effect.
-    for group in optimizer.param_groups:
-        group["lr"] = train_args.learning_rate
+    set_learning_rate(optimizer, scheduler, train_args.learning_rate)
     optimizer.param_groups[0]["weight_decay"] = train_args.weight_decay  # the decayed group (optimizer_groups)
     saved = checkpoint_state(record)
     state = TrainerState(**{name: saved[name] for name in TrainerState.__dataclass_fields__ if name in saved})
@@ -298,6 +307,36 @@ def resume(accelerator: Accelerator, optimizer, output_dir: Path, settings: dict
                 adam_step(optimizer), f"; overridden: {changes}" if changes else "",
                 f"; INEXACT: {'; '.join(problems.values())}" if problems else "")
     return state
+
+
+def default_settings() -> dict:
+    """Every setting's default: a setting that a checkpoint of an older m2rec lacks is unchanged at its default."""
+    return to_dict(ModelArguments(), DataArguments(), TrainArguments())
+
+
+def make_scheduler(optimizer, train_args: TrainArguments, batches_per_epoch: int):
+    """The learning-rate schedule over num_train_epochs (in single-process steps, as Accelerate counts them), or
+    None for a constant rate without warm-up, which needs no state."""
+    if train_args.lr_scheduler_type == "constant" and train_args.warmup_ratio == 0:
+        return None
+    if not 0 <= train_args.warmup_ratio <= 1:
+        raise ValueError(f"warmup_ratio={train_args.warmup_ratio} must be between 0 and 1")
+    steps = train_args.num_train_epochs * math.ceil(batches_per_epoch / train_args.gradient_accumulation_steps)
+    name = "constant_with_warmup" if train_args.lr_scheduler_type == "constant" else train_args.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=round(steps * train_args.warmup_ratio),
+                         num_training_steps=steps)
+
+
+def set_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
+    """Make `learning_rate` the peak rate, at the schedule's current point (unchanged when it is the checkpoint's)."""
+    if scheduler is None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        return
+    schedule = scheduler.scheduler  # the LambdaLR inside Accelerate's wrapper
+    schedule.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group["lr"] = learning_rate * factor(schedule.last_epoch)
 
 
 def run_summary(results: dict, output_dir: Path, tensorboard_dir: Path, data: PreparedDataset,
@@ -329,7 +368,8 @@ def stopping_reached(state: TrainerState, train_args: TrainArguments) -> bool:
             or state.epoch >= train_args.num_train_epochs)
 
 
-def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: bool) -> float:
+def train_one_epoch(model, optimizer, scheduler, loader, accelerator, last_position_only: bool,
+                    max_grad_norm: float | None) -> float:
     """One pass over the training data; returns the mean loss (over processes and batches)."""
     model.train()
     total, batches = torch.zeros((), device=accelerator.device), 0
@@ -342,7 +382,11 @@ def train_one_epoch(model, optimizer, loader, accelerator, last_position_only: b
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                          return_logits=False).loss
             accelerator.backward(loss)
+            if max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad()
         total += loss.detach()
         batches += 1
