@@ -61,7 +61,7 @@ PREFIX_BUDGET = ["--train_samples_per_epoch", "49152", "--train_batch_size", "25
 VARIANTS = {
     "m2rec": [],
     "m2rec-exclude-history": ["--exclude_history", "true"],
-    "sasrec": [],
+    "sasrec": ["--fusion", "none"],  # SASRec reads no text: the run skips encoding it
     "mamba": ["--fft_mode", "none", "--fusion", "none"],  # plays Mamba4Rec: this model, FFT and text off
     "no-fft": ["--fft_mode", "none"],
     "fixed-fft": ["--fft_adaptive", "false"],

@@ -150,7 +150,8 @@ def load_trained_model(folder: str | os.PathLike) -> M2RecForSequentialRecommend
     model_type = read_json_file(config_file, dict).get("model_type")
     if model_type != M2RecConfig.model_type:
         raise ValueError(f"{config_file}: model_type {model_type!r}, not {M2RecConfig.model_type!r}; this folder "
-                         f"holds another kind of model")
+                         f"holds another kind of model (m2rec-evaluate evaluates M2Rec; a bench/ baseline is evaluated by "
+                         f"bench/reproduce.py --exclude-history-eval)")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
     try:
