@@ -349,16 +349,15 @@ class M2RecMixer(nn.Module):
         everything else runs `compose`. With `cache`: a call with `mask` (B, L) encodes whole sequences and stores
         each one's state after its last real item there (`compose`); a call without continues it by one event
         (`step`, L = 1)."""
-        if cache is not None:
-            return self.step(hidden_states, selection_states, cache) if mask is None else self.compose(
-                hidden_states, selection_states, cache, mask)
-        if self._fused_cpu_training(hidden_states):
+        if cache is not None and mask is None:
+            return self.step(hidden_states, selection_states, cache)
+        if cache is None and self._fused_cpu_training(hidden_states):
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
             return MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
                                     self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
                                     self.A_log, self.D, self.out_proj.weight)
-        return self.compose(hidden_states, selection_states)
+        return self.compose(hidden_states, selection_states, cache, mask)
 
     def _fused_cpu_training(self, hidden_states: torch.Tensor) -> bool:
         """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the fused CPU kernels are available, and
