@@ -968,10 +968,10 @@ int64_t grain_rows(const Inputs& in) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.Np));
 }
 
-// Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state (B, D, N)
-// (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With `avx512` (and float32 inputs on a CPU that has it) the
-// channel-vectorised forward runs; for channel-last inputs out is a (B, D, L) view of
-// channel-last memory too.
+// Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state
+// (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With
+// `avx512` (and float32 inputs on a CPU that has it) the channel-vectorised forward runs; for
+// channel-last inputs out is a (B, D, L) view of channel-last memory too.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -1018,10 +1018,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 
 // The backward of `fwd` for the same inputs (delta being the raw step). Returns du, ddelta, dA, dB,
 // dC, dD, dz, ddelta_bias, out, dinitial_state (dD, dz, ddelta_bias, dinitial_state undefined where
-// the input was absent; out, the forward's output recomputed on the way, only with `return_out`). With `reuse_inputs` the
-// caller gives up u, delta, z and dout, whose memory may then hold du, ddelta, dz and out (the
-// AVX-512 kernel copies each block of them into its tiles before it writes the block back). The
-// AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
+// the input was absent; out, the forward's output recomputed on the way, only with `return_out`).
+// With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold du,
+// ddelta, dz and out (the AVX-512 kernel copies each block of them into its tiles before it writes
+// the block back). The AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
