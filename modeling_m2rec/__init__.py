@@ -9,18 +9,20 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_m2rec import M2RecConfig
 from .modeling_m2rec import (
+    M2RecCache,
     M2RecForSequentialRecommendation,
     M2RecModel,
     M2RecModelOutput,
     M2RecPreTrainedModel,
     M2RecRecommendationOutput,
 )
-from .kernels import causal_conv1d, selective_scan
+from .kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 AutoConfig.register(M2RecConfig.model_type, M2RecConfig, exist_ok=True)
 AutoModel.register(M2RecConfig, M2RecForSequentialRecommendation, exist_ok=True)
 
 __all__ = [
+    "M2RecCache",
     "M2RecConfig",
     "M2RecForSequentialRecommendation",
     "M2RecModel",
@@ -28,5 +30,7 @@ __all__ = [
     "M2RecPreTrainedModel",
     "M2RecRecommendationOutput",
     "causal_conv1d",
+    "causal_conv1d_update",
     "selective_scan",
+    "selective_state_update",
 ]

@@ -66,7 +66,7 @@ class MixerCPUFn(torch.autograd.Function):
         dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
         z = F.linear(selection_states, z_weight)
         y, _ = kernels.fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
-                           _channels_first(C), D, _channels_first(z), dt_bias, True, avx512)  # (B, Di, L)
+                           _channels_first(C), D, _channels_first(z), dt_bias, None, True, avx512)  # (B, Di, L)
         del x, dt, z
         ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
                               dt_proj, dt_bias, A_log, D, out_proj)
@@ -90,7 +90,7 @@ class MixerCPUFn(torch.autograd.Function):
         x = MixerCPUFn._convolve(kernels, x_pre, conv_kernel, conv_bias)
         dt = dt_rank @ dt_proj.t()
         z = F.linear(selection_states, z_weight)
-        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y = fused_backward(
+        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y, _ = fused_backward(
             *(_channels_first(t) for t in (grad_y, x, dt)), A, _channels_first(B), _channels_first(C), D,
             _channels_first(z), dt_bias, True, ctx.avx512, return_out=True, reuse_inputs=True)
         del grad_y, x, dt, z

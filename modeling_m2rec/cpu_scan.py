@@ -126,7 +126,8 @@ M2REC_INLINE T sigmoid_vec(T x) {
 }
 
 // Raw views of the (contiguous) inputs. u, dt, z: (B, D, L); A: (D, Np); Bt, Ct: (B, L, Np);
-// D: (D,). z and D are nullptr when absent. Np is N padded to a multiple of kLanes.
+// D: (D,); h0, the state before the first step: (B, D, Np). z, D and h0 are nullptr when absent
+// (no h0: the scan starts from 0). Np is N padded to a multiple of kLanes.
 template <typename T>
 struct Scan {
   const T* u;
@@ -136,6 +137,7 @@ struct Scan {
   const T* Bt;
   const T* Ct;
   const T* D;
+  const T* h0;
   int64_t dim, L, Np;
 };
 
@@ -188,7 +190,11 @@ constexpr int64_t kTile = 64;
 template <typename T>
 M2REC_INLINE void forward_rows(const Scan<T>& s, T* out, T* last, int64_t lo, int64_t hi) {
   const int64_t L = s.L, Np = s.Np;
-  std::fill(last + lo * Np, last + hi * Np, T(0));
+  if (s.h0 != nullptr) {
+    std::copy(s.h0 + lo * Np, s.h0 + hi * Np, last + lo * Np);
+  } else {
+    std::fill(last + lo * Np, last + hi * Np, T(0));
+  }
   for (int64_t first = lo; first < hi;) {
     const int64_t b = first / s.dim, end = std::min(hi, (b + 1) * s.dim);
     const T* Bt = s.Bt + b * L * Np;
@@ -278,6 +284,22 @@ inline void tile_to_block(const float* tile, bool channel_last, int64_t b, int64
   }
 }
 
+// The state of the 16-channel block starting at row0 (a row being (b, d)), between (B, D, Np) rows
+// and an (Np, 16) tile: loaded from `rows`, or 0 where rows is nullptr or past `width`; stored into
+// the first `width` channels.
+inline void load_state_block(const float* rows, int64_t row0, int64_t width, int64_t Np, float* h) {
+  for (int64_t n = 0; n < Np; ++n) {
+    for (int64_t j = 0; j < kChannels; ++j) {
+      h[n * kChannels + j] = rows != nullptr && j < width ? rows[(row0 + j) * Np + n] : 0.0f;
+    }
+  }
+}
+inline void store_state_block(const float* h, int64_t row0, int64_t width, int64_t Np, float* rows) {
+  for (int64_t n = 0; n < Np; ++n) {
+    for (int64_t j = 0; j < width; ++j) rows[(row0 + j) * Np + n] = h[n * kChannels + j];
+  }
+}
+
 // The raw steps of a (steps, 16) tile of channels d0..d0+width, in place, as the step
 // softplus(dt + delta_bias) (each part optional), and its derivative into `dstep` unless nullptr.
 __attribute__((target("avx512f"))) void step_from_raw_avx512(float* dt, float* dstep, const float* delta_bias,
@@ -318,9 +340,9 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
     for (int64_t n = 0; n < Np; ++n) {
       for (int64_t j = 0; j < kChannels; ++j) {
         a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * kLog2e : 0.0f;
-        h[n * kChannels + j] = 0.0f;
       }
     }
+    load_state_block(s.h0, row0, width, Np, h.data());
     const __m512 skip = s.D != nullptr ? _mm512_maskz_loadu_ps(mask, s.D + d0) : _mm512_setzero_ps();
     float* dt_p = tiles.data();
     float* u_p = dt_p + L * kChannels;
@@ -359,9 +381,7 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
       _mm512_mask_storeu_ps(y_p + t * kChannels, mask, y);
     }
     tile_to_block(y_p, channel_last, b, d0, width, dim, L, 0, L, out);
-    for (int64_t n = 0; n < Np; ++n) {
-      for (int64_t j = 0; j < width; ++j) last[(row0 + j) * Np + n] = h[n * kChannels + j];
-    }
+    store_state_block(h.data(), row0, width, Np, last);
   }
 }
 
@@ -381,13 +401,14 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
 // is recomputed in the tile, and ddt is the gradient of the raw step. u, dt, z, dout and the
 // gradients du, ddt, dz are channel-last or rows, as in the forward. dA (B, D, Np), dD and
 // ddelta_bias (B, D) are per-row sums in double, added over b by the caller. With `out`, the
-// forward's output, recomputed on the way, is written there too.
+// forward's output, recomputed on the way, is written there too; with `dh0` (B, D, Np), the
+// gradient of the initial state, which is what the reverse sweep carries out of step 0.
 __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bool channel_last,
                                                         const float* delta_bias, bool softplus,
                                                         const float* dout, float* du, float* ddt,
                                                         float* dz, double* dA_rows, double* dD_rows,
                                                         double* dbias_rows, float* dBt, float* dCt,
-                                                        float* out, int64_t chunk, int64_t lo,
+                                                        float* out, float* dh0, int64_t chunk, int64_t lo,
                                                         int64_t hi) {
   const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
   const int64_t T = std::max<int64_t>(1, std::min(chunk, L)), chunks = (L + T - 1) / T;
@@ -430,8 +451,8 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
     // First pass: the state entering every chunk.
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
-      std::fill(h, h + state, 0.0f);
-      std::copy(h, h + state, entering.data() + blk * state);  // chunk 0 starts from 0
+      load_state_block(s.h0, b * dim + d0, width, Np, h);
+      std::copy(h, h + state, entering.data() + blk * state);  // chunk 0 starts from h0
       if (chunks > 1) load_A(d0, width);
       for (int64_t c = 0; c + 1 < chunks; ++c) {
         load_step(b, d0, width, c * T, T, false);
@@ -558,6 +579,7 @@ __attribute__((target("avx512f"))) void backward_avx512(const Scan<float>& s, bo
     }
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+      if (dh0 != nullptr) store_state_block(gh.data() + blk * state, b * dim + d0, width, Np, dh0);
       for (int64_t j = 0; j < width; ++j) {
         const int64_t row = b * dim + d0 + j;
         dD_rows[row] = dD[blk * kChannels + j];
@@ -573,7 +595,7 @@ bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 constexpr int64_t kChannels = 16;
 void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
 void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
-                     double*, double*, float*, float*, float*, int64_t, int64_t, int64_t) {}
+                     double*, double*, float*, float*, float*, float*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -582,12 +604,13 @@ struct Grads {
   // du, ddt, dz (nullptr without z): (B, D, L). dA (B, D, Np) and dD (B, D): per-row sums over t
   // in the accumulation type, added over b by the caller. dBt, dCt (blocks, B, L, Np): sums over
   // the channels of one block (see bwd). out (B, D, L) or nullptr: the forward's output,
-  // recomputed on the way.
+  // recomputed on the way. dh0 (B, D, Np) or nullptr: the gradient of the initial state.
   using acc_t = at::acc_type<T, false>;
   T* du;
   T* ddt;
   T* dz;
   T* out;
+  T* dh0;
   acc_t* dA;
   acc_t* dD;
   T* dBt;
@@ -601,7 +624,7 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
                                  int64_t hi) {
   using acc_t = at::acc_type<T, false>;
   const int64_t L = s.L, Np = s.Np;
-  // hs holds h_{-1} = 0, h_0, ..., h_{L-1} of one row and decays exp(dt_t A) for each t:
+  // hs holds h_{-1} (h0, or 0), h_0, ..., h_{L-1} of one row and decays exp(dt_t A) for each t:
   // recomputed for every row, never stored across rows.
   std::vector<T> hs((L + 1) * Np), decays(L * Np), dys(L), ys(L), gh(Np);
   for (int64_t task = lo; task < hi; ++task) {
@@ -619,7 +642,11 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
       const T* dy_out = dout + row * L;
       const T Dd = s.D != nullptr ? s.D[d] : T(0);
 
-      std::fill(hs.begin(), hs.begin() + Np, T(0));
+      if (s.h0 != nullptr) {
+        std::copy(s.h0 + row * Np, s.h0 + (row + 1) * Np, hs.begin());
+      } else {
+        std::fill(hs.begin(), hs.begin() + Np, T(0));
+      }
       for (int64_t t = 0; t < L; ++t) {
         ys[t] = scan_step<true>(A, Bt + t * Np, Ct + t * Np, dt[t], dt[t] * u[t],
                                 hs.data() + t * Np, hs.data() + (t + 1) * Np,
@@ -686,6 +713,7 @@ M2REC_INLINE void backward_tasks(const Scan<T>& s, const T* dout, const Grads<T>
         du[t] = dy * Dd + dtt * gB;
         ddt[t] = lane_sum(acc_gA) + u[t] * gB;
       }
+      if (g.dh0 != nullptr) std::copy(gh.begin(), gh.end(), g.dh0 + row * Np);
     }
   }
 }
@@ -849,7 +877,7 @@ void conv_backward(const double* x, const double* w, const double* bias, const d
 // in n. A tensor already in the wanted layout (such as a transposed view of a channel-last
 // tensor) is not copied.
 struct Inputs {
-  at::Tensor u, dt, A, Bt, Ct, D, z;  // D, z undefined when absent
+  at::Tensor u, dt, A, Bt, Ct, D, z, h0;  // D, z, h0 undefined when absent
   int64_t batch, dim, L, N, Np;
 
   template <typename T>
@@ -861,6 +889,7 @@ struct Inputs {
                    Bt.data_ptr<T>(),
                    Ct.data_ptr<T>(),
                    D.defined() ? D.data_ptr<T>() : nullptr,
+                   h0.defined() ? h0.data_ptr<T>() : nullptr,
                    dim,
                    L,
                    Np};
@@ -869,7 +898,8 @@ struct Inputs {
 
 Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
-                    const std::optional<at::Tensor>& z, bool channel_last = false) {
+                    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& initial_state,
+                    bool channel_last = false) {
   TORCH_CHECK(u.dim() == 3, "u must be (B, D, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "A must be (D, N) with D=", dim, ", got ",
@@ -910,6 +940,12 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor&
     TORCH_CHECK(z->sizes() == u.sizes(), "z must match u ", u.sizes(), ", got ", z->sizes());
     in.z = rows(*z);
   }
+  if (initial_state.has_value()) {
+    TORCH_CHECK(initial_state->dim() == 3 && initial_state->size(0) == batch && initial_state->size(1) == dim &&
+                    initial_state->size(2) == N,
+                "initial_state must be (B, D, N) = (", batch, ", ", dim, ", ", N, "), got ", initial_state->sizes());
+    in.h0 = pad_n(check(*initial_state));
+  }
   in.batch = batch;
   in.dim = dim;
   in.L = L;
@@ -932,15 +968,15 @@ int64_t grain_rows(const Inputs& in) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.L * in.Np));
 }
 
-// Returns out (B, D, L) and the last state (B, D, N); the step is softplus(delta + delta_bias)
-// (each part optional). With `avx512` (and float32 inputs on a CPU that has it) the
-// channel-vectorised forward runs; for channel-last inputs out is a (B, D, L) view of
-// channel-last memory too.
+// Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state
+// (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With
+// `avx512` (and float32 inputs on a CPU that has it) the channel-vectorised forward runs; for
+// channel-last inputs out is a (B, D, L) view of channel-last memory too.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus,
-                            bool avx512) {
+                            const std::optional<at::Tensor>& delta_bias,
+                            const std::optional<at::Tensor>& initial_state, bool softplus, bool avx512) {
   if (delta_bias.has_value()) {
     TORCH_CHECK(delta_bias->numel() == u.size(1) && delta_bias->scalar_type() == u.scalar_type(),
                 "delta_bias must be (D,) = (", u.size(1), ",) of u's dtype, got ", delta_bias->sizes());
@@ -949,7 +985,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
-    const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
+    const Inputs in = check_inputs(u, dt, A, B, C, D, z, initial_state, channel_last);
     at::Tensor out = channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
                                   : at::empty({in.batch, in.dim, in.L}, in.u.options());
     at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
@@ -966,7 +1002,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   }
   at::Tensor dt = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
   if (softplus) dt = at::softplus(dt);
-  const Inputs in = check_inputs(u, dt, A, B, C, D, z);
+  const Inputs in = check_inputs(u, dt, A, B, C, D, z, initial_state);
   at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
   at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_fwd", [&] {
@@ -981,22 +1017,23 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 }
 
 // The backward of `fwd` for the same inputs (delta being the raw step). Returns du, ddelta, dA, dB,
-// dC, dD, dz, ddelta_bias, out (dD, dz, ddelta_bias undefined where the input was absent; out, the
-// forward's output recomputed on the way, only with `return_out`). With `reuse_inputs` the
-// caller gives up u, delta, z and dout, whose memory may then hold du, ddelta, dz and out (the
-// AVX-512 kernel copies each block of them into its tiles before it writes the block back). The
-// AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
+// dC, dD, dz, ddelta_bias, out, dinitial_state (dD, dz, ddelta_bias, dinitial_state undefined where
+// the input was absent; out, the forward's output recomputed on the way, only with `return_out`).
+// With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold du,
+// ddelta, dz and out (the AVX-512 kernel copies each block of them into its tiles before it writes
+// the block back). The AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool return_out,
+                            const std::optional<at::Tensor>& delta_bias,
+                            const std::optional<at::Tensor>& initial_state, bool softplus, bool return_out,
                             bool reuse_inputs, int64_t chunk, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
   if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
-    const Inputs in = check_inputs(u, dt, A, B, C, D, z, channel_last);
+    const Inputs in = check_inputs(u, dt, A, B, C, D, z, initial_state, channel_last);
     const at::Tensor dout_c = channel_last ? dout.to(at::kFloat).transpose(1, 2).contiguous()
                                            : dout.to(at::kFloat).contiguous();
     const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np, N = in.N;
@@ -1011,13 +1048,15 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
     at::Tensor dD_rows = at::empty({batch, dim}, acc_options);
     at::Tensor dbias_rows = at::empty({batch, dim}, acc_options);
+    at::Tensor dh0 = in.h0.defined() ? at::empty_like(in.h0) : at::Tensor();
     const Scan<float> s = in.view<float>();
     at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
       backward_avx512(s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus,
                       dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
                       dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
                       dD_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(), dBt.data_ptr<float>(),
-                      dCt.data_ptr<float>(), out.defined() ? out.data_ptr<float>() : nullptr, chunk, lo, hi);
+                      dCt.data_ptr<float>(), out.defined() ? out.data_ptr<float>() : nullptr,
+                      dh0.defined() ? dh0.data_ptr<float>() : nullptr, chunk, lo, hi);
     });
     auto as_input = [&](const at::Tensor& t) { return channel_last ? t.transpose(1, 2) : t; };
     return {as_input(du), as_input(ddt), dA_rows.sum(0).narrow(1, 0, N).to(at::kFloat),
@@ -1025,10 +1064,11 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
             in.D.defined() ? dD_rows.sum(0).to(at::kFloat) : at::Tensor(),
             dz.defined() ? as_input(dz) : at::Tensor(),
             bias.defined() ? dbias_rows.sum(0).to(at::kFloat) : at::Tensor(),
-            out.defined() ? as_input(out) : at::Tensor()};
+            out.defined() ? as_input(out) : at::Tensor(), dh0.defined() ? dh0.narrow(2, 0, N) : at::Tensor()};
   }
   const at::Tensor pre_activation = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
-  const Inputs in = check_inputs(u, softplus ? at::softplus(pre_activation) : pre_activation, A, B, C, D, z);
+  const Inputs in =
+      check_inputs(u, softplus ? at::softplus(pre_activation) : pre_activation, A, B, C, D, z, initial_state);
   const at::Tensor dout_c = dout.to(in.u.scalar_type()).contiguous();
   const int64_t batch = in.batch, dim = in.dim, L = in.L, Np = in.Np;
 
@@ -1048,6 +1088,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   at::Tensor dCt = at::zeros({blocks, batch, L, Np}, in.u.options());
   at::Tensor dA_rows = at::empty({batch, dim, Np}, acc_options);
   at::Tensor dD_rows = at::empty({batch, dim}, acc_options);
+  at::Tensor dh0 = in.h0.defined() ? at::empty_like(in.h0) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "m2rec_selective_scan_bwd", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
@@ -1057,6 +1098,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
                             ddt.data_ptr<scalar_t>(),
                             dz.defined() ? dz.data_ptr<scalar_t>() : nullptr,
                             out.defined() ? out.data_ptr<scalar_t>() : nullptr,
+                            dh0.defined() ? dh0.data_ptr<scalar_t>() : nullptr,
                             dA_rows.data_ptr<acc_t>(),
                             dD_rows.data_ptr<acc_t>(),
                             dBt.data_ptr<scalar_t>(),
@@ -1080,7 +1122,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
   if (softplus) ddt.mul_(at::sigmoid(pre_activation));
   // The sum over t in double, as dA and dD; over b first (rows are contiguous in t).
   at::Tensor dbias = delta_bias.has_value() ? ddt.sum(0).to(at::kDouble).sum(1).to(dtype) : at::Tensor();
-  return {du, ddt, dA, dB, dC, dD, dz, dbias, out};
+  return {du, ddt, dA, dB, dC, dD, dz, dbias, out, dh0.defined() ? dh0.narrow(2, 0, N) : at::Tensor()};
 }
 
 // The convolution's inputs checked and made contiguous channel-last: x (B, D, L) -> (B, L, D) (no
@@ -1155,7 +1197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward: out (B, D, L)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward: dx, dweight, dbias");
-  m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz");
+  m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, out, dinitial_state");
 }
 """
 
@@ -1286,9 +1328,9 @@ def avx512_enabled():
 class SelectiveScanCPUFn(torch.autograd.Function):
     """Autograd wrapper of the fused forward and backward; the last state gets no gradient, as in mamba-ssm.
 
-    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); z, D and delta_bias may be None;
-    all of one dtype, float32 or float64; softplus: the step is softplus(delta + delta_bias). Returns out (B, D, L)
-    and the last state (B, D, N).
+    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); initial_state (B, D, N); z, D,
+    delta_bias and initial_state may be None; all of one dtype, float32 or float64; softplus: the step is
+    softplus(delta + delta_bias). Returns out (B, D, L) and the last state (B, D, N).
 
     Both kernels apply the bias and softplus themselves and only the raw delta is kept: the backward recomputes
     the step block by block (N times less work than the scan) and returns the raw delta's gradient and the bias's,
@@ -1296,35 +1338,39 @@ class SelectiveScanCPUFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
         ctx.avx512 = avx512_enabled()  # the backward takes the forward's path
         ctx.softplus = softplus
-        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, softplus, ctx.avx512)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
+                                              ctx.avx512)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        grads = fused_backward(dout, *ctx.saved_tensors, ctx.softplus, ctx.avx512)
-        return *grads[:8], None  # du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; softplus gets none
+        *grads, _out, grad_initial_state = fused_backward(dout, *ctx.saved_tensors[:8], ctx.softplus, ctx.avx512,
+                                                          initial_state=ctx.saved_tensors[8])
+        return *grads, grad_initial_state, None  # softplus gets none
 
 
-def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, return_out=False,
-                   reuse_inputs=False):
+def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, initial_state=None,
+                   return_out=False, reuse_inputs=False):
     """The extension's `bwd` (see its C++ comment) in time chunks of BACKWARD_CHUNK steps: du, ddelta, dA, dB, dC,
-    dD, dz, ddelta_bias and, with `return_out`, the forward's output (else None). With `reuse_inputs` the caller
-    gives up u, delta, z and dout, whose memory may then hold the results."""
-    return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, softplus, return_out, reuse_inputs,
-                               BACKWARD_CHUNK, avx512)
+    dD, dz, ddelta_bias, with `return_out` the forward's output, and with `initial_state` its gradient (each None
+    where not asked for). With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold
+    the results."""
+    return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
+                               reuse_inputs, BACKWARD_CHUNK, avx512)
 
 
 def selective_scan_cpu(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False
 ):
     """The fused CPU selective scan; same signature and result as `selective_scan_ref`.
 
-    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,).
+    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); initial_state (B, D, N) or None (0).
     Returns out (B, D, L), and the last state (B, D, N) if `return_last_state`.
     Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
     """
@@ -1336,7 +1382,7 @@ def selective_scan_cpu(
     def cast(t):
         return None if t is None else t.to(compute_dtype)
 
-    inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         out, last_state = SelectiveScanCPUFn.apply(*inputs, delta_softplus)
     else:

@@ -1,21 +1,29 @@
-"""Mamba's two kernels, the selective scan and the causal depthwise convolution, for every device.
+"""Mamba's two kernels, the selective scan and the causal depthwise convolution, for every device, each with its
+one-step form for streaming inference.
 
 Each has a plain-PyTorch twin with the same signature and one dispatcher that picks the fastest
 available path:
 
-    selective_scan:  CUDA + mamba-ssm  -> mamba_ssm's `selective_scan_fn`
+    selective_scan:  CUDA + mamba-ssm  -> mamba_ssm's `selective_scan_fn` (with `initial_state`:
+                                          `selective_scan_torch`, as mamba-ssm's scan starts from 0)
                      CPU + a compiler  -> the fused C++ loop of `cpu_scan`
                      otherwise         -> `selective_scan_torch` (exact, chunked, any device)
     causal_conv1d:   CUDA + causal-conv1d -> `causal_conv1d_fn`
                      CPU + a compiler     -> the fused C++ loop of `cpu_scan`
                      otherwise            -> `causal_conv1d_torch`
+    selective_state_update:  CUDA + mamba-ssm     -> mamba_ssm's `selective_state_update` (Triton)
+                             otherwise            -> `selective_state_update_torch`
+    causal_conv1d_update:    CUDA + causal-conv1d -> causal-conv1d's `causal_conv1d_update`
+                             otherwise            -> `causal_conv1d_update_torch`
 
 `selective_scan_ref`, a loop over time steps, is the definition the others are tested against.
 Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1 turns the fused CPU paths
 off (to debug or benchmark the PyTorch ones).
 
-Shapes: B batch, D channels (d_inner), L length, N state size. Conventions of mamba-ssm:
-u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta_bias (D,).
+Shapes: B batch, D channels (d_inner), L length, N state size, W convolution width. Conventions of
+mamba-ssm: u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta_bias
+(D,); the SSM state h (B, D, N). The one-step forms take the same tensors without L and update
+their state in place, as mamba-ssm's and causal-conv1d's do.
 """
 
 import logging
@@ -32,9 +40,14 @@ except Exception:  # optional CUDA kernel: absent, or built for another torch/CU
     selective_scan_fn = None
 
 try:
-    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update as causal_conv1d_update_fn
 except Exception:  # optional CUDA kernel
-    causal_conv1d_fn = None
+    causal_conv1d_fn = causal_conv1d_update_fn = None
+
+try:
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as selective_state_update_fn
+except Exception:  # optional CUDA (Triton) kernel
+    selective_state_update_fn = None
 
 
 logger = logging.getLogger(__name__)
@@ -48,19 +61,22 @@ def _log_once(message):
 
 
 def selective_scan_ref(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False
 ):
     """The selective scan as its definition, one time step at a time (the reference for tests).
 
         delta <- softplus(delta + delta_bias)          (each step optional)
-        h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t,   h_{-1} = 0      h: (B, D, N)
+        h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t,   h_{-1} = initial_state or 0      h: (B, D, N)
         y_t = C_t . h_t + D u_t;   out_t = y_t * silu(z_t)
 
     Args:
         u, delta: (B, D, L). A: (D, N). B, C: (B, N, L). D, delta_bias: (D,) or None.
         z: (B, D, L) or None. delta_softplus: apply softplus to delta (after the bias).
+        initial_state: h_{-1} (B, D, N), or None for 0; it receives a gradient like every input.
     Returns:
-        out (B, D, L) in u's dtype; with `return_last_state`, the tuple (out, h_{L-1} (B, D, N)).
+        out (B, D, L) in u's dtype; with `return_last_state`, the tuple (out, h_{L-1} (B, D, N)) (h_{L-1} in
+        float32, or float64 for float64 inputs).
     """
     dtype_in = u.dtype
     compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -70,7 +86,7 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, _ = u.shape
-    h = u.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(compute_dtype)  # (B, D, N)
     ys = []
     # unbind: one view per step whose backward is one stack (indexing u[:, :, t] would make the
     # backward write a zero-filled gradient of u's full size at every step)
@@ -128,14 +144,15 @@ def _linear_scan(decay, x, reverse=False):
 
 
 class _ScanTorchFn(torch.autograd.Function):
-    """y_t = C_t . h_t with h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t, chunk by chunk.
+    """y_t = C_t . h_t with h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t, chunk by chunk, from h_{-1} = h0.
 
-    Args: u, dt (B, D, L); A (D, N); B, C (B, N, L); chunk: steps per chunk.
+    Args: u, dt (B, D, L); A (D, N); B, C (B, N, L); h0 (B, D, N); chunk: steps per chunk.
     Returns y (B, D, L) and the last state (B, D, N), which gets no gradient.
 
     Only the state entering each chunk is kept for the backward, which recomputes one chunk's
     (B, D, T, N) states at a time and runs the adjoint recurrence
-    g_t = dy_t C_t + exp(dt_{t+1} A) * g_{t+1} with the same scan, backwards.
+    g_t = dy_t C_t + exp(dt_{t+1} A) * g_{t+1} with the same scan, backwards; what it carries out of
+    the first step, exp(dt_0 A) * g_0, is the gradient of h0.
     """
 
     @staticmethod
@@ -149,11 +166,10 @@ class _ScanTorchFn(torch.autograd.Function):
         return decay, x
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, chunk):
-        batch, dim, length = u.shape
-        h = u.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
+    def forward(ctx, u, dt, A, B, C, h0, chunk):
+        h = h0  # (B, D, N)
         entering, ys = [], []
-        for start in range(0, length, chunk):
+        for start in range(0, u.shape[-1], chunk):
             steps = slice(start, start + chunk)
             if any(ctx.needs_input_grad):
                 entering.append(h)
@@ -163,6 +179,7 @@ class _ScanTorchFn(torch.autograd.Function):
             h = states[:, :, -1].clone()
         ctx.save_for_backward(u, dt, A, B, C, *entering)
         ctx.chunk = chunk
+        h = h.clone() if h is h0 else h  # L = 0 returns h0 itself, which an autograd output must not be
         ctx.mark_non_differentiable(h)
         y = torch.cat(ys, dim=-1) if ys else u.new_zeros(u.shape)
         return y, h
@@ -196,11 +213,12 @@ class _ScanTorchFn(torch.autograd.Function):
             ddt[:, :, steps] = torch.einsum("bdtn,dn->bdt", g_log_decay, A) + u_c * g_B
             dB[:, :, steps] = torch.einsum("bdtn,bdt->bnt", g, dt_c * u_c)
             dC[:, :, steps] = torch.einsum("bdtn,bdt->bnt", states, dy_c)
-        return du, ddt, dA, dB, dC, None
+        return du, ddt, dA, dB, dC, carry, None
 
 
 def selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False
 ):
     """The selective scan in plain PyTorch, exact and for any device; same signature and result
     as `selective_scan_ref`.
@@ -218,7 +236,8 @@ def selective_scan_torch(
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, _ = u.shape
-    y, h = _ScanTorchFn.apply(u, delta, A, B, C, _chunk_length(batch, dim, A.shape[1]))
+    h0 = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(compute_dtype)
+    y, h = _ScanTorchFn.apply(u, delta, A, B, C, h0, _chunk_length(batch, dim, A.shape[1]))
     if D is not None:
         y = y + u * D.to(compute_dtype)[:, None]
     if z is not None:
@@ -247,8 +266,25 @@ def selective_scan_backend(device):
     return "torch"
 
 
+def _selective_scan_cuda(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False
+):
+    """mamba-ssm's CUDA scan, which always starts from h = 0: a scan that continues a state runs in
+    plain PyTorch instead (never with the initial state dropped)."""
+    if initial_state is not None:
+        _log_once("mamba-ssm's selective scan takes no initial state: a scan from a given state runs in plain "
+                  "PyTorch on CUDA")
+        return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                    delta_softplus=delta_softplus, initial_state=initial_state,
+                                    return_last_state=return_last_state)
+    return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             return_last_state=return_last_state)
+
+
 def selective_scan(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False
 ):
     """The selective scan on the fastest available path (see `selective_scan_backend`); same
     signature and result as `selective_scan_ref`.
@@ -256,11 +292,12 @@ def selective_scan(
     Args:
         u, delta: (B, D, L). A: (D, N). B, C: (B, N, L). D, delta_bias: (D,) or None.
         z: (B, D, L) or None. delta_softplus: apply softplus to delta + delta_bias.
+        initial_state: the state before the first step (B, D, N), or None for 0.
     Returns:
         out (B, D, L); with `return_last_state`, the tuple (out, last state (B, D, N)).
     """
     scan = {
-        "cuda": selective_scan_fn,
+        "cuda": _selective_scan_cuda,
         "cpu_fused": selective_scan_cpu,
         "torch": selective_scan_torch,
     }[selective_scan_backend(u.device)]
@@ -274,8 +311,50 @@ def selective_scan(
         z=z,
         delta_bias=delta_bias,
         delta_softplus=delta_softplus,
+        initial_state=initial_state,
         return_last_state=return_last_state,
     )
+
+
+def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step of the selective scan, continuing `state`, which is updated in place: step t of
+    `selective_scan_ref` for the same tensors without their L dimension (mamba-ssm's signature).
+
+        dt <- softplus(dt + dt_bias)          (each part optional)
+        state <- exp(dt A) * state + dt B x;   out = (C . state + D x) * silu(z)
+
+    Args:
+        state: (B, D, N), float32 (float64 for tests); the arithmetic runs in its dtype.
+        x, dt: (B, D). A: (D, N). B, C: (B, N). D, dt_bias: (D,) or None. z: (B, D) or None.
+    Returns:
+        out (B, D) in x's dtype.
+    """
+    compute_dtype = state.dtype
+    x_in, dt, A, B, C = (t.to(compute_dtype) for t in (x, dt, A, B, C))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute_dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    decay = torch.exp(dt.unsqueeze(-1) * A)  # (B, D, N)
+    state.mul_(decay).add_((dt * x_in).unsqueeze(-1) * B.unsqueeze(1))
+    y = torch.einsum("bdn,bn->bd", state, C)
+    if D is not None:
+        y = y + x_in * D.to(compute_dtype)
+    if z is not None:
+        y = y * F.silu(z.to(compute_dtype))
+    return y.to(x.dtype)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step of the selective scan on the fastest available path (mamba-ssm's Triton kernel for CUDA
+    tensors where installed); same signature and result as `selective_state_update_torch`: state (B, D, N),
+    updated in place; x, dt, z (B, D); A (D, N); B, C (B, N); D, dt_bias (D,) -> out (B, D)."""
+    if state.is_cuda:
+        if selective_state_update_fn is not None:
+            return selective_state_update_fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                             dt_softplus=dt_softplus)
+        _log_once("mamba-ssm is not installed: the one-step state update runs in plain PyTorch on CUDA")
+    return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None):
@@ -308,11 +387,49 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     return causal_conv1d_torch(x, weight, bias, activation=activation)
 
 
+def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None):
+    """One step of `causal_conv1d_torch`, continuing `conv_state`, which is updated in place (causal-conv1d's
+    signature): out = bias + sum_k weight[:, k] * window[:, :, k] over the window of the last W inputs (the
+    state's newest W - 1 and x); then the state drops its oldest input and appends x.
+
+    Args:
+        x: (B, D). conv_state: (B, D, S) with S >= W - 1, the S inputs before x, oldest first (0 before the
+            sequence's start). weight: (D, W). bias: (D,) or None. activation: None, "silu" or "swish".
+    Returns:
+        (B, D) in x's dtype.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    width = weight.shape[1]
+    window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, D, S + 1)
+    out = torch.einsum("bdw,dw->bd", window[..., window.shape[-1] - width:], weight.to(conv_state.dtype))
+    if bias is not None:
+        out = out + bias.to(conv_state.dtype)
+    conv_state.copy_(window[..., 1:])
+    return (F.silu(out) if activation is not None else out).to(x.dtype)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One step of the causal depthwise convolution on the fastest available path (causal-conv1d's kernel for
+    CUDA tensors where installed); same signature and result as `causal_conv1d_update_torch`: x (B, D),
+    conv_state (B, D, S >= W - 1) updated in place, weight (D, W), bias (D,) -> (B, D)."""
+    if x.is_cuda:
+        if causal_conv1d_update_fn is not None and 2 <= weight.shape[1] <= 4:
+            return causal_conv1d_update_fn(x, conv_state, weight, bias, activation=activation)
+        _log_once("causal-conv1d is not installed (or not for this width): the one-step convolution runs in "
+                  "plain PyTorch on CUDA")
+    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation=activation)
+
+
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_torch",
+    "causal_conv1d_update",
+    "causal_conv1d_update_torch",
     "selective_scan",
     "selective_scan_backend",
     "selective_scan_ref",
     "selective_scan_torch",
+    "selective_state_update",
+    "selective_state_update_torch",
 ]

@@ -8,7 +8,8 @@ The forward path reads top to bottom:
 
 Item ids run 1..num_items, 0 is padding, sequences are right-padded (real items first). Every operator is causal in
 the default configuration, so position t never sees items after t and a sequence scores the same whether it is
-batched alone or with longer ones.
+batched alone or with longer ones. The same causality lets a user's state be carried forward one event at a time
+(`M2RecCache`, passed as `cache_params`).
 
 Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F frequency bins, I items + padding,
 E text-embedding width.
@@ -24,7 +25,75 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import causal_conv1d, selective_scan, selective_scan_backend
+from .kernels import (causal_conv1d, causal_conv1d_update, selective_scan, selective_scan_backend,
+                      selective_state_update)
+
+
+class M2RecCache:
+    """Each user's state after the events seen so far, to score one new event without re-reading the history (the
+    `cache_params` of [`M2RecModel`]; the idea of transformers' `MambaCache`, for recommendation).
+
+    `model(histories, use_cache=True)` returns one filled from right-padded histories; `model(new_items,
+    cache_params=cache)`, new_items (B, 1), continues it in place by one event per user. A cache built directly,
+    `M2RecCache(config, batch_size)`, holds users who have seen nothing yet. Inference only: the states are kept
+    without gradient, and in training mode dropout would draw new masks for the re-embedded window.
+
+    Per layer l (Di mixer width, K `conv_kernel`, N `state_size`):
+        conv_states[l]            (B, Di, K − 1)  the convolution's last K − 1 inputs, oldest first (0 before the
+                                                  first event)
+        selection_conv_states[l]  (B, Di, K − 1)  the same for the selection stream, which has its own convolution
+                                                  under Algorithm 2 (`selection_source="unfiltered"`); None under
+                                                  "filtered", where selection reads the scanned stream
+        ssm_states[l]             (B, Di, N)      the SSM state h, in float32 (the scans' precision)
+    For the model:
+        item_ids    (B, max_len)  the most recent max_len items, oldest first, 0 before the first event: the causal
+                                  FFT filter's kernel spans max_len lags, so each step re-embeds this window (the
+                                  embedding is a function of the id: 8 bytes per event instead of D floats)
+        num_events  (B,)          how many events each user has had, uncapped
+
+    Beyond max_len events the state keeps what each operator's receptive field covers: the SSM state the whole
+    history, the filter its max_len lags, the convolution its K. The scores then equal the full forward over the
+    whole history with the `max_len` limit lifted (the filter still spanning max_len lags), not the batch path's,
+    which cuts the history to its last max_len items before encoding it.
+    """
+
+    def __init__(self, config: M2RecConfig, batch_size: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if config.fft_mode == "global":
+            raise ValueError(_GLOBAL_FILTER_HAS_NO_CACHE)
+        conv_shape = (batch_size, config.mixer_size, config.conv_kernel - 1)
+        ssm_dtype = torch.promote_types(dtype, torch.float32)
+        layers = range(config.num_hidden_layers)
+        self.conv_states = [torch.zeros(conv_shape, device=device, dtype=dtype) for _ in layers]
+        self.selection_conv_states = ([torch.zeros(conv_shape, device=device, dtype=dtype) for _ in layers]
+                                      if config.selection_source == "unfiltered" else None)
+        self.ssm_states = [torch.zeros(batch_size, config.mixer_size, config.state_size, device=device,
+                                       dtype=ssm_dtype) for _ in layers]
+        self.item_ids = torch.zeros(batch_size, config.max_len, device=device, dtype=torch.long)
+        self.num_events = torch.zeros(batch_size, device=device, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.num_events)
+
+    def record_events(self, new_items: torch.Tensor) -> None:
+        """Slides the item window by one event per user: new_items (B, 1)."""
+        self.item_ids.copy_(torch.cat([self.item_ids[:, 1:], new_items], dim=1))
+        self.num_events += 1
+
+
+_GLOBAL_FILTER_HAS_NO_CACHE = (
+    "fft_mode='global' filters every position with the whole sequence, later items included, so a user's state "
+    "cannot be carried forward one event at a time; a cache needs fft_mode='causal' or 'none'")
+
+
+def _trailing_window(sequences: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """Each right-padded sequence's last `size` real positions, oldest first, zeros before its start:
+    sequences (B, L, ...), lengths (B,) → (B, size, ...)."""
+    batch = len(sequences)
+    padded = torch.cat([sequences.new_zeros(batch, size, *sequences.shape[2:]), sequences], dim=1)  # (B, size + L, ...)
+    positions = lengths[:, None] + torch.arange(size, device=sequences.device)  # in padded coordinates
+    return padded[torch.arange(batch, device=sequences.device)[:, None], positions]
 
 
 @dataclass
@@ -36,10 +105,13 @@ class M2RecModelOutput(ModelOutput):
             (B, 1, D) at each sequence's last real item with `last_position_only=True`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the sequence after the embedding, after the FFT filter
             and after each AFFM layer, each (B, L, D); returned with `output_hidden_states=True`.
+        cache_params ([`M2RecCache`], *optional*): each user's state after its last real item; returned with
+            `use_cache=True` or a `cache_params` input.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cache_params: M2RecCache | None = None
 
 
 @dataclass
@@ -54,12 +126,14 @@ class M2RecRecommendationOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor`): the fused user representation, (B, L, D), or (B, 1, D) with
             `last_position_only=True` and no `labels` of shape (B, L).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`M2RecModelOutput`].
+        cache_params ([`M2RecCache`], *optional*): as in [`M2RecModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cache_params: M2RecCache | None = None
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -159,6 +233,7 @@ class M2RecFrequencyFilter(nn.Module):
     def __init__(self, config: M2RecConfig):
         super().__init__()
         self.mode = config.fft_mode
+        self.max_len = config.max_len
         self.fft_size = config.fft_size
         self.num_kept_bins = config.fft_kept_bins
         if config.fft_adaptive:
@@ -177,6 +252,12 @@ class M2RecFrequencyFilter(nn.Module):
             return low_pass[:, None]
         return torch.view_as_complex(self.frequency_response.float()) * low_pass[:, None]
 
+    def causal_kernel(self, device) -> torch.Tensor:
+        """The causal filter's time-domain kernel, lags 0..max_len−1: (D, max_len), or (1, max_len) when W is not
+        learned. Longer inputs than max_len see no further lags."""
+        response = self.masked_response(device).t()  # (D, F), or (1, F)
+        return torch.fft.irfft(response, n=self.fft_size)[..., :self.max_len]
+
     def filter(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32.
 
@@ -184,18 +265,27 @@ class M2RecFrequencyFilter(nn.Module):
         none of the strided copies that transforming dim 1 of (B, L, D) costs, which took as long as the FFTs."""
         seq_len = hidden_states.shape[1]
         x = hidden_states.float().transpose(1, 2)  # (B, D, L)
-        response = self.masked_response(x.device).t()  # (D, F), or (1, F) when W is not learned
         if self.mode == "global":
+            response = self.masked_response(x.device).t()  # (D, F), or (1, F) when W is not learned
             spectrum = torch.fft.rfft(x, n=self.fft_size)  # (B, D, F)
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
-            kernel = torch.fft.irfft(response, n=self.fft_size)[..., :seq_len]  # (D, L): causal lags 0..L-1
+            kernel = self.causal_kernel(x.device)[..., :seq_len]  # (D, L): causal lags 0..L-1
             filtered = _CausalFFTConvolution.apply(x, kernel)  # (B, D, L)
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         filtered = self.filter(hidden_states).to(hidden_states.dtype)
         return self.layer_norm(hidden_states + self.dropout(filtered))
+
+    def step(self, window: torch.Tensor) -> torch.Tensor:
+        """The causal filter's output at the newest event only: window (B, max_len, D), the embedded most recent
+        events, oldest first, zeros before the first → (B, 1, D). A direct sum over the lags: one position does
+        not pay for FFTs."""
+        kernel = self.causal_kernel(window.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
+        filtered = (window.float() * kernel).sum(dim=1, keepdim=True)  # (B, 1, D)
+        newest = window[:, -1:]
+        return self.layer_norm(newest + self.dropout(filtered.to(window.dtype)))
 
 
 class M2RecMixer(nn.Module):
@@ -207,8 +297,9 @@ class M2RecMixer(nn.Module):
     `hidden_states` as in plain Mamba.
     """
 
-    def __init__(self, config: M2RecConfig):
+    def __init__(self, config: M2RecConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # this layer's slot in an M2RecCache
         self.state_size = config.state_size
         self.time_step_rank = config.time_step_rank
         self.mixer_size = config.mixer_size
@@ -237,17 +328,36 @@ class M2RecMixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)  # (Di, K)
         return causal_conv1d(x.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
+    def _select(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Δ before its bias and softplus, B and C from the selection stream: (..., Di) → (..., Di), (..., N),
+        (..., N)."""
+        # x_proj's rows for Δ and for B, C as two products: a contiguous (B, L, R) input makes dt_proj's rank-R
+        # product and its gradients several times faster than a strided slice of one (B, L, R + 2N) product.
+        dt_weight, bc_weight = self.x_proj.weight.split([self.time_step_rank, 2 * self.state_size])
+        # dt_proj multiplies by a contiguous (R, Di) copy of its weight's transpose: autograd then takes the weight's
+        # gradient as the product (R, B·L)·(B·L, Di), five times faster than the (Di, B·L)·(B·L, R) that F.linear's
+        # transposed weight leads it to for R = 4.
+        dt_rank = F.linear(selection, dt_weight)  # (..., R)
+        dt = torch.matmul(dt_rank, self.dt_proj.weight.t().contiguous())  # (..., Di); the bias is added in the scan
+        B, C = F.linear(selection, bc_weight).split(self.state_size, dim=-1)  # (..., N) each
+        return dt, B, C
+
+    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D). A training step on the fused CPU kernels runs through `MixerCPUFn`, which keeps
         only the inputs for the backward (the same function and gradients as `compose`, to float32 rounding);
-        everything else runs `compose`."""
-        if self._fused_cpu_training(hidden_states):
+        everything else runs `compose`. With `cache`: a call with `mask` (B, L) encodes whole sequences and stores
+        each one's state after its last real item there (`compose`); a call without continues it by one event
+        (`step`, L = 1)."""
+        if cache is not None and mask is None:
+            return self.step(hidden_states, selection_states, cache)
+        if cache is None and self._fused_cpu_training(hidden_states):
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
             return MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
                                     self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
                                     self.A_log, self.D, self.out_proj.weight)
-        return self.compose(hidden_states, selection_states)
+        return self.compose(hidden_states, selection_states, cache, mask)
 
     def _fused_cpu_training(self, hidden_states: torch.Tensor) -> bool:
         """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the fused CPU kernels are available, and
@@ -256,59 +366,91 @@ class M2RecMixer(nn.Module):
                 and not torch.is_autocast_enabled("cpu") and hidden_states.dtype == torch.float32
                 and all(parameter.dtype == torch.float32 for parameter in self.parameters()))
 
-    def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
+    def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer as the composition of its kernels, each differentiated by autograd, on any device: (B, L, D) →
-        (B, L, D)."""
+        (B, L, D). With `cache` and the (B, L) `mask` of real items, each sequence's convolution and SSM states after
+        its last real item are stored in the cache's slots for this layer."""
         # Everything stays channel-last, (B, L, ·), as the projections produce it; the kernels take mamba-ssm's
         # (B, Di, L) shapes as transposed views, which the fused CPU kernels read without copying.
-        x = self._conv(self._project(hidden_states, 0))  # (B, L, Di)
+        x_pre = self._project(hidden_states, 0)  # (B, L, Di)
+        x = self._conv(x_pre)
         if selection_states is None:
             selection, z = x, self._project(hidden_states, 1)
         else:
-            selection = self._conv(self._project(selection_states, 0))
+            selection_pre = self._project(selection_states, 0)
+            selection = self._conv(selection_pre)
             z = self._project(selection_states, 1)  # (B, L, Di)
+        dt, B, C = self._select(selection)
 
-        # x_proj's rows for Δ and for B, C as two products: a contiguous (B, L, R) input makes dt_proj's rank-R
-        # product and its gradients several times faster than a strided slice of one (B, L, R + 2N) product.
-        dt_weight, bc_weight = self.x_proj.weight.split([self.time_step_rank, 2 * self.state_size])
-        # dt_proj multiplies by a contiguous (R, Di) copy of its weight's transpose: autograd then takes the weight's
-        # gradient as the product (R, B·L)·(B·L, Di), five times faster than the (Di, B·L)·(B·L, R) that F.linear's
-        # transposed weight leads it to for R = 4.
-        dt_rank = F.linear(selection, dt_weight)  # (B, L, R)
-        dt = torch.matmul(dt_rank, self.dt_proj.weight.t().contiguous())  # (B, L, Di); the bias is added in the scan
-        B, C = F.linear(selection, bc_weight).split(self.state_size, dim=-1)  # (B, L, N) each
         # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
         # in half precision drifts.
-        y = selective_scan(
+        delta, delta_bias = dt.float(), self.dt_proj.bias.float()
+        if cache is not None:
+            # Δ = 0 on the padding after each sequence's last item: exp(0·A) = 1 and 0·B·x = 0 carry its state
+            # unchanged to the scan's last state, and no earlier output changes.
+            delta, delta_bias = F.softplus(delta + delta_bias) * mask.unsqueeze(-1), None
+        y, last_state = selective_scan(
             x.float().transpose(1, 2),
-            dt.float().transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(self.A_log.float()),  # (Di, N)
             B.float().transpose(1, 2),  # (B, N, L)
             C.float().transpose(1, 2),  # (B, N, L)
             self.D.float(),
             z=z.float().transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-        )  # (B, Di, L)
+            delta_bias=delta_bias,
+            delta_softplus=delta_bias is not None,
+            return_last_state=True,
+        )  # (B, Di, L), (B, Di, N)
+
+        if cache is not None:
+            lengths, width = mask.sum(dim=1), self.conv1d.kernel_size[0] - 1
+            cache.ssm_states[self.layer_idx].copy_(last_state.detach())
+            cache.conv_states[self.layer_idx].copy_(_trailing_window(x_pre.detach(), lengths, width).transpose(1, 2))
+            if selection_states is not None:
+                cache.selection_conv_states[self.layer_idx].copy_(
+                    _trailing_window(selection_pre.detach(), lengths, width).transpose(1, 2))
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, D)
+
+    def step(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None,
+             cache: M2RecCache) -> torch.Tensor:
+        """One event per user, continuing this layer's states in `cache` (updated in place): (B, 1, D) → (B, 1, D);
+        the same arithmetic as `compose` at the newest position."""
+        conv_weight = self.conv1d.weight.squeeze(1)  # (Di, K)
+        x = causal_conv1d_update(self._project(hidden_states[:, 0], 0), cache.conv_states[self.layer_idx],
+                                 conv_weight, self.conv1d.bias, activation="silu")  # (B, Di)
+        if selection_states is None:
+            selection, z = x, self._project(hidden_states[:, 0], 1)
+        else:
+            selection = causal_conv1d_update(self._project(selection_states[:, 0], 0),
+                                             cache.selection_conv_states[self.layer_idx], conv_weight,
+                                             self.conv1d.bias, activation="silu")
+            z = self._project(selection_states[:, 0], 1)  # (B, Di)
+        dt, B, C = self._select(selection)
+        y = selective_state_update(cache.ssm_states[self.layer_idx], x.float(), dt.float(),
+                                   -torch.exp(self.A_log.float()), B.float(), C.float(), self.D.float(), z=z.float(),
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # (B, Di)
+        return self.out_proj(y.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, D)
 
 
 class M2RecLayer(nn.Module):
     """One AFFM layer: Mamba mixer, dropout, residual, LayerNorm; then a position-wise feed-forward (GELU) with
     dropout, residual and LayerNorm."""
 
-    def __init__(self, config: M2RecConfig):
+    def __init__(self, config: M2RecConfig, layer_idx: int):
         super().__init__()
-        self.mixer = M2RecMixer(config)
+        self.mixer = M2RecMixer(config, layer_idx)
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) → (B, L, D)."""
-        hidden_states = self.mixer_norm(hidden_states + self.dropout(self.mixer(hidden_states, selection_states)))
+    def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D); `cache` and `mask` as in [`M2RecMixer.forward`]."""
+        mixed = self.mixer(hidden_states, selection_states, cache, mask)
+        hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed))
         feed_forward = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden_states))))
         return self.ffn_norm(hidden_states + self.dropout(feed_forward))
 
@@ -387,7 +529,7 @@ class M2RecModel(M2RecPreTrainedModel):
         self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.frequency_filter = M2RecFrequencyFilter(config) if config.fft_mode != "none" else None
-        self.layers = nn.ModuleList(M2RecLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(M2RecLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         if config.fusion != "none":
             # Frozen item-text embeddings (I, E), persistent so that model.safetensors carries them and a published
             # model needs no text encoder. Row 0 (padding) stays zero. Fill with `set_text_embeddings`.
@@ -488,6 +630,21 @@ class M2RecModel(M2RecPreTrainedModel):
             projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
         return self.text_norm(projected)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
+        embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
+        # Zero the padding so that the filter's spectrum and window only contain real items.
+        return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
+
+    def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache_params: M2RecCache) -> None:
+        """Checks one new event per user of the cache's batch."""
+        self._validate_inputs(input_ids, attention_mask)
+        if input_ids.shape != (cache_params.batch_size, 1):
+            raise ValueError(f"a call with cache_params continues each of its {cache_params.batch_size} users by one "
+                             f"event: input_ids must have shape ({cache_params.batch_size}, 1), got "
+                             f"{tuple(input_ids.shape)}")
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -495,34 +652,53 @@ class M2RecModel(M2RecPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         last_position_only: bool = False,
+        cache_params: M2RecCache | None = None,
+        use_cache: bool = False,
         **kwargs,
     ) -> M2RecModelOutput | tuple:
         """
         Args:
-            input_ids: (B, L) item ids, right-padded with 0; at most `config.max_len` positions.
+            input_ids: (B, L) item ids, right-padded with 0; at most `config.max_len` positions. With `cache_params`,
+                (B, 1): each user's new event.
             attention_mask: (B, L), 1 for real items; derived from `input_ids != 0` when omitted.
             last_position_only: fuse only each sequence's last real position, for next-item inference.
+            cache_params: an [`M2RecCache`] to continue by one event per user, in place.
+            use_cache: also return an [`M2RecCache`] holding each user's state after its last real item.
         Returns:
-            [`M2RecModelOutput`] with `last_hidden_state` (B, L, D), or (B, 1, D) with `last_position_only`.
+            [`M2RecModelOutput`] with `last_hidden_state` (B, L, D), or (B, 1, D) with `last_position_only` or
+            `cache_params`, and the cache with `use_cache` or `cache_params`.
         """
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        mask = self._validate_inputs(input_ids, attention_mask)
+        if (use_cache or cache_params is not None) and self.config.fft_mode == "global":
+            raise ValueError(_GLOBAL_FILTER_HAS_NO_CACHE)
 
-        embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
-        # Zero the padding so that the global filter's spectrum only contains real items.
-        embedded = embedded * mask.unsqueeze(-1).to(embedded.dtype)
-        all_hidden = (embedded,)
+        if cache_params is None:
+            mask = self._validate_inputs(input_ids, attention_mask)
+            embedded = self.embed(input_ids * mask)  # (B, L, D)
+            hidden = embedded if self.frequency_filter is None else self.frequency_filter(embedded)
+            cache = None
+            if use_cache:
+                cache = M2RecCache(self.config, len(input_ids), device=input_ids.device, dtype=self.dtype)
+                lengths = mask.sum(dim=1)
+                cache.item_ids.copy_(_trailing_window(input_ids * mask, lengths, self.config.max_len))
+                cache.num_events.copy_(lengths)
+        else:
+            self._validate_step(input_ids, attention_mask, cache_params)
+            mask, cache = None, cache_params  # no mask: the layers continue the cache instead of filling it
+            cache.record_events(input_ids)
+            embedded = self.embed(input_ids)  # (B, 1, D)
+            hidden = embedded if self.frequency_filter is None else self.frequency_filter.step(
+                self.embed(cache.item_ids))
+        all_hidden = (embedded, hidden)
 
-        hidden = embedded if self.frequency_filter is None else self.frequency_filter(embedded)
-        all_hidden += (hidden,)
         selection = embedded if self.config.selection_source == "unfiltered" else None
         for layer in self.layers:
-            hidden = layer(hidden, selection)  # (B, L, D)
+            hidden = layer(hidden, selection, cache, mask)  # (B, L, D)
             all_hidden += (hidden,)
 
-        if last_position_only:
+        if last_position_only and cache_params is None:  # a step's one position is the last
             # The fusion is position-wise, so inference only needs it where it scores: this skips the text lookup
             # and projection of B·L items.
             rows = torch.arange(len(input_ids), device=input_ids.device)
@@ -532,8 +708,9 @@ class M2RecModel(M2RecPreTrainedModel):
             hidden = self.fusion(self.text_features(input_ids), hidden)
 
         if not return_dict:
-            return (hidden, all_hidden) if output_hidden_states else (hidden,)
-        return M2RecModelOutput(last_hidden_state=hidden, hidden_states=all_hidden if output_hidden_states else None)
+            return tuple(v for v in (hidden, all_hidden if output_hidden_states else None, cache) if v is not None)
+        return M2RecModelOutput(last_hidden_state=hidden, hidden_states=all_hidden if output_hidden_states else None,
+                                cache_params=cache)
 
 
 class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
@@ -590,11 +767,13 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         return_logits: bool = True,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache_params: M2RecCache | None = None,
+        use_cache: bool = False,
         **kwargs,
     ) -> M2RecRecommendationOutput | tuple:
         """
         Args:
-            input_ids: (B, L) item ids, right-padded with 0.
+            input_ids: (B, L) item ids, right-padded with 0. With `cache_params`, (B, 1): each user's new event.
             attention_mask: (B, L), 1 for real items; derived from `input_ids` when omitted.
             labels: the next item to predict. (B, L) trains every position (labels[b, t] is the item after position t,
                 −100 where there is none); (B,) trains the last real position only. `fft_mode="global"` accepts only
@@ -602,6 +781,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             last_position_only: return logits (B, I) at each sequence's last real item instead of (B, L, I).
             return_logits: set False during training to skip the (B, L, I) logits; the loss is then computed only at
                 labelled positions, which saves the memory of the padding positions.
+            cache_params, use_cache: continue a [`M2RecCache`] by one event per user, or return a new one (see
+                [`M2RecModel.forward`]); the output's `cache_params` holds it.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
@@ -620,7 +801,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         fuse_last_only = last_position_only and (labels is None or labels.dim() == 1)
         outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-                             return_dict=True, last_position_only=fuse_last_only)
+                             return_dict=True, last_position_only=fuse_last_only, cache_params=cache_params,
+                             use_cache=use_cache)
         user_states = outputs.last_hidden_state  # (B, L, D), or (B, 1, D) when fused at the last position only
         if fuse_last_only:
             last_states = user_states[:, 0]
@@ -640,9 +822,10 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             logits = self.score(last_states if last_position_only else user_states)
 
         if not return_dict:
-            return tuple(v for v in (loss, logits, user_states, outputs.hidden_states) if v is not None)
+            return tuple(v for v in (loss, logits, user_states, outputs.hidden_states, outputs.cache_params)
+                         if v is not None)
         return M2RecRecommendationOutput(loss=loss, logits=logits, last_hidden_state=user_states,
-                                         hidden_states=outputs.hidden_states)
+                                         hidden_states=outputs.hidden_states, cache_params=outputs.cache_params)
 
     @torch.no_grad()
     def recommend(
@@ -651,22 +834,30 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         k: int = 10,
         exclude_seen: bool = False,
+        cache_params: M2RecCache | None = None,
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """Top-k next items for each history, best first.
 
         Args:
-            input_ids: (B, L) histories, right-padded with 0 (oldest item first).
+            input_ids: (B, L) histories, right-padded with 0 (oldest item first); with `cache_params`, (B, 1): each
+                user's new event.
             k: how many items to return, at most `num_items`.
-            exclude_seen: drop items already in the history from the ranking.
+            exclude_seen: drop items already in the history from the ranking (with a cache: its last `max_len`
+                items, as many as a history passed whole can hold).
+            cache_params: an [`M2RecCache`] that `input_ids` continues (in place) before the ranking.
         Returns:
             `(item_ids, scores)`, both (B, k). Never contains the padding id 0; with `exclude_seen`, items excluded
             rank after all others (so they appear only if k exceeds the unseen items).
         """
         if not 1 <= k <= self.config.num_items:
             raise ValueError(f"k must be between 1 and num_items={self.config.num_items}, got {k}")
-        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True).logits.float()  # (B, I)
+        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
+                      cache_params=cache_params).logits.float()  # (B, I)
         if exclude_seen:
-            seen = input_ids if attention_mask is None else input_ids * attention_mask.long()
+            if cache_params is not None:
+                seen = cache_params.item_ids
+            else:
+                seen = input_ids if attention_mask is None else input_ids * attention_mask.long()
             scores.scatter_(1, seen, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
         top_scores, top_items = scores.topk(k, dim=1)

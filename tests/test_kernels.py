@@ -147,6 +147,126 @@ def test_scan_inference_matches_reference(case, implementation, dtype):
                               dtype)
 
 
+def with_initial_state(inputs):
+    """The inputs with a random (B, D, N) state to start from, float32-representable like the rest."""
+    batch, dim, state = inputs["u"].shape[0], *inputs["A"].shape
+    h0 = torch.randn(batch, dim, state, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return {**inputs, "initial_state": h0.float().double()}
+
+
+@every_dtype
+@every_implementation
+@every_case
+def test_scan_from_an_initial_state_matches_reference(case, implementation, dtype):
+    """A scan continues a given state; the state receives its gradient on every path."""
+    inputs, softplus = case_inputs(case)
+    inputs = with_initial_state(inputs)
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, dtype)
+    assert_close_to_reference(results, reference, dtype)
+
+
+@every_case
+def test_fused_cpu_backward_in_time_chunks_from_an_initial_state(monkeypatch, case):
+    """The AVX-512 backward's first pass starts every chunk from the initial state, and the gradient of that state is
+    what the reverse sweep carries out of the first chunk."""
+    if not cpu_scan.avx512_enabled():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", 16)
+    inputs, softplus = case_inputs(case)
+    inputs = with_initial_state(inputs)
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
+    results = run_with_grads(cpu_scan.selective_scan_cpu, inputs, softplus, torch.float32)
+    assert_close_to_reference(results, reference, torch.float32)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_scan_split_in_two_continues_exactly(implementation):
+    """Scanning the first steps, then the rest from their last state, gives the whole scan's output and state."""
+    inputs, softplus = case_inputs(CASES[-1])
+    inputs = {k: None if v is None else v.float() for k, v in inputs.items()}
+    scan = IMPLEMENTATIONS[implementation]
+    whole, whole_state = scan(**inputs, delta_softplus=softplus, return_last_state=True)
+    split = 57
+    first, second = ({k: v[..., steps] if v is not None and v.dim() == 3 else v for k, v in inputs.items()}
+                     for steps in (slice(0, split), slice(split, None)))
+    out_first, state = scan(**first, delta_softplus=softplus, return_last_state=True)
+    out_second, last_state = scan(**second, delta_softplus=softplus, initial_state=state, return_last_state=True)
+    scale = whole.abs().max().item()
+    torch.testing.assert_close(torch.cat([out_first, out_second], dim=-1), whole, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(last_state, whole_state, rtol=0, atol=1e-5 * whole_state.abs().max().item())
+
+
+def test_cuda_scan_with_an_initial_state_runs_in_plain_pytorch(monkeypatch, caplog):
+    """mamba-ssm's scan has no initial state: the CUDA path hands such a scan to the PyTorch one, and says so once."""
+    def starts_from_zero(*args, **kwargs):
+        raise AssertionError("mamba-ssm's scan would drop the initial state")
+
+    monkeypatch.setattr(kernels, "selective_scan_fn", starts_from_zero)
+    monkeypatch.setattr(kernels, "_logged", set())
+    inputs, softplus = case_inputs(CASES[1])
+    inputs = {k: None if v is None else v.float() for k, v in with_initial_state(inputs).items()}
+    expected = kernels.selective_scan_torch(**inputs, delta_softplus=softplus, return_last_state=True)
+    with caplog.at_level(logging.WARNING, logger="m2rec.kernels"):
+        for _ in range(2):
+            actual = kernels._selective_scan_cuda(**inputs, delta_softplus=softplus, return_last_state=True)
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sum("takes no initial state" in r.getMessage() for r in caplog.records) == 1
+
+
+STATE_UPDATES = {"torch": kernels.selective_state_update_torch, "dispatcher": kernels.selective_state_update}
+
+
+@pytest.mark.parametrize("implementation", STATE_UPDATES)
+@every_dtype
+@every_case
+def test_state_update_step_by_step_matches_the_scan(case, dtype, implementation):
+    """Steps of `selective_state_update` from a given state reproduce the reference scan's outputs and last state."""
+    inputs, softplus = case_inputs(case)
+    inputs = with_initial_state(inputs)
+    expected, expected_state = kernels.selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
+    cast = {k: None if v is None else v.to(dtype) for k, v in inputs.items()}
+    state = cast["initial_state"].clone()
+    outputs = [STATE_UPDATES[implementation](state, cast["u"][..., t], cast["delta"][..., t], cast["A"],
+                                             cast["B"][..., t], cast["C"][..., t], D=cast["D"],
+                                             z=None if cast["z"] is None else cast["z"][..., t],
+                                             dt_bias=cast["delta_bias"], dt_softplus=softplus)
+               for t in range(inputs["u"].shape[-1])]
+    assert outputs[0].dtype == dtype
+    assert_close_to_reference({"out": torch.stack(outputs, dim=-1), "last_state": state},
+                              {"out": expected, "last_state": expected_state}, dtype)
+
+
+CONV_UPDATES = {"torch": kernels.causal_conv1d_update_torch, "dispatcher": kernels.causal_conv1d_update}
+
+
+@pytest.mark.parametrize("implementation", CONV_UPDATES)
+@pytest.mark.parametrize("state_length", ["W-1", "W"])
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_update_step_by_step_matches_the_convolution(implementation, state_length, width, use_bias,
+                                                                   activation):
+    """From a zero state (the sequence's start), steps reproduce the whole convolution, and the state ends holding
+    the last inputs, oldest first; a state longer than W - 1 (causal-conv1d's other layout) gives the same."""
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, width, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64) if use_bias else None
+    expected = naive_causal_conv1d(x, weight, bias, activation)
+    state = x.new_zeros(2, 5, width - 1 if state_length == "W-1" else width)
+    steps = [CONV_UPDATES[implementation](x[..., t], state, weight, bias, activation) for t in range(x.shape[-1])]
+    torch.testing.assert_close(torch.stack(steps, dim=-1), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, x[..., x.shape[-1] - state.shape[-1]:], rtol=0, atol=0)
+
+
+def test_causal_conv1d_update_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="'relu'"):
+        kernels.causal_conv1d_update_torch(torch.zeros(1, 2), torch.zeros(1, 2, 1), torch.zeros(2, 2),
+                                           activation="relu")
+
+
 def channel_last(t):
     """The same values as (B, X, L) viewed from channel-last (B, L, X) memory, as the model passes them."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
@@ -175,14 +295,14 @@ def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx51
     inputs = {k: None if v is None else (channel_last(v) if v.dim() == 3 else v).float() for k, v in inputs.items()}
     u, delta, A, B, C, D, z, delta_bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     dout = channel_last(torch.randn(u.shape, generator=torch.Generator().manual_seed(2)))
-    out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, True, avx512)
-    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, True, False, False, 64, avx512)
-    assert expected[-1] is None
+    out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, None, True, avx512)
+    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, None, True, False, False, 64, avx512)
+    assert expected[-2] is None and expected[-1] is None
     scratch = [None if t is None else channel_last(t.clone()) for t in (dout, u, delta, z)]
-    actual = extension.bwd(scratch[0], scratch[1], scratch[2], A, B, C, D, scratch[3], delta_bias, True, True, True,
-                           64, avx512)
+    *actual, actual_out, _ = extension.bwd(scratch[0], scratch[1], scratch[2], A, B, C, D, scratch[3], delta_bias,
+                                           None, True, True, True, 64, avx512)
     # the same sums in another order (the forward keeps two partial sums of C . h)
-    torch.testing.assert_close(actual[-1], out, rtol=0, atol=TOLERANCE[torch.float32] * out.abs().max().item())
+    torch.testing.assert_close(actual_out, out, rtol=0, atol=TOLERANCE[torch.float32] * out.abs().max().item())
     for name, got, want in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], actual, expected):
         if want is None:
             assert got is None, name
