@@ -48,7 +48,7 @@ def run_with_grads(scan, inputs, softplus, dtype):
     all in `dtype`."""
     leaves = {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
     out, last_state = scan(**leaves, delta_softplus=softplus, return_last_state=True)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
     (out * cotangent).sum().backward()
     grads = {f"d{k}": v.grad for k, v in leaves.items() if v is not None}
     return {"out": out.detach(), "last_state": last_state.detach(), **grads}

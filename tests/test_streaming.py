@@ -56,7 +56,7 @@ def histories(batch, length, seed=1):
 def prefix_batch(items, lengths):
     """The right-padded batch of each user's first lengths[b] items: items (B, T), lengths (B,) → (B, max length)."""
     width = int(max(lengths))
-    kept = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+    kept = torch.arange(width, device=items.device)[None, :] < torch.as_tensor(lengths, device=items.device)[:, None]
     return torch.where(kept, items[:, :width], 0)
 
 
