@@ -47,6 +47,11 @@ class M2RecConfig(PreTrainedConfig):
             Width of the position-wise feed-forward; defaults to `4 * hidden_size`.
         hidden_dropout_prob (`float`, defaults to 0.2):
             Dropout after the embedding, the filter, the mixer and the feed-forward.
+        mixer_residual (`bool`, defaults to `True`):
+            Add each layer's input to its mixer's output before the LayerNorm, `LayerNorm(x + Dropout(mixer(x)))`.
+            `False` is Mamba4Rec's one-layer form, `LayerNorm(Dropout(mixer(x)))`: no copy of the input items'
+            embeddings reaches the output except through the mixer, so with the tied scorer the last item no longer
+            scores itself through the skip path (docs/RESULTS.md, issue #13). The feed-forward keeps its residual.
         layer_norm_eps (`float`, defaults to 1e-12):
             LayerNorm epsilon (Mamba4Rec's value).
         initializer_range (`float`, defaults to 0.02):
@@ -90,6 +95,7 @@ class M2RecConfig(PreTrainedConfig):
     time_step_floor: float = 1e-4
     intermediate_size: int | None = None
     hidden_dropout_prob: float = 0.2
+    mixer_residual: bool = True
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     fft_mode: str = "causal"

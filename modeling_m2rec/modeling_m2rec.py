@@ -434,8 +434,8 @@ class M2RecMixer(nn.Module):
 
 
 class M2RecLayer(nn.Module):
-    """One AFFM layer: Mamba mixer, dropout, residual, LayerNorm; then a position-wise feed-forward (GELU) with
-    dropout, residual and LayerNorm."""
+    """One AFFM layer: Mamba mixer, dropout, residual (unless `config.mixer_residual` is off), LayerNorm; then a
+    position-wise feed-forward (GELU) with dropout, residual and LayerNorm."""
 
     def __init__(self, config: M2RecConfig, layer_idx: int):
         super().__init__()
@@ -445,12 +445,13 @@ class M2RecLayer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.mixer_residual = config.mixer_residual
 
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
                 cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D); `cache` and `mask` as in [`M2RecMixer.forward`]."""
-        mixed = self.mixer(hidden_states, selection_states, cache, mask)
-        hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed))
+        mixed = self.dropout(self.mixer(hidden_states, selection_states, cache, mask))
+        hidden_states = self.mixer_norm(hidden_states + mixed if self.mixer_residual else mixed)
         feed_forward = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden_states))))
         return self.ffn_norm(hidden_states + self.dropout(feed_forward))
 

@@ -38,6 +38,7 @@ CAUSAL_VARIANTS = [
     dict(fft_adaptive=False),
     dict(fft_mode="none"),
     dict(num_hidden_layers=2),
+    dict(mixer_residual=False),
     dict(fusion="context_gate"),
     dict(fusion="sum"),
     dict(fusion="concat"),
@@ -250,8 +251,22 @@ def test_ablation_switches_change_parameters_and_outputs():
         full.m2rec.fusion.text_weight.fill_(0.3)  # α = β = 1 at init would make the gate equal to "sum"
     reference = full(input_ids).logits
     # Same seed, same weights where shapes agree: each switch must reach the forward path.
-    for overrides in (dict(selection_source="filtered"), dict(fft_mode="none"), dict(fusion="sum")):
+    for overrides in (dict(selection_source="filtered"), dict(fft_mode="none"), dict(fusion="sum"),
+                      dict(mixer_residual=False)):
         assert not torch.allclose(tiny_model(**overrides)(input_ids).logits, reference), overrides
+
+
+@pytest.mark.parametrize("mixer_residual", [True, False])
+def test_mixer_residual_is_the_only_path_around_the_mixer(mixer_residual):
+    # With the mixer silenced, a layer without the residual forgets which item sits at each position; with it, the
+    # item's own embedding passes straight through (the path by which the last item scores itself).
+    layer = tiny_model(mixer_residual=mixer_residual).m2rec.layers[0]
+    with torch.no_grad():
+        layer.mixer.out_proj.weight.zero_()
+    hidden_states = torch.randn(2, 10, 16)
+    outputs = layer(hidden_states)
+    same_everywhere = torch.allclose(outputs, outputs[:1, :1].expand_as(outputs))
+    assert same_everywhere != mixer_residual
 
 
 def test_text_embeddings_change_scores_and_can_grow():
