@@ -136,13 +136,14 @@ class M2RecRecommendationOutput(ModelOutput):
     cache_params: M2RecCache | None = None
 
 
-def first_positions(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """Where each item first occurs in each sequence: item_ids (B, L) → (B, num_columns) int64, L for items that
-    never occur. Position t has seen item i exactly when `first[b, i] <= t`."""
+def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
     batch, length = item_ids.shape
     positions = torch.arange(length, device=item_ids.device).expand(batch, length)
     first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
-    return first.scatter_reduce_(1, item_ids, positions, reduce="amin")
+    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
+    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -152,21 +153,25 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
     log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
     arithmetic as `F.cross_entropy` on the full logits, in float32. Column 0 (padding) never takes probability.
-    With `seen_offset`, row m's logits of the items its position has seen (`first_seen[rows[m]] <= positions[m]`)
-    get the learned offset added, and its gradient is returned.
+    With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
+    for t = positions[m]) get the learned offset added, and its gradient is returned.
     """
 
     @staticmethod
     def _logits(states, weights, seen_offset, seen, start, stop):
-        """The logits of rows start:stop, (chunk, I), and the chunk's seen-item mask (or None)."""
+        """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
+        where none (or None without an offset)."""
         logits = states[start:stop] @ weights.t()  # (chunk, I)
-        seen_mask = None
+        seen_columns = None
         if seen_offset is not None:
-            first_seen, rows, positions = seen
-            seen_mask = first_seen[rows[start:stop]] <= positions[start:stop, None]  # (chunk, I)
-            logits.add_(seen_mask * seen_offset.to(logits.dtype))
+            first_items, rows, positions = seen
+            seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
+            length = seen_columns.shape[1]
+            seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
+            # Column 0 collects the offset of every unused slot, and is then set to -inf.
+            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
         logits[:, 0] = float("-inf")
-        return logits, seen_mask
+        return logits, seen_columns
 
     @staticmethod
     def forward(ctx, user_states, item_weights, labels, seen_offset, seen):
@@ -193,15 +198,15 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, len(states), ctx.chunk):
             stop = start + ctx.chunk
             # logits → softmax → d loss / d logits, in place
-            probabilities, seen_mask = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, ctx.seen,
-                                                                        start, stop)
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, ctx.seen,
+                                                                           start, stop)
             probabilities.sub_(log_normalizers[start:stop, None]).exp_()
             probabilities[torch.arange(len(probabilities)), labels[start:stop]] -= 1.0
             probabilities.mul_(scale)
             grad_states[start:stop] = probabilities @ weights
             grad_weights.addmm_(probabilities.t(), states[start:stop])
-            if seen_mask is not None:
-                grad_offset += (probabilities * seen_mask).sum()
+            if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
+                grad_offset += probabilities.gather(1, seen_columns).sum()
         if grad_offset is not None:
             grad_offset = grad_offset.to(seen_offset.dtype)
         return grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None
@@ -213,8 +218,8 @@ def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Te
     """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1.
     Equals `F.cross_entropy(scores, labels)` with the padding column excluded, without storing (M, I) scores.
 
-    seen_offset: a scalar added to the logits of the items each row has already seen, given by
-    `seen = (first_seen (B, I) from first_positions, rows (M,) the sequence of each row, positions (M,) its position)`.
+    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
+    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
     """
     if len(labels) == 0:
         raise ValueError("no labelled position in the batch: every label is -100")
@@ -803,12 +808,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """
         logits = self.item_scorer(user_states)
         if self.seen_item_offset is not None and seen_items is not None:
-            first_seen = first_positions(seen_items, self.config.vocab_size)  # (B, I)
-            if logits.dim() == 3:
-                positions = torch.arange(logits.shape[1], device=logits.device)
-                seen = first_seen[:, None, :] <= positions[None, :, None]  # (B, L, I)
+            if logits.dim() == 3:  # position t has seen the items up to t: a running count of first occurrences
+                first_items = first_occurrences(seen_items, self.config.vocab_size)
+                seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
             else:
-                seen = first_seen < seen_items.shape[1]  # (B, I)
+                seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
             logits = logits + seen * self.seen_item_offset
         logits[..., 0] = torch.finfo(logits.dtype).min
         return logits
@@ -881,7 +885,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             else:
                 states = user_states
                 rows, positions = labelled.nonzero(as_tuple=True)
-            seen = None if seen_items is None else (first_positions(seen_items, self.config.vocab_size), rows,
+            seen = None if seen_items is None else (first_occurrences(seen_items, self.config.vocab_size), rows,
                                                     positions)
             loss = full_softmax_cross_entropy(states[labelled], self.item_scorer.weight, labels[labelled],
                                               self.seen_item_offset, seen)

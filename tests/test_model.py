@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
 from m2rec.cpu_mixer import MixerCPUFn
-from m2rec.modeling_m2rec import _CausalFFTConvolution, first_positions, full_softmax_cross_entropy
+from m2rec.modeling_m2rec import _CausalFFTConvolution, first_occurrences, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -105,6 +105,7 @@ def test_chunked_cross_entropy_with_a_seen_item_offset():
     generator = torch.Generator().manual_seed(1)
     item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
     item_ids[2, 20:] = 0
+    item_ids[1, 10:20] = item_ids[1, :10]  # repeats: the offset counts once per item
     rows = torch.randint(0, 3, (700,), generator=generator)
     positions = torch.randint(0, 20, (700,), generator=generator)
     states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -119,7 +120,8 @@ def test_chunked_cross_entropy_with_a_seen_item_offset():
     logits[:, 0] = float("-inf")
     expected = F.cross_entropy(logits, labels)
     expected_grads = torch.autograd.grad(expected, (states, weights, offset))
-    loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_positions(item_ids, 5000), rows, positions))
+    first_items = first_occurrences(item_ids, 5000)
+    loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_items, rows, positions))
     grads = torch.autograd.grad(loss, (states, weights, offset))
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     for grad, reference in zip(grads, expected_grads):
