@@ -103,7 +103,8 @@ def sasrec_builder(model_args, num_layers: int, num_heads: int):
     def build(max_len, num_items, text_embeddings):
         return SASRec(SASRecConfig(num_items=num_items, max_len=max_len, hidden_size=model_args.hidden_size,
                                    num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                                   hidden_dropout_prob=model_args.hidden_dropout_prob))
+                                   hidden_dropout_prob=model_args.hidden_dropout_prob,
+                                   seen_item_bias=model_args.seen_item_bias))
     return build
 
 

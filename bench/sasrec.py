@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from m2rec.modeling_m2rec import full_softmax_cross_entropy
+from m2rec.modeling_m2rec import add_seen_item_offset, next_item_loss
 
 
 class SASRecConfig(PreTrainedConfig):
@@ -28,6 +28,7 @@ class SASRecConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    seen_item_bias: bool = False  # as M2RecConfig.seen_item_bias
 
 
 @dataclass
@@ -73,10 +74,16 @@ class SASRec(PreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.seen_item_offset = None
+        if config.seen_item_bias:
+            self.seen_item_offset = nn.Parameter(torch.zeros(()))
+            self.seen_item_offset._no_weight_decay = True
         self.post_init()  # transformers' default init: N(0, initializer_range), padding row 0, LayerNorm 1/0
 
-    def score(self, user_states: torch.Tensor) -> torch.Tensor:
+    def score(self, user_states: torch.Tensor, seen_items: torch.Tensor | None = None) -> torch.Tensor:
         logits = user_states @ self.item_embeddings.weight.t()  # (..., I)
+        if self.seen_item_offset is not None and seen_items is not None:
+            logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
         return logits
 
@@ -94,12 +101,12 @@ class SASRec(PreTrainedModel):
 
         mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
         last_states = hidden[torch.arange(len(input_ids), device=input_ids.device), mask.sum(1) - 1]  # (B, D)
+        seen_items = input_ids * mask if self.seen_item_offset is not None else None
         loss = None
         if labels is not None:  # the same exact chunked full-softmax loss as M2Rec, so costs compare like for like
-            states, targets = (last_states, labels) if labels.dim() == 1 else (hidden, labels)
-            labelled = targets != -100
-            loss = full_softmax_cross_entropy(states[labelled], self.item_embeddings.weight, targets[labelled])
+            loss = next_item_loss(hidden, last_states, self.item_embeddings.weight, labels, seen_items,
+                                  self.seen_item_offset)
         logits = None
         if return_logits:
-            logits = self.score(last_states if last_position_only else hidden)
+            logits = self.score(last_states if last_position_only else hidden, seen_items)
         return SASRecOutput(loss=loss, logits=logits, last_hidden_state=hidden)

@@ -228,6 +228,40 @@ def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Te
     return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, seen)
 
 
+def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
+                   labels: torch.Tensor, seen_items: torch.Tensor | None = None,
+                   seen_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-softmax cross-entropy of the next item, shared by M2Rec and the bench baselines.
+
+    user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
+    labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
+    logits get the offset: at position t the items up to t, for the last position all of them.
+    """
+    labelled = labels != -100
+    if labels.dim() == 1:
+        states = last_states
+        rows = labelled.nonzero(as_tuple=True)[0]
+        positions = torch.full_like(rows, seen_items.shape[1] - 1 if seen_items is not None else 0)
+    else:
+        states = user_states
+        rows, positions = labelled.nonzero(as_tuple=True)
+    seen = None
+    if seen_offset is not None:
+        seen = (first_occurrences(seen_items, item_weights.shape[0]), rows, positions)
+    return full_softmax_cross_entropy(states[labelled], item_weights, labels[labelled], seen_offset, seen)
+
+
+def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, I) or (B, I) plus `seen_offset` on the items of seen_items (B, L) (0 padding) that each row has
+    seen: at position t the items up to t; for (B, I) all of them."""
+    if logits.dim() == 3:  # a running count of first occurrences: 1 from an item's first position on
+        first_items = first_occurrences(seen_items, logits.shape[-1])
+        seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
+    else:
+        seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
+    return logits + seen * seen_offset
+
+
 class _CausalFFTConvolution(torch.autograd.Function):
     """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
     x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
@@ -808,12 +842,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """
         logits = self.item_scorer(user_states)
         if self.seen_item_offset is not None and seen_items is not None:
-            if logits.dim() == 3:  # position t has seen the items up to t: a running count of first occurrences
-                first_items = first_occurrences(seen_items, self.config.vocab_size)
-                seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
-            else:
-                seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
-            logits = logits + seen * self.seen_item_offset
+            logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
         return logits
 
@@ -877,18 +906,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
-            labelled = labels != -100
-            if labels.dim() == 1:
-                states = last_states
-                rows = labelled.nonzero(as_tuple=True)[0]
-                positions = torch.full_like(rows, input_ids.shape[1] - 1)  # the last target follows every input
-            else:
-                states = user_states
-                rows, positions = labelled.nonzero(as_tuple=True)
-            seen = None if seen_items is None else (first_occurrences(seen_items, self.config.vocab_size), rows,
-                                                    positions)
-            loss = full_softmax_cross_entropy(states[labelled], self.item_scorer.weight, labels[labelled],
-                                              self.seen_item_offset, seen)
+            loss = next_item_loss(user_states, last_states, self.item_scorer.weight, labels, seen_items,
+                                  self.seen_item_offset)
 
         logits = None
         if return_logits:

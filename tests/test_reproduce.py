@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
 REPRODUCE = Path(__file__).resolve().parent.parent / "bench" / "reproduce.py"
 
@@ -21,13 +22,15 @@ def test_any_config_and_the_sasrec_size(tmp_path):
         "format": "synthetic", "synthetic_users": 120, "synthetic_items": 50, "max_len": 20, "seed": 0,
         "train_batch_size": 64, "eval_batch_size": 128, "num_train_epochs": 1}))
     result = run_reproduce(["my-data/sasrec", "--config", str(config), "--runs-root", "runs",
-                            "--sasrec-layers", "1", "--sasrec-heads", "1"], tmp_path)
+                            "--sasrec-layers", "1", "--sasrec-heads", "1", "--seen_item_bias", "true"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert row["experiment"] == "my-data/sasrec" and "--sasrec-layers 1" in row["command"]
     assert row["config"]["synthetic_users"] == 120 and row["config"]["fusion"] == "none"
     saved = json.loads((tmp_path / "runs" / "my-data" / "sasrec" / "best" / "config.json").read_text())
-    assert (saved["num_hidden_layers"], saved["num_attention_heads"]) == (1, 1)
+    assert (saved["num_hidden_layers"], saved["num_attention_heads"], saved["seen_item_bias"]) == (1, 1, True)
+    with safe_open(tmp_path / "runs" / "my-data" / "sasrec" / "best" / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("seen_item_offset").item() != 0  # trained from its initial 0
     assert 0 <= row["test"]["NDCG@10"] <= 1
 
 
