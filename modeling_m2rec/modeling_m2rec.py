@@ -919,6 +919,62 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         return M2RecRecommendationOutput(loss=loss, logits=logits, last_hidden_state=user_states,
                                          hidden_states=outputs.hidden_states, cache_params=outputs.cache_params)
 
+    def user_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        cache_params: M2RecCache | None = None) -> torch.FloatTensor:
+        """Each history's representation after its last item, (B, D), for an inner-product index over
+        [`item_embeddings`]: `user_embeddings(h) @ item_embeddings(ids).T` equals `next_item_scores(h, candidates=ids)`
+        except for the seen-item offset. The offset (config `seen_item_bias`) depends on the history, not on the
+        user vector, so no fixed item vector can carry it: with it, retrieve `k + L` items (L = the input's
+        `input_ids.shape[1]`) from the index and re-rank them with `recommend(..., candidates=retrieved)`, which adds
+        it. That gives exactly `recommend`'s top k when the offset is ≤ 0 (a penalty: it learns about −3 on ML-1M)
+        or with `exclude_seen=True`: at most L retrieved items are seen, so ≥ k unseen ones remain, and every item
+        outside the retrieved set scores no more than they do. (A positive offset can lift a seen item from outside
+        the retrieved set: add the history's items to the candidates then.)
+
+        Args: as [`recommend`]'s `input_ids`, `attention_mask`, `cache_params` (continued in place).
+        """
+        return self(input_ids, attention_mask=attention_mask, last_position_only=True, return_logits=False,
+                    cache_params=cache_params).last_hidden_state[:, 0]
+
+    def item_embeddings(self, item_ids: torch.LongTensor | None = None) -> torch.FloatTensor:
+        """The scorer's item vectors: (C, D) for item_ids (C,) in 1..num_items, or for every item 1..num_items,
+        (num_items, D), row r being item r + 1 (padding is left out: its zero vector would outrank every negative
+        score in an index). See [`user_embeddings`]."""
+        if item_ids is None:
+            return self.item_scorer.weight[1:]
+        return self.item_scorer.weight[self._item_ids(item_ids, "item_ids", dims=(1,))]
+
+    def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         candidates: torch.LongTensor | None = None,
+                         cache_params: M2RecCache | None = None) -> torch.FloatTensor:
+        """Scores of the next item after each history: (B, I) over the whole catalogue, the padding column 0 at the
+        dtype's lowest value (the logits at the last position); or (B, C) over `candidates`, item ids in
+        1..num_items, (C,) for every history or (B, C) per history. The seen-item offset is included, as in
+        [`score`]. Args as [`recommend`]."""
+        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
+                      cache_params=cache_params).logits  # (B, I)
+        if candidates is None:
+            return scores
+        # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores
+        # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
+        candidates = self._item_ids(candidates, "candidates", dims=(1, 2))
+        return scores.gather(1, candidates.expand(len(scores), -1))
+
+    def _item_ids(self, item_ids, name: str, dims: tuple[int, ...], allow_padding: bool = False) -> torch.LongTensor:
+        """item_ids as a long tensor on the model's device, (C,) → (1, C) when 2 is in dims, checked to be item ids
+        1..num_items (0..num_items with allow_padding); the error names the first offending id."""
+        item_ids = torch.as_tensor(item_ids, device=self.device)
+        if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty integer tensor of {' or '.join(f'{d} dimensions' for d in dims)}"
+                             f", got {item_ids.dtype} of shape {tuple(item_ids.shape)}")
+        lowest = 0 if allow_padding else 1
+        bad = (item_ids < lowest) | (item_ids > self.config.num_items)
+        if bad.any():
+            raise ValueError(f"{name} holds {item_ids[bad][0].item()}, which is not an item id in "
+                             f"{lowest}..{self.config.num_items}{' (0 is padding)' if allow_padding else ''}")
+        item_ids = item_ids.long()
+        return item_ids[None] if item_ids.dim() == 1 and 2 in dims else item_ids
+
     @torch.no_grad()
     def recommend(
         self,
@@ -927,33 +983,50 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         k: int = 10,
         exclude_seen: bool = False,
         cache_params: M2RecCache | None = None,
+        candidates: torch.LongTensor | None = None,
+        exclude_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """Top-k next items for each history, best first.
 
         Args:
             input_ids: (B, L) histories, right-padded with 0 (oldest item first); with `cache_params`, (B, 1): each
                 user's new event.
-            k: how many items to return, at most `num_items`.
-            exclude_seen: drop items already in the history from the ranking (with a cache: its last `max_len`
-                items, as many as a history passed whole can hold).
+            k: how many items to return, at most `num_items` (at most C with `candidates`).
+            exclude_seen: drop the items of the input from the ranking, as evaluation's `exclude_history` does when
+                `input_ids` holds the whole history. The input holds at most `max_len` items (with a cache, its last
+                `max_len` items, as many as a history passed whole can hold): for a longer history, pass all of it
+                as `exclude_ids` to exclude what evaluation excludes.
             cache_params: an [`M2RecCache`] that `input_ids` continues (in place) before the ranking.
+            candidates: rank only these item ids (1..num_items): (C,) for every history or (B, C) per history.
+            exclude_ids: item ids to drop from the ranking, (E,) for every history or (B, E) per history, 0 as
+                padding.
         Returns:
-            `(item_ids, scores)`, both (B, k). Never contains the padding id 0; with `exclude_seen`, items excluded
-            rank after all others (so they appear only if k exceeds the unseen items).
+            `(item_ids, scores)`, both (B, k). Never contains the padding id 0; excluded items rank after all others
+            (so they appear only if k exceeds the items left).
         """
-        if not 1 <= k <= self.config.num_items:
-            raise ValueError(f"k must be between 1 and num_items={self.config.num_items}, got {k}")
-        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
-                      cache_params=cache_params).logits.float()  # (B, I)
+        num_ranked = self.config.num_items if candidates is None else torch.as_tensor(candidates).shape[-1]
+        if not 1 <= k <= num_ranked:
+            raise ValueError(f"k must be between 1 and {num_ranked} (the "
+                             f"{'catalogue' if candidates is None else 'candidates'}), got {k}")
+        scores = self.next_item_scores(input_ids, attention_mask, cache_params=cache_params).float()  # (B, I)
+        excluded = []
         if exclude_seen:
             if cache_params is not None:
-                seen = cache_params.item_ids
+                excluded.append(cache_params.item_ids)
             else:
-                seen = input_ids if attention_mask is None else input_ids * attention_mask.long()
-            scores.scatter_(1, seen, torch.finfo(scores.dtype).min)
+                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
+        if exclude_ids is not None:
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", dims=(1, 2), allow_padding=True)
+                            .expand(len(scores), -1))
+        for item_ids in excluded:
+            scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
-        top_scores, top_items = scores.topk(k, dim=1)
-        return top_items, top_scores
+        if candidates is None:
+            top_scores, top_items = scores.topk(k, dim=1)
+            return top_items, top_scores
+        candidates = self._item_ids(candidates, "candidates", dims=(1, 2)).expand(len(scores), -1)  # (B, C)
+        top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
+        return candidates.gather(1, top_columns), top_scores
 
 
 M2RecForSequentialRecommendation.register_for_auto_class("AutoModel")
