@@ -151,7 +151,7 @@ class M2RecItemTokenizer(PreTrainedTokenizer):
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)} for an item history")
-        single = not _is_batch(histories)
+        single = not is_batch(histories)
         batch = [histories] if single else list(histories)
         if padding is True:
             padding = "longest"
@@ -203,7 +203,7 @@ class M2RecItemTokenizer(PreTrainedTokenizer):
         return (path,)
 
 
-def _is_batch(histories) -> bool:
+def is_batch(histories) -> bool:
     """A batch is a list of histories; a single history is a list of raw ids (str or int)."""
     if isinstance(histories, (str, bytes)):
         raise TypeError(f"a history is a list of raw ids, got the string {histories!r}; write [{histories!r}]")
