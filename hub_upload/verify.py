@@ -274,7 +274,8 @@ def recommendation_difference(recommendations, reference: torch.Tensor, item_id_
 def verify_folder(folder, source_model) -> dict:
     """Refuse (raise VerificationError) unless `folder` is complete, pickle-free, holds exactly the installed code,
     imports only what it may, and loads in a fresh offline process with the same scores as `source_model` (the model
-    as loaded from the run folder) and a pipeline that recommends what it does. Nothing in the folder runs before the code check has passed.
+    as loaded from the run folder) and a pipeline that recommends what it does. Nothing in the folder runs before the
+    code check has passed.
 
     Returns a summary: {"python_files": [...], "histories": B, "max_difference": float}.
     """

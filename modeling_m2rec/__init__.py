@@ -2,8 +2,8 @@
 
 Importing this package registers `M2RecConfig` and `M2RecForSequentialRecommendation` with `AutoConfig` and
 `AutoModel`, the item vocabulary `M2RecItemTokenizer` with `AutoTokenizer`, and the "sequential-recommendation" task
-with transformers' pipeline registry, so installed users load checkpoints without `trust_remote_code`. The same files, copied next to a
-checkpoint by `save_pretrained`, are the remote code for everyone else.
+with transformers' pipeline registry, so installed users load checkpoints without `trust_remote_code`. The same
+files, copied next to a checkpoint by `save_pretrained`, are the remote code for everyone else.
 """
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer

@@ -919,17 +919,19 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         return M2RecRecommendationOutput(loss=loss, logits=logits, last_hidden_state=user_states,
                                          hidden_states=outputs.hidden_states, cache_params=outputs.cache_params)
 
+    @torch.no_grad()
     def user_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                         cache_params: M2RecCache | None = None) -> torch.FloatTensor:
-        """Each history's representation after its last item, (B, D), for an inner-product index over
-        [`item_embeddings`]: `user_embeddings(h) @ item_embeddings(ids).T` equals `next_item_scores(h, candidates=ids)`
-        except for the seen-item offset. The offset (config `seen_item_bias`) depends on the history, not on the
-        user vector, so no fixed item vector can carry it: with it, retrieve `k + L` items (L = the input's
-        `input_ids.shape[1]`) from the index and re-rank them with `recommend(..., candidates=retrieved)`, which adds
-        it. That gives exactly `recommend`'s top k when the offset is ≤ 0 (a penalty: it learns about −3 on ML-1M)
-        or with `exclude_seen=True`: at most L retrieved items are seen, so ≥ k unseen ones remain, and every item
-        outside the retrieved set scores no more than they do. (A positive offset can lift a seen item from outside
-        the retrieved set: add the history's items to the candidates then.)
+        """Each history's representation after its last item, (B, D), without gradient, for an inner-product index
+        over [`item_embeddings`]: `user_embeddings(h) @ item_embeddings(ids).T` equals
+        `next_item_scores(h, candidates=ids)` except for the seen-item offset. The offset (config `seen_item_bias`)
+        depends on the history, not on the user vector, so no fixed item vector can carry it: with it, retrieve
+        `k + L` items (L = the input's `input_ids.shape[1]`) from the index and re-rank them with
+        `recommend(..., candidates=retrieved)`, which adds it. That gives exactly `recommend`'s top k when the offset
+        is ≤ 0 (a penalty: it learns about −3 on ML-1M) or with `exclude_seen=True`: at most L retrieved items are
+        seen, so ≥ k unseen ones remain, and every item outside the retrieved set scores no more than they do. (A
+        positive offset can lift a seen item from outside the retrieved set: add the history's items to the
+        candidates then.)
 
         Args: as [`recommend`]'s `input_ids`, `attention_mask`, `cache_params` (continued in place).
         """
@@ -937,12 +939,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                     cache_params=cache_params).last_hidden_state[:, 0]
 
     def item_embeddings(self, item_ids: torch.LongTensor | None = None) -> torch.FloatTensor:
-        """The scorer's item vectors: (C, D) for item_ids (C,) in 1..num_items, or for every item 1..num_items,
-        (num_items, D), row r being item r + 1 (padding is left out: its zero vector would outrank every negative
-        score in an index). See [`user_embeddings`]."""
-        if item_ids is None:
-            return self.item_scorer.weight[1:]
-        return self.item_scorer.weight[self._item_ids(item_ids, "item_ids", dims=(1,))]
+        """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
+        every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
+        outrank every negative score in an index). See [`user_embeddings`]."""
+        weight = self.item_scorer.weight.detach()  # (I, D)
+        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", dims=(1,))]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                          candidates: torch.LongTensor | None = None,
@@ -965,8 +966,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         1..num_items (0..num_items with allow_padding); the error names the first offending id."""
         item_ids = torch.as_tensor(item_ids, device=self.device)
         if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty integer tensor of {' or '.join(f'{d} dimensions' for d in dims)}"
-                             f", got {item_ids.dtype} of shape {tuple(item_ids.shape)}")
+            allowed = " or ".join(f"{dim} dimensions" for dim in dims)
+            raise ValueError(f"{name} must be a non-empty integer tensor of {allowed}, got {item_ids.dtype} of shape "
+                             f"{tuple(item_ids.shape)}")
         lowest = 0 if allow_padding else 1
         bad = (item_ids < lowest) | (item_ids > self.config.num_items)
         if bad.any():
