@@ -943,7 +943,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
         outrank every negative score in an index). See [`user_embeddings`]."""
         weight = self.item_scorer.weight.detach()  # (I, D)
-        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", dims=(1,))]
+        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids")]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                          candidates: torch.LongTensor | None = None,
@@ -958,24 +958,30 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             return scores
         # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores
         # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
-        candidates = self._item_ids(candidates, "candidates", dims=(1, 2))
-        return scores.gather(1, candidates.expand(len(scores), -1))
+        return scores.gather(1, self._item_ids(candidates, "candidates", batch_size=len(scores)))
 
-    def _item_ids(self, item_ids, name: str, dims: tuple[int, ...], allow_padding: bool = False) -> torch.LongTensor:
-        """item_ids as a long tensor on the model's device, (C,) → (1, C) when 2 is in dims, checked to be item ids
-        1..num_items (0..num_items with allow_padding); the error names the first offending id."""
+    def _item_ids(self, item_ids, name: str, batch_size: int | None = None,
+                  allow_padding: bool = False) -> torch.LongTensor:
+        """item_ids as a long tensor on the model's device, checked to be item ids 1..num_items (0..num_items with
+        allow_padding); the error names the first offending id. Without batch_size: (C,). With it: (C,) for every
+        history or (batch_size, C) per history, returned as (batch_size, C)."""
         item_ids = torch.as_tensor(item_ids, device=self.device)
+        dims = (1,) if batch_size is None else (1, 2)
         if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
-            allowed = " or ".join(f"{dim} dimensions" for dim in dims)
-            raise ValueError(f"{name} must be a non-empty integer tensor of {allowed}, got {item_ids.dtype} of shape "
-                             f"{tuple(item_ids.shape)}")
+            shapes = "(C,)" if batch_size is None else f"(C,) or ({batch_size}, C)"
+            raise ValueError(f"{name} must be a non-empty integer tensor of shape {shapes}, got {item_ids.dtype} of "
+                             f"shape {tuple(item_ids.shape)}")
         lowest = 0 if allow_padding else 1
         bad = (item_ids < lowest) | (item_ids > self.config.num_items)
         if bad.any():
             raise ValueError(f"{name} holds {item_ids[bad][0].item()}, which is not an item id in "
                              f"{lowest}..{self.config.num_items}{' (0 is padding)' if allow_padding else ''}")
-        item_ids = item_ids.long()
-        return item_ids[None] if item_ids.dim() == 1 and 2 in dims else item_ids
+        if batch_size is None:
+            return item_ids.long()
+        if item_ids.dim() == 2 and len(item_ids) != batch_size:
+            raise ValueError(f"{name} has {len(item_ids)} rows for {batch_size} histories; give one row per history, "
+                             f"or a 1-D tensor for all of them")
+        return item_ids.long().expand(batch_size, -1) if item_ids.dim() == 1 else item_ids.long()
 
     @torch.no_grad()
     def recommend(
@@ -1018,15 +1024,14 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             else:
                 excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
         if exclude_ids is not None:
-            excluded.append(self._item_ids(exclude_ids, "exclude_ids", dims=(1, 2), allow_padding=True)
-                            .expand(len(scores), -1))
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", batch_size=len(scores), allow_padding=True))
         for item_ids in excluded:
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
         if candidates is None:
             top_scores, top_items = scores.topk(k, dim=1)
             return top_items, top_scores
-        candidates = self._item_ids(candidates, "candidates", dims=(1, 2)).expand(len(scores), -1)  # (B, C)
+        candidates = self._item_ids(candidates, "candidates", batch_size=len(scores))  # (B, C)
         top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
         return candidates.gather(1, top_columns), top_scores
 

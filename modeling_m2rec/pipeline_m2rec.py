@@ -33,6 +33,7 @@ class SequentialRecommendationPipeline(Pipeline):
         on_unknown ("error" or "skip", default "error"): what to do with raw ids of the history or the candidates
             that the model does not know (see `M2RecItemTokenizer`).
     Returns, per history, a list of {"item": raw id, "score": float}, best first; excluded items are never listed.
+    `batch_size=N` (at construction or call) scores N histories per forward, right-padded together.
     """
 
     _load_tokenizer = True
@@ -80,13 +81,14 @@ class SequentialRecommendationPipeline(Pipeline):
         items, scores = self.model.recommend(model_inputs["input_ids"], model_inputs["attention_mask"],
                                              k=min(k, num_ranked), candidates=candidates,
                                              exclude_ids=model_inputs.get("exclude_ids"))
-        return {"items": items[0], "scores": scores[0]}
+        return {"items": items, "scores": scores}  # (B, k): the pipeline's batching hands postprocess one row
 
     def postprocess(self, model_outputs):
+        items, scores = model_outputs["items"][0], model_outputs["scores"][0]  # (k,)
         # recommend ranks excluded items last at the dtype's lowest score; they are not recommendations.
-        kept = model_outputs["scores"] > torch.finfo(model_outputs["scores"].dtype).min
-        raw_ids = self.tokenizer.decode(model_outputs["items"][kept])
-        return [{"item": raw, "score": score} for raw, score in zip(raw_ids, model_outputs["scores"][kept].tolist())]
+        kept = scores > torch.finfo(scores.dtype).min
+        return [{"item": raw, "score": score}
+                for raw, score in zip(self.tokenizer.decode(items[kept]), scores[kept].tolist())]
 
 
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=SequentialRecommendationPipeline, pt_model=AutoModel)

@@ -77,6 +77,12 @@ def test_pipeline_options(tmp_path):
     assert [len(row) for row in among] == [2, 2]  # each candidate once; k capped at the candidates
     assert {entry["item"] for entry in among[1]} == {"1007", "sku-x"}
     assert among[1][0]["score"] >= among[1][1]["score"]
+    histories = [history, history[:2], history[3:4]]  # batched: right-padded together, scored alike
+    one_by_one, batched = recommender(histories, k=4), recommender(histories, k=4, batch_size=2)
+    assert [[entry["item"] for entry in row] for row in batched] == [[entry["item"] for entry in row]
+                                                                     for row in one_by_one]
+    assert [entry["score"] for row in batched for entry in row] == pytest.approx(
+        [entry["score"] for row in one_by_one for entry in row], abs=1e-5)
     with pytest.raises(TypeError, match="unknown options"):
         recommender(history, top_k=3)
 

@@ -50,6 +50,8 @@ def test_recommend_among_candidates_and_without_excluded_ids():
         model.recommend(input_ids, k=7, candidates=candidates)
     with pytest.raises(ValueError, match="exclude_ids holds -1"):
         model.recommend(input_ids, exclude_ids=torch.tensor([-1]))
+    with pytest.raises(ValueError, match="candidates has 3 rows for 2 histories"):
+        model.recommend(input_ids, k=2, candidates=torch.ones(3, 4, dtype=torch.long))
 
 
 @torch.no_grad()
