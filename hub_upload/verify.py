@@ -181,7 +181,7 @@ RECOMMENDED = 5  # how many recommendations per reference history the fresh pipe
 # Runs in the fresh process. Sockets are disabled before anything is imported: the remote code must load from the
 # folder alone (DESIGN.md §6), and HF_HUB_OFFLINE alone would not catch code that opens a connection itself.
 _LOAD_SCRIPT = textwrap.dedent("""
-    import socket, sys
+    import json, socket, sys
 
     def _no_network(*args, **kwargs):
         raise OSError("the remote code tried to open a network connection")
@@ -191,11 +191,9 @@ _LOAD_SCRIPT = textwrap.dedent("""
 
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModel
+    from transformers import AutoModel, pipeline
 
-    from transformers import pipeline
-
-    folder, inputs_path, outputs_path, recommendations_path = sys.argv[1:]
+    folder, inputs_path, outputs_path, recommendations_path, num_recommended = sys.argv[1:]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     module = type(model).__module__
     if not module.startswith("transformers_modules"):
@@ -207,8 +205,8 @@ _LOAD_SCRIPT = textwrap.dedent("""
     recommender = pipeline("sequential-recommendation", model=folder, trust_remote_code=True, device="cpu")
     raw_histories = recommender.tokenizer.batch_decode(input_ids)
     with open(recommendations_path, "w") as file:
-        json.dump(recommender(raw_histories, k=RECOMMENDED), file)
-""").replace("import socket, sys", "import json, socket, sys").replace("RECOMMENDED", str(RECOMMENDED))
+        json.dump(recommender(raw_histories, k=int(num_recommended)), file)
+""")
 
 
 def child_environment(scratch) -> dict:
@@ -234,13 +232,13 @@ def fresh_load_scores(folder, input_ids, timeout=600):
         scratch = Path(scratch)
         save_file({"input_ids": input_ids.contiguous()}, scratch / "inputs.safetensors")
         command = [sys.executable, "-c", _LOAD_SCRIPT, str(Path(folder).resolve()), str(scratch / "inputs.safetensors"),
-                   str(scratch / "scores.safetensors"), str(scratch / "recommendations.json")]
+                   str(scratch / "scores.safetensors"), str(scratch / "recommendations.json"), str(RECOMMENDED)]
         # cwd=scratch: a `modeling_m2rec` package in the caller's working directory must not be what gets imported.
         result = subprocess.run(command, cwd=scratch, env=child_environment(scratch), capture_output=True, text=True,
                                 timeout=timeout)
         if result.returncode != 0:
-            raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) failed in a fresh "
-                                     f"offline process:\n{result.stderr.strip()[-3000:]}"])
+            raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) or the folder's "
+                                     f"pipeline failed in a fresh offline process:\n{result.stderr.strip()[-3000:]}"])
         recommendations = json.loads((scratch / "recommendations.json").read_text())
         return load_file(scratch / "scores.safetensors")["scores"], recommendations
 

@@ -1012,7 +1012,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             `(item_ids, scores)`, both (B, k). Never contains the padding id 0; excluded items rank after all others
             (so they appear only if k exceeds the items left).
         """
-        num_ranked = self.config.num_items if candidates is None else torch.as_tensor(candidates).shape[-1]
+        if candidates is not None:
+            candidates = self._item_ids(candidates, "candidates", batch_size=len(input_ids))  # (B, C)
+        num_ranked = self.config.num_items if candidates is None else candidates.shape[1]
         if not 1 <= k <= num_ranked:
             raise ValueError(f"k must be between 1 and {num_ranked} (the "
                              f"{'catalogue' if candidates is None else 'candidates'}), got {k}")
@@ -1031,7 +1033,6 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if candidates is None:
             top_scores, top_items = scores.topk(k, dim=1)
             return top_items, top_scores
-        candidates = self._item_ids(candidates, "candidates", batch_size=len(scores))  # (B, C)
         top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
         return candidates.gather(1, top_columns), top_scores
 

@@ -9,11 +9,12 @@ Why a tokenizer rather than a processor. A vocabulary that maps a user's own sym
 them and maps the model's answer back is what a tokenizer is in transformers, and everything around it expects one:
 `AutoTokenizer` loads it from a folder or Hub repo (remote code through `auto_map` in tokenizer_config.json), every
 pipeline loads it as its `tokenizer` without being told, `save_pretrained`/`push_to_hub` write it and copy this file,
-and its output (`input_ids`, `attention_mask`) is what `model(**batch)` takes. A `ProcessorMixin` exists to bundle
-several such components (a tokenizer and an image processor...) and requires at least one of them, so for a single
-vocabulary it would be a wrapper around this class, not an alternative to it. The text machinery of the base class
-(added tokens, normalisation, splitting strings) does not apply to item ids, so `__call__` and `decode` are this
-class's own: an item history is a list of raw ids, never a string to split.
+and its output (`input_ids`, `attention_mask`) is what `model(**batch)` takes. A `ProcessorMixin` is built to bundle
+such components (a tokenizer with an image or audio processor), each saved and loaded by its own class, and pipelines
+load it only when they declare a processor: for one vocabulary it would be a wrapper around a tokenizer-like class,
+not an alternative to it. The text machinery of the base class (added tokens, normalisation, splitting strings) does
+not apply to item ids, so `__call__` and `decode` are this class's own: an item history is a list of raw ids, never a
+string to split.
 
 Files: the vocabulary is `item_id_map.json` ({raw id: model id}, the file `m2rec-train` has always written and other
 tools read; written byte for byte as before), next to tokenizer_config.json (`model_max_length` = the model's

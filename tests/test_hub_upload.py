@@ -216,6 +216,15 @@ def test_refuses_a_folder_whose_weights_score_differently(built, tmp_path):
         verify_folder(folder, built[2])
 
 
+def test_refuses_a_vocabulary_whose_pipeline_does_not_recommend_what_the_model_does(built, tmp_path):
+    """A vocabulary that cuts histories shorter than the model's max_len changes what the pipeline recommends."""
+    folder = copy_of(built[1], tmp_path)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 2}))
+    with pytest.raises(VerificationError, match="pipeline, in a fresh process, does not recommend the source model"):
+        verify_folder(folder, built[2])
+
+
 def test_refuses_pickle_files(built, tmp_path):
     folder = copy_of(built[1], tmp_path)
     torch.save({"weight": torch.zeros(1)}, folder / "pytorch_model.bin")
