@@ -1312,17 +1312,24 @@ def load_cpu_scan():
         return _module
 
 
-def fused_cpu_disabled():
-    """Whether M2REC_DISABLE_FUSED_CPU asks for the plain-PyTorch CPU path (to debug, benchmark, or skip the build)."""
-    return os.environ.get("M2REC_DISABLE_FUSED_CPU", "0") not in ("", "0")
+def env_flag(name, environ=os.environ):
+    """Whether the environment variable `name` is set to something other than "" or "0"."""
+    return environ.get(name, "0") not in ("", "0")
 
 
+# The environment's overrides, read once at import (never inside a kernel call): M2REC_DISABLE_FUSED_CPU asks for the
+# plain-PyTorch CPU path whatever the config says (to debug, benchmark, or skip the build), M2REC_DISABLE_AVX512 for
+# the generic loops on an AVX-512 CPU (the tests switch these attributes to check the generic variants there too).
+FUSED_CPU_DISABLED = env_flag("M2REC_DISABLE_FUSED_CPU")
+AVX512_DISABLED = env_flag("M2REC_DISABLE_AVX512")
+
+
+@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
 def avx512_enabled():
     """Whether the fused scan runs its AVX-512 variants (vectorised over channels): the CPU has AVX-512F and
-    M2REC_DISABLE_AVX512 is unset. The tests set it to check the generic variants on AVX-512 machines too."""
+    M2REC_DISABLE_AVX512 was not set (`AVX512_DISABLED`)."""
     module = load_cpu_scan()
-    return (module is not None and module.has_avx512()
-            and os.environ.get("M2REC_DISABLE_AVX512", "0") in ("", "0"))
+    return module is not None and module.has_avx512() and not AVX512_DISABLED
 
 
 class SelectiveScanCPUFn(torch.autograd.Function):
@@ -1450,10 +1457,10 @@ def build_kernels_main(argv=None):
         avx512 = "available but disabled by M2REC_DISABLE_AVX512"
     print(f"fused CPU kernels ready ({time.perf_counter() - start:.1f} s), cached in {directory}")
     print(f"AVX-512: {avx512}")
-    if fused_cpu_disabled():
+    if FUSED_CPU_DISABLED:
         print("note: M2REC_DISABLE_FUSED_CPU is set, so M2Rec will not use them until it is unset")
     return 0
 
 
 __all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "build_kernels_main", "causal_conv1d_cpu",
-           "fused_backward", "fused_cpu_disabled", "load_cpu_scan", "selective_scan_cpu"]
+           "env_flag", "fused_backward", "load_cpu_scan", "selective_scan_cpu"]

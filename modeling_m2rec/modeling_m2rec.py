@@ -25,8 +25,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import (causal_conv1d, causal_conv1d_update, selective_scan, selective_scan_backend,
-                      selective_state_update)
+from .kernels import causal_conv1d, causal_conv1d_update, resolve_backend, selective_scan, selective_state_update
 
 
 class M2RecCache:
@@ -303,6 +302,7 @@ class M2RecMixer(nn.Module):
         self.state_size = config.state_size
         self.time_step_rank = config.time_step_rank
         self.mixer_size = config.mixer_size
+        self.config = config  # read at every call for its kernel_backend, so that a change on a loaded model counts
         self.in_proj = nn.Linear(config.hidden_size, 2 * self.mixer_size, bias=False)
         self.conv1d = nn.Conv1d(self.mixer_size, self.mixer_size, config.conv_kernel, groups=self.mixer_size,
                                 padding=config.conv_kernel - 1)
@@ -323,10 +323,11 @@ class M2RecMixer(nn.Module):
         the kernels."""
         return F.linear(states, self.in_proj.weight.chunk(2, dim=0)[part])
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """Causal depthwise conv + SiLU, (B, L, Di) → (B, L, Di)."""
         weight = self.conv1d.weight.squeeze(1)  # (Di, K)
-        return causal_conv1d(x.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
+        return causal_conv1d(x.transpose(1, 2), weight, self.conv1d.bias, activation="silu",
+                             backend=backend).transpose(1, 2)
 
     def _select(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Δ before its bias and softplus, B and C from the selection stream: (..., Di) → (..., Di), (..., N),
@@ -348,38 +349,42 @@ class M2RecMixer(nn.Module):
         only the inputs for the backward (the same function and gradients as `compose`, to float32 rounding);
         everything else runs `compose`. With `cache`: a call with `mask` (B, L) encodes whole sequences and stores
         each one's state after its last real item there (`compose`); a call without continues it by one event
-        (`step`, L = 1)."""
+        (`step`, L = 1). The kernels' backend is resolved here, once per call, from `config.kernel_backend`."""
+        backend = resolve_backend(hidden_states.device, self.config.kernel_backend)
         if cache is not None and mask is None:
-            return self.step(hidden_states, selection_states, cache)
-        if cache is None and self._fused_cpu_training(hidden_states):
+            return self.step(hidden_states, selection_states, cache, backend)
+        if cache is None and self._fused_cpu_training(hidden_states, backend):
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
             return MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
                                     self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
                                     self.A_log, self.D, self.out_proj.weight)
-        return self.compose(hidden_states, selection_states, cache, mask)
+        return self.compose(hidden_states, selection_states, cache, mask, backend)
 
-    def _fused_cpu_training(self, hidden_states: torch.Tensor) -> bool:
-        """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the fused CPU kernels are available, and
+    def _fused_cpu_training(self, hidden_states: torch.Tensor, backend: str) -> bool:
+        """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the backend is the fused CPU kernels, and
         inputs and parameters are float32 outside autocast (the kernels' one dtype there)."""
-        return (torch.is_grad_enabled() and selective_scan_backend(hidden_states.device) == "cpu_fused"
+        return (torch.is_grad_enabled() and backend == "cpu_fused"
                 and not torch.is_autocast_enabled("cpu") and hidden_states.dtype == torch.float32
                 and all(parameter.dtype == torch.float32 for parameter in self.parameters()))
 
     def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
-                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
         """The mixer as the composition of its kernels, each differentiated by autograd, on any device: (B, L, D) →
         (B, L, D). With `cache` and the (B, L) `mask` of real items, each sequence's convolution and SSM states after
-        its last real item are stored in the cache's slots for this layer."""
+        its last real item are stored in the cache's slots for this layer. `backend`: the kernels' (None resolves
+        `config.kernel_backend`)."""
+        backend = resolve_backend(hidden_states.device, self.config.kernel_backend) if backend is None else backend
         # Everything stays channel-last, (B, L, ·), as the projections produce it; the kernels take mamba-ssm's
         # (B, Di, L) shapes as transposed views, which the fused CPU kernels read without copying.
         x_pre = self._project(hidden_states, 0)  # (B, L, Di)
-        x = self._conv(x_pre)
+        x = self._conv(x_pre, backend)
         if selection_states is None:
             selection, z = x, self._project(hidden_states, 1)
         else:
             selection_pre = self._project(selection_states, 0)
-            selection = self._conv(selection_pre)
+            selection = self._conv(selection_pre, backend)
             z = self._project(selection_states, 1)  # (B, L, Di)
         dt, B, C = self._select(selection)
 
@@ -401,6 +406,7 @@ class M2RecMixer(nn.Module):
             delta_bias=delta_bias,
             delta_softplus=delta_bias is not None,
             return_last_state=True,
+            backend=backend,
         )  # (B, Di, L), (B, Di, N)
 
         if cache is not None:
@@ -413,23 +419,23 @@ class M2RecMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, D)
 
     def step(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None,
-             cache: M2RecCache) -> torch.Tensor:
+             cache: M2RecCache, backend: str) -> torch.Tensor:
         """One event per user, continuing this layer's states in `cache` (updated in place): (B, 1, D) → (B, 1, D);
         the same arithmetic as `compose` at the newest position."""
         conv_weight = self.conv1d.weight.squeeze(1)  # (Di, K)
         x = causal_conv1d_update(self._project(hidden_states[:, 0], 0), cache.conv_states[self.layer_idx],
-                                 conv_weight, self.conv1d.bias, activation="silu")  # (B, Di)
+                                 conv_weight, self.conv1d.bias, activation="silu", backend=backend)  # (B, Di)
         if selection_states is None:
             selection, z = x, self._project(hidden_states[:, 0], 1)
         else:
             selection = causal_conv1d_update(self._project(selection_states[:, 0], 0),
                                              cache.selection_conv_states[self.layer_idx], conv_weight,
-                                             self.conv1d.bias, activation="silu")
+                                             self.conv1d.bias, activation="silu", backend=backend)
             z = self._project(selection_states[:, 0], 1)  # (B, Di)
         dt, B, C = self._select(selection)
         y = selective_state_update(cache.ssm_states[self.layer_idx], x.float(), dt.float(),
                                    -torch.exp(self.A_log.float()), B.float(), C.float(), self.D.float(), z=z.float(),
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # (B, Di)
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=backend)  # (B, Di)
         return self.out_proj(y.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, D)
 
 

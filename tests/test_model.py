@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
+from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan, kernels
 from m2rec.cpu_mixer import MixerCPUFn
 from m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
 
@@ -184,7 +184,7 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
     gives the composition's loss and gradients, with the scan's backward in one time chunk or several."""
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", backward_chunk)
     if not avx512:
-        monkeypatch.setenv("M2REC_DISABLE_AVX512", "1")
+        monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
     elif not cpu_scan.avx512_enabled():
         pytest.skip("this CPU has no AVX-512")
     model = tiny_model(selection_source=selection_source, num_hidden_layers=2).train()
@@ -212,12 +212,13 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
 def test_mixer_composes_its_kernels_outside_cpu_training():
     model = tiny_model()
     mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
-    assert mixer._fused_cpu_training(hidden_states)
+    assert mixer._fused_cpu_training(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_training(hidden_states, "torch")
     with torch.no_grad():
-        assert not mixer._fused_cpu_training(hidden_states)
+        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not mixer._fused_cpu_training(hidden_states)
-    assert not mixer._fused_cpu_training(hidden_states.double())
+        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_training(hidden_states.double(), "cpu_fused")
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])
@@ -351,6 +352,28 @@ def test_config_rejects_unknown_choices():
         M2RecConfig(fusion="attention")
     with pytest.raises(ValueError, match="fft_cut_ratio"):
         M2RecConfig(fft_cut_ratio=1.0)
+    with pytest.raises(ValueError, match="kernel_backend='triton' is not supported"):
+        M2RecConfig(kernel_backend="triton")
+
+
+def test_kernel_backend_of_the_config_chooses_the_kernels(monkeypatch):
+    """`config.kernel_backend` picks the kernels of every layer, read at each call (a loaded model can switch), and
+    both CPU paths give the same scores."""
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    calls = []
+    for name in ("selective_scan_cpu", "selective_scan_torch", "causal_conv1d_cpu", "causal_conv1d_torch"):
+        function = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model = tiny_model(kernel_backend="torch", num_hidden_layers=2)
+    input_ids = random_histories(2, 9)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6  # per layer: two convolutions, one scan
+        calls.clear()
+        model.config.kernel_backend = "cpu_fused"
+        fused = model(input_ids).logits
+    assert sorted(set(calls)) == ["causal_conv1d_cpu", "selective_scan_cpu"] and len(calls) == 6  # per layer: two convolutions, one scan
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_decay_marks():
