@@ -380,3 +380,26 @@ def test_weight_decay_marks():
     mixer = tiny_model().m2rec.layers[0].mixer
     assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay and mixer.dt_proj.bias._no_weight_decay
     assert torch.allclose(-torch.exp(mixer.A_log[0]), -torch.arange(1, 9, dtype=torch.float32))
+
+
+def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
+    """accelerate's CPU offload keeps every weight on the meta device and loads it only while its own module runs:
+    the mixer uses its weights through its submodules, so the offloaded model scores (and streams) as before."""
+    from accelerate import cpu_offload
+
+    from m2rec import M2RecCache
+
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    model = tiny_model(num_hidden_layers=2)
+    input_ids, new_items = random_histories(2, 9), random_histories(2, 1, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        expected_step = model(new_items, cache_params=model(input_ids, use_cache=True).cache_params).logits
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.m2rec.layers[0].mixer.in_proj.weight.device.type == "meta"
+        torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
+        cache = model(input_ids, use_cache=True).cache_params
+        assert isinstance(cache, M2RecCache)
+        torch.testing.assert_close(model(new_items, cache_params=cache).logits, expected_step, rtol=0, atol=0)
+    # MixerCPUFn takes every weight at once: with offloaded weights the mixer composes its submodules instead.
+    assert not model.m2rec.layers[0].mixer._fused_cpu_training(torch.randn(2, 5, 16), "cpu_fused")
