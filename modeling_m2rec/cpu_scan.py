@@ -174,33 +174,124 @@ def avx512_enabled():
     return module is not None and module.has_avx512() and not AVX512_DISABLED
 
 
-class SelectiveScanCPUFn(torch.autograd.Function):
-    """Autograd wrapper of the fused forward and backward; the last state gets no gradient, as in mamba-ssm.
+@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
+def fused_kernels_available():
+    """Whether the extension is built (building or loading it on the first call; see `load_cpu_scan`)."""
+    return load_cpu_scan() is not None
 
-    Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); initial_state (B, D, N); z, D,
-    delta_bias and initial_state may be None; all of one dtype, float32 or float64; softplus: the step is
-    softplus(delta + delta_bias). Returns out (B, D, L) and the last state (B, D, N).
 
-    Both kernels apply the bias and softplus themselves and only the raw delta is kept: the backward recomputes
-    the step block by block (N times less work than the scan) and returns the raw delta's gradient and the bias's,
-    so that neither the (B, D, L) step nor its pre-activation is ever stored.
-    """
+# The kernels as torch custom ops (torch.library), with fake implementations that give each output's shape and
+# memory layout without running anything, and autograd formulas: torch.compile and torch.export trace through them
+# instead of stopping at the extension's Python binding. Their namespace is the extension's name, so that a second
+# copy of this module in one process (the installed package and a checkpoint's remote code) finds the ops of the same
+# source already defined and uses them, while another source gets its own.
+OPS_NAMESPACE = _extension_name()
+Tensor = torch.Tensor
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
-        ctx.avx512 = avx512_enabled()  # the backward takes the forward's path
-        ctx.softplus = softplus
-        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                                              ctx.avx512)
+
+def _is_channel_last(t):
+    """Whether t (B, D, L) is a transposed view of contiguous (B, L, D) memory (the C++ `channel_last_inputs`)."""
+    return t.stride(1) == 1 and t.stride(2) == t.size(1) and t.stride(0) == t.size(1) * t.size(2)
+
+
+def _empty_sequence_like(u, delta, z, avx512):
+    """An empty (B, D, L) tensor laid out as the scan kernels lay out theirs: the AVX-512 variant, given float32
+    channel-last u, delta and z, writes channel-last memory (a transposed view); every other case contiguous rows."""
+    batch, dim, length = u.shape
+    if (avx512 and u.dtype == torch.float32 and load_cpu_scan().has_avx512() and _is_channel_last(u)
+            and _is_channel_last(delta) and (z is None or _is_channel_last(z))):
+        return u.new_empty(batch, length, dim).transpose(1, 2)
+    return u.new_empty(batch, dim, length)
+
+
+def _define_ops():
+    namespace = OPS_NAMESPACE
+
+    @torch.library.custom_op(f"{namespace}::scan_fwd", mutates_args=())
+    def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                 delta_bias: Tensor | None, initial_state: Tensor | None, softplus: bool,
+                 avx512: bool) -> tuple[Tensor, Tensor]:
+        """The extension's `fwd`: out (B, D, L) and the last state (B, D, N)."""
+        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, avx512)
+        return out, last_state.contiguous()  # without the kernel's padding of N to its vector lanes
+
+    @scan_fwd.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, avx512):
+        return _empty_sequence_like(u, delta, z, avx512), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+    @torch.library.custom_op(f"{namespace}::scan_bwd", mutates_args=())
+    def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                 z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None, softplus: bool,
+                 return_out: bool, chunk: int, avx512: bool) -> list[Tensor]:
+        """The extension's `bwd` without reusing its inputs (an op's outputs may not alias them): du, ddelta, dA, dB,
+        dC, dD, dz, ddelta_bias, out, dinitial_state, each an empty (0,) tensor where not asked for."""
+        grads = load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
+                                    False, chunk, avx512)
+        small = (2, 5, 7, 9)  # dA, dD, ddelta_bias, dinitial_state: contiguous, as the fake gives them
+        return [u.new_empty(0) if grad is None else grad.contiguous() if index in small else grad
+                for index, grad in enumerate(grads)]
+
+    @scan_bwd.register_fake
+    def _(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out, chunk, avx512):
+        def sequence(present=True):
+            return _empty_sequence_like(u, delta, z, avx512) if present else u.new_empty(0)
+
+        def like(t):
+            return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+        return [sequence(), sequence(), like(A), like(B), like(C), like(D), sequence(z is not None), like(delta_bias),
+                sequence(return_out), like(initial_state)]
+
+    def scan_setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.softplus, ctx.avx512 = inputs
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        ctx.mark_non_differentiable(last_state)
-        return out, last_state
+        ctx.mark_non_differentiable(output[1])  # the last state gets no gradient, as in mamba-ssm
 
-    @staticmethod
-    def backward(ctx, dout, _dlast_state):
+    def scan_backward(ctx, dout, _dlast_state):
         *grads, _out, grad_initial_state = fused_backward(dout, *ctx.saved_tensors[:8], ctx.softplus, ctx.avx512,
                                                           initial_state=ctx.saved_tensors[8])
-        return *grads, grad_initial_state, None  # softplus gets none
+        return *grads, grad_initial_state, None, None  # softplus and avx512 get none
+
+    scan_fwd.register_autograd(scan_backward, setup_context=scan_setup_context)
+
+    @torch.library.custom_op(f"{namespace}::conv_fwd", mutates_args=())
+    def conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+        """The extension's `conv_fwd`: out (B, D, L), a view of channel-last memory."""
+        return load_cpu_scan().conv_fwd(x, weight, bias, silu)
+
+    @conv_fwd.register_fake
+    def _(x, weight, bias, silu):
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+
+    @torch.library.custom_op(f"{namespace}::conv_bwd", mutates_args=())
+    def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> list[Tensor]:
+        """The extension's `conv_bwd`: dx (B, D, L) (channel-last memory), dweight (D, K), dbias (D,) or, without a
+        bias, an empty (0,) tensor."""
+        dx, dweight, dbias = load_cpu_scan().conv_bwd(dout, x, weight, bias, silu)
+        return [dx, dweight.contiguous(), x.new_empty(0) if dbias is None else dbias]
+
+    @conv_bwd.register_fake
+    def _(dout, x, weight, bias, silu):
+        return [x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2), torch.empty_like(weight),
+                x.new_empty(0) if bias is None else torch.empty_like(bias)]
+
+    def conv_setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.silu = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.has_bias = bias is not None
+
+    def conv_backward(ctx, dout):
+        dx, dweight, dbias = kernel_ops.conv_bwd(dout, *ctx.saved_tensors, ctx.silu)
+        return dx, dweight, dbias if ctx.has_bias else None, None
+
+    conv_fwd.register_autograd(conv_backward, setup_context=conv_setup_context)
+
+
+try:
+    getattr(getattr(torch.ops, OPS_NAMESPACE), "scan_fwd")
+except AttributeError:  # the first copy of this source in the process defines the ops
+    _define_ops()
+kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd
 
 
 def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, initial_state=None,
@@ -208,22 +299,34 @@ def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, 
     """The extension's `bwd` (see its C++ comment) in time chunks of BACKWARD_CHUNK steps: du, ddelta, dA, dB, dC,
     dD, dz, ddelta_bias, with `return_out` the forward's output, and with `initial_state` its gradient (each None
     where not asked for). With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold
-    the results."""
-    return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
-                               reuse_inputs, BACKWARD_CHUNK, avx512)
+    the results: in eager mode the extension is called directly for that, as an op's outputs may not alias its
+    inputs; under compile or export the op runs (and allocates its outputs)."""
+    if reuse_inputs and not torch.compiler.is_compiling():
+        return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
+                                   True, BACKWARD_CHUNK, avx512)
+    grads = kernel_ops.scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
+                                BACKWARD_CHUNK, avx512)
+    asked = (True, True, True, True, True, D is not None, z is not None, delta_bias is not None, return_out,
+             initial_state is not None)
+    return tuple(grad if wanted else None for grad, wanted in zip(grads, asked))
 
 
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
     return_last_state=False
 ):
-    """The fused CPU selective scan; same signature and result as `selective_scan_ref`.
+    """The fused CPU selective scan (the custom op `scan_fwd`, differentiable); same signature and result as
+    `selective_scan_ref`.
 
     Args: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,); initial_state (B, D, N) or None (0).
-    Returns out (B, D, L), and the last state (B, D, N) if `return_last_state`.
+    Returns out (B, D, L), and the last state (B, D, N), which gets no gradient, if `return_last_state`.
     Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
+
+    Both kernels apply the bias and softplus themselves and only the raw delta is kept: the backward recomputes the
+    step block by block (N times less work than the scan) and returns the raw delta's gradient and the bias's, so
+    that neither the (B, D, L) step nor its pre-activation is ever stored.
     """
-    if load_cpu_scan() is None:
+    if not fused_kernels_available():
         raise RuntimeError("the fused CPU selective scan could not be built; see the log")
     # Half-precision inputs are computed in float32, as mamba-ssm does.
     out_dtype, compute_dtype = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -232,45 +335,25 @@ def selective_scan_cpu(
         return None if t is None else t.to(compute_dtype)
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        out, last_state = SelectiveScanCPUFn.apply(*inputs, delta_softplus)
-    else:
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
+    out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, avx512_enabled())
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
 
 
-class CausalConv1dCPUFn(torch.autograd.Function):
-    """Autograd wrapper of the fused causal depthwise convolution (+ SiLU).
-
-    Args: x (B, D, L); weight (D, K); bias (D,) or None, all float32 or all float64; silu: bool. Returns (B, D, L).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
-        return load_cpu_scan().conv_fwd(x, weight, bias, silu)
-
-    @staticmethod
-    def backward(ctx, dout):
-        dx, dweight, dbias = load_cpu_scan().conv_bwd(dout, *ctx.saved_tensors, ctx.silu)
-        return dx, dweight, dbias, None
-
-
 def causal_conv1d_cpu(x, weight, bias=None, activation=None):
-    """The fused CPU causal depthwise convolution; same signature and result as `kernels.causal_conv1d_torch`:
-    x (B, D, L), weight (D, K), bias (D,) or None, activation None, "silu" or "swish" -> (B, D, L).
+    """The fused CPU causal depthwise convolution (the custom op `conv_fwd`, differentiable); same signature and
+    result as `kernels.causal_conv1d_torch`: x (B, D, L), weight (D, K), bias (D,) or None, activation None, "silu"
+    or "swish" -> (B, D, L).
 
     Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    if load_cpu_scan() is None:
+    if not fused_kernels_available():
         raise RuntimeError("the fused CPU kernels could not be built; see the log")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = CausalConv1dCPUFn.apply(x.to(compute_dtype), weight.to(compute_dtype),
-                                  None if bias is None else bias.to(compute_dtype), activation is not None)
+    out = kernel_ops.conv_fwd(x.to(compute_dtype), weight.to(compute_dtype),
+                              None if bias is None else bias.to(compute_dtype), activation is not None)
     return out.to(x.dtype)
 
 
@@ -304,5 +387,5 @@ def build_kernels_main(argv=None):
     return 0
 
 
-__all__ = ["CausalConv1dCPUFn", "SelectiveScanCPUFn", "avx512_enabled", "build_kernels_main", "causal_conv1d_cpu",
-           "env_flag", "fused_backward", "load_cpu_scan", "selective_scan_cpu"]
+__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "fused_backward",
+           "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu"]

@@ -111,11 +111,23 @@ def _chunk_length(batch, dim, state):
     """Steps per chunk of the PyTorch scan: the largest power of two in [4, 64] that keeps a
     chunk's (B, D, T, N) tensors under 2^22 elements. Long chunks cost log2(T) passes of the scan
     per step, short ones Python overhead per chunk; memory-bound CPUs favour short chunks at
-    large B, small batches (and GPUs) long ones."""
+    large B, small batches (and GPUs) long ones. A program traced for any batch size (torch.export with a dynamic
+    batch) takes the shortest chunk, which bounds the memory of every batch it will see."""
+    if not isinstance(batch, int):
+        return 4
     length = 64
     while length > 4 and batch * dim * state * length > 2**22:
         length //= 2
     return length
+
+
+def _write(destination, operation, *operands):
+    """operation(*operands, out=destination): in eager mode straight into the (strided) destination, without a
+    temporary; torch.compile cannot trace out= into a strided view, so there the result is copied in (and fused)."""
+    if torch.compiler.is_compiling():
+        destination.copy_(operation(*operands))
+    else:
+        operation(*operands, out=destination)
 
 
 def _linear_scan(decay, x, reverse=False):
@@ -137,11 +149,11 @@ def _linear_scan(decay, x, reverse=False):
         src = slice(offset, length) if reverse else slice(0, length - offset)
         keep = slice(length - offset, length) if reverse else slice(0, offset)
         x_next[:, :, keep] = x[:, :, keep]
-        torch.addcmul(x[:, :, dst], decay[:, :, dst], x[:, :, src], out=x_next[:, :, dst])
+        _write(x_next[:, :, dst], torch.addcmul, x[:, :, dst], decay[:, :, dst], x[:, :, src])
         x, x_next = x_next, x
         if 2 * offset < length:  # the last pass needs no decay products
             decay_next[:, :, keep] = decay[:, :, keep]
-            torch.mul(decay[:, :, dst], decay[:, :, src], out=decay_next[:, :, dst])
+            _write(decay_next[:, :, dst], torch.mul, decay[:, :, dst], decay[:, :, src])
             decay, decay_next = decay_next, decay
         offset *= 2
     return x

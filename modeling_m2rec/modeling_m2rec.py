@@ -73,12 +73,34 @@ class M2RecCache:
 
     @property
     def batch_size(self) -> int:
-        return len(self.num_events)
+        return self.num_events.shape[0]
 
     def record_events(self, new_items: torch.Tensor) -> None:
         """Slides the item window by one event per user: new_items (B, 1)."""
         self.item_ids.copy_(torch.cat([self.item_ids[:, 1:], new_items], dim=1))
         self.num_events += 1
+
+
+# The cache as a pytree of its tensors, so that torch.export takes it as an input of the one-event step (and
+# `model(new_items, cache_params=cache)` exports with the cache's in-place update recorded as input mutations).
+_CACHE_FIELDS = ("conv_states", "selection_conv_states", "ssm_states", "item_ids", "num_events")
+
+
+def _flatten_cache(cache):
+    return [getattr(cache, name) for name in _CACHE_FIELDS], None
+
+
+def _unflatten_cache(children, _context):
+    cache = M2RecCache.__new__(M2RecCache)
+    for name, value in zip(_CACHE_FIELDS, children):
+        setattr(cache, name, value)
+    return cache
+
+
+torch.utils._pytree.register_pytree_node(
+    M2RecCache, _flatten_cache, _unflatten_cache, serialized_type_name=f"{__name__}.M2RecCache",
+    flatten_with_keys_fn=lambda cache: ([(torch.utils._pytree.GetAttrKey(name), getattr(cache, name))
+                                         for name in _CACHE_FIELDS], None))
 
 
 _GLOBAL_FILTER_HAS_NO_CACHE = (
@@ -89,7 +111,7 @@ _GLOBAL_FILTER_HAS_NO_CACHE = (
 def _trailing_window(sequences: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.Tensor:
     """Each right-padded sequence's last `size` real positions, oldest first, zeros before its start:
     sequences (B, L, ...), lengths (B,) → (B, size, ...)."""
-    batch = len(sequences)
+    batch = sequences.shape[0]
     padded = torch.cat([sequences.new_zeros(batch, size, *sequences.shape[2:]), sequences], dim=1)  # (B, size + L, ...)
     positions = lengths[:, None] + torch.arange(size, device=sequences.device)  # in padded coordinates
     return padded[torch.arange(batch, device=sequences.device)[:, None], positions]
@@ -632,18 +654,20 @@ class M2RecModel(M2RecPreTrainedModel):
         if input_ids.shape[1] > self.config.max_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} positions but max_len is {self.config.max_len}; "
                              f"keep each user's most recent {self.config.max_len} items")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        # The checks below read the values. torch.compile and torch.export trace the model for inputs they never
+        # see, where such a check cannot branch: they skip them (eager mode, where errors are raised, always checks).
+        if torch.compiler.is_compiling():
+            return mask
         out_of_range = (input_ids < 0) | (input_ids > self.config.num_items)
         if out_of_range.any():
             row, pos = out_of_range.nonzero()[0].tolist()
             raise ValueError(f"item id {input_ids[row, pos].item()} at (row {row}, position {pos}) is outside "
                              f"0..{self.config.num_items} (0 is padding)")
-        if attention_mask is None:
-            mask = input_ids != 0
-        else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"input_ids {tuple(input_ids.shape)}")
-            mask = attention_mask.bool()
+        if attention_mask is not None:
             padded_item = mask & (input_ids == 0)
             if padded_item.any():
                 row, pos = padded_item.nonzero()[0].tolist()
@@ -660,7 +684,8 @@ class M2RecModel(M2RecPreTrainedModel):
 
     def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Projected text embeddings of the items in the sequence, (B, L) → (B, L, D)."""
-        if input_ids.numel() < self.text_embeddings.shape[0]:
+        positions = input_ids.numel()  # symbolic in a program traced for any batch size: project per position there
+        if not isinstance(positions, int) or positions < self.text_embeddings.shape[0]:
             projected = self.text_proj(self.text_embeddings[input_ids])  # (B, L, E) → (B, L, D)
         else:  # projecting the whole table once is cheaper than projecting every position
             projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
@@ -716,7 +741,7 @@ class M2RecModel(M2RecPreTrainedModel):
             hidden = embedded if self.frequency_filter is None else self.frequency_filter(embedded)
             cache = None
             if use_cache:
-                cache = M2RecCache(self.config, len(input_ids), device=input_ids.device, dtype=self.dtype)
+                cache = M2RecCache(self.config, input_ids.shape[0], device=input_ids.device, dtype=self.dtype)
                 lengths = mask.sum(dim=1)
                 cache.item_ids.copy_(_trailing_window(input_ids * mask, lengths, self.config.max_len))
                 cache.num_events.copy_(lengths)
@@ -737,7 +762,7 @@ class M2RecModel(M2RecPreTrainedModel):
         if last_position_only and cache_params is None:  # a step's one position is the last
             # The fusion is position-wise, so inference only needs it where it scores: this skips the text lookup
             # and projection of B·L items.
-            rows = torch.arange(len(input_ids), device=input_ids.device)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             last_index = mask.sum(dim=1) - 1  # (B,)
             hidden, input_ids = hidden[rows, last_index, None], input_ids[rows, last_index, None]  # (B, 1, D), (B, 1)
         if self.config.fusion != "none":
@@ -830,7 +855,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                 raise ValueError(f"labels must have shape {tuple(input_ids.shape)} (every position) or "
                                  f"{tuple(input_ids.shape[:1])} (last position), got {tuple(labels.shape)}")
             bad = (labels != -100) & ((labels < 1) | (labels > self.config.num_items))
-            if bad.any():
+            if not torch.compiler.is_compiling() and bad.any():  # a value check: eager only, see _validate_inputs
                 where = bad.nonzero()[0].tolist()
                 raise ValueError(f"label {labels[tuple(where)].item()} at {tuple(where)} is not an item id in "
                                  f"1..{self.config.num_items} (use -100 for positions without a target)")
