@@ -11,14 +11,16 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
 - AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `avx512_enabled`): 16 channels per vector,
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
   generic speed forward and backward on the paper's sizes.
-The bias and softplus of delta, the D skip connection and the z gate are fused.
+The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
+(`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd) with fake implementations and autograd, so that
+torch.compile and torch.export trace through them.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
 mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
 
-The C++ source is csrc/cpu_scan.cpp (embedded in cpu_scan_source.py). The extension is compiled once per source, torch version and architecture into
-TORCH_EXTENSIONS_DIR (the first build takes one to two minutes on two cores, announced by a
-warning before it starts) and loaded from there afterwards; `m2rec-build-kernels`
+The C++ source is csrc/cpu_scan.cpp (embedded in cpu_scan_source.py). The extension is compiled once per source,
+torch version and architecture into TORCH_EXTENSIONS_DIR (the first build takes one to two minutes on two cores,
+announced by a warning before it starts) and loaded from there afterwards; `m2rec-build-kernels`
 (`build_kernels_main`) builds it ahead of time. Where it cannot be built (no compiler, no ninja),
 `load_cpu_scan` returns None and logs why once, and `selective_scan` falls back to the exact
 plain-PyTorch path.
@@ -34,6 +36,7 @@ import platform
 import sys
 import threading
 import time
+from typing import List, Optional, Tuple  # the typing forms: what torch.library's schema inference reads everywhere
 
 import torch
 
@@ -208,9 +211,9 @@ def _define_ops():
     namespace = OPS_NAMESPACE
 
     @torch.library.custom_op(f"{namespace}::scan_fwd", mutates_args=())
-    def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-                 delta_bias: Tensor | None, initial_state: Tensor | None, softplus: bool,
-                 avx512: bool) -> tuple[Tensor, Tensor]:
+    def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], initial_state: Optional[Tensor], softplus: bool,
+                 avx512: bool) -> Tuple[Tensor, Tensor]:
         """The extension's `fwd`: out (B, D, L) and the last state (B, D, N)."""
         out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, avx512)
         return out, last_state.contiguous()  # without the kernel's padding of N to its vector lanes
@@ -220,9 +223,9 @@ def _define_ops():
         return _empty_sequence_like(u, delta, z, avx512), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
 
     @torch.library.custom_op(f"{namespace}::scan_bwd", mutates_args=())
-    def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                 z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None, softplus: bool,
-                 return_out: bool, chunk: int, avx512: bool) -> list[Tensor]:
+    def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor], softplus: bool,
+                 return_out: bool, chunk: int, avx512: bool) -> List[Tensor]:
         """The extension's `bwd` without reusing its inputs (an op's outputs may not alias them): du, ddelta, dA, dB,
         dC, dD, dz, ddelta_bias, out, dinitial_state, each an empty (0,) tensor where not asked for."""
         grads = load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
@@ -255,7 +258,7 @@ def _define_ops():
     scan_fwd.register_autograd(scan_backward, setup_context=scan_setup_context)
 
     @torch.library.custom_op(f"{namespace}::conv_fwd", mutates_args=())
-    def conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
         """The extension's `conv_fwd`: out (B, D, L), a view of channel-last memory."""
         return load_cpu_scan().conv_fwd(x, weight, bias, silu)
 
@@ -264,7 +267,7 @@ def _define_ops():
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
 
     @torch.library.custom_op(f"{namespace}::conv_bwd", mutates_args=())
-    def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> list[Tensor]:
+    def conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> List[Tensor]:
         """The extension's `conv_bwd`: dx (B, D, L) (channel-last memory), dweight (D, K), dbias (D,) or, without a
         bias, an empty (0,) tensor."""
         dx, dweight, dbias = load_cpu_scan().conv_bwd(dout, x, weight, bias, silu)

@@ -368,11 +368,12 @@ def test_kernel_backend_of_the_config_chooses_the_kernels(monkeypatch):
     input_ids = random_histories(2, 9)
     with torch.no_grad():
         plain = model(input_ids).logits
-        assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6  # per layer: two convolutions, one scan
+        # per layer: two convolutions (the scanned and the selection stream), one scan
+        assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6
         calls.clear()
         model.config.kernel_backend = "cpu_fused"
         fused = model(input_ids).logits
-    assert sorted(set(calls)) == ["causal_conv1d_cpu", "selective_scan_cpu"] and len(calls) == 6  # per layer: two convolutions, one scan
+    assert sorted(set(calls)) == ["causal_conv1d_cpu", "selective_scan_cpu"] and len(calls) == 6
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
