@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
+from m2rec.modeling_m2rec import _flatten_cache
 
 NUM_ITEMS = 30
 MAX_LEN = 10
@@ -181,14 +182,26 @@ def test_onnx_export_of_the_torch_path_equals_eager(tmp_path):
 
 
 @pytest.mark.parametrize("kernel_backend", ["torch", "cpu_fused"])
+@pytest.mark.parametrize("dynamic_batch", [False, True], ids=["static_batch", "dynamic_batch"])
 @torch.no_grad()
-def test_exported_one_event_step_continues_the_cache_as_eager(kernel_backend):
+def test_exported_one_event_step_continues_the_cache_as_eager(kernel_backend, dynamic_batch):
     """The cache is an export input (a pytree of its tensors); the program updates it in place as the model does."""
     model = tiny_model(kernel_backend, num_hidden_layers=2).eval()
     step = StepScores(model)
-    cache = model(histories(3), use_cache=True).cache_params
-    new_items = torch.randint(1, NUM_ITEMS + 1, (3, 1), generator=torch.Generator().manual_seed(3))
-    program = torch.export.export(step, (new_items, copy.deepcopy(cache))).module()
+
+    def cache_and_new_items(batch, seed):
+        new_items = torch.randint(1, NUM_ITEMS + 1, (batch, 1), generator=torch.Generator().manual_seed(seed))
+        return model(histories(batch, seed=seed), use_cache=True).cache_params, new_items
+
+    cache, new_items = cache_and_new_items(3, seed=3)
+    dynamic_shapes = None
+    if dynamic_batch:  # every tensor of the cache has the batch first; a cache's spec lists its fields' specs
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = {"new_items": {0: batch},
+                          "cache": torch.utils._pytree.tree_map(lambda _: {0: batch}, _flatten_cache(cache)[0])}
+    program = torch.export.export(step, (new_items, copy.deepcopy(cache)), dynamic_shapes=dynamic_shapes).module()
+    if dynamic_batch:
+        cache, new_items = cache_and_new_items(5, seed=4)
     eager_cache, exported_cache = copy.deepcopy(cache), copy.deepcopy(cache)
     for _ in range(2):  # the second step reads what the first one wrote
         torch.testing.assert_close(program(new_items, exported_cache), step(new_items, eager_cache),
