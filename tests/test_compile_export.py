@@ -101,6 +101,26 @@ def test_custom_ops_pass_opcheck(channel_last, optional_inputs, avx512):
                                                          None if bias is None else bias.detach(), True))
 
 
+def test_a_remote_code_copy_in_the_same_process_uses_the_same_ops(tmp_path):
+    """A checkpoint's remote-code copy of the model, imported next to the installed package, finds the ops of its
+    (identical) source defined already and runs them, forward and backward."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model = tiny_model("cpu_fused").eval()
+    model.save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_m2rec.M2RecForSequentialRecommendation", str(tmp_path))
+    assert remote_class is not M2RecForSequentialRecommendation
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    input_ids = histories(2)
+    with torch.no_grad():
+        torch.testing.assert_close(remote(input_ids).logits, model(input_ids).logits)
+    expected_loss, expected = training_step(model.train(), input_ids)
+    loss, gradients = training_step(remote.train(), input_ids)
+    torch.testing.assert_close(loss, expected_loss)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(gradients[name], gradient, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------- compile
 
 
