@@ -173,19 +173,19 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     The plain version materialises (M, I) logits and their softmax for every labelled position (hundreds of MB per
     batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
     log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
-    arithmetic as `F.cross_entropy` on the full logits, in float32. Column 0 (padding) never takes probability.
+    arithmetic as `F.cross_entropy(..., ignore_index=-100)` on the full logits, in float32. Column 0 (padding) never
+    takes probability; rows labelled −100 weigh nothing.
     With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
     for t = positions[m]) get the learned offset added, and its gradient is returned.
     """
 
     @staticmethod
-    def _logits(states, weights, seen_offset, seen, start, stop):
+    def _logits(states, weights, seen_offset, first_items, rows, positions, start, stop):
         """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
         where none (or None without an offset)."""
         logits = states[start:stop] @ weights.t()  # (chunk, I)
         seen_columns = None
         if seen_offset is not None:
-            first_items, rows, positions = seen
             seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
             length = seen_columns.shape[1]
             seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
@@ -195,58 +195,69 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
         return logits, seen_columns
 
     @staticmethod
-    def forward(ctx, user_states, item_weights, labels, seen_offset, seen):
+    def forward(ctx, user_states, item_weights, labels, seen_offset, first_items, rows, positions):
         dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
         states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
+        num_rows = states.shape[0]
         chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
-        log_normalizers = states.new_empty(len(states))  # (M,)
-        target_logits = states.new_empty(len(states))  # (M,)
-        for start in range(0, len(states), chunk):
-            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, seen, start, start + chunk)
-            log_normalizers[start:start + chunk] = torch.logsumexp(logits, dim=1)
-            target_logits[start:start + chunk] = logits.gather(1, labels[start:start + chunk, None]).squeeze(1)
-        ctx.save_for_backward(user_states, item_weights, labels, log_normalizers, seen_offset)
-        ctx.chunk, ctx.seen = chunk, seen
-        return (log_normalizers - target_logits).mean()
+        labelled = labels != -100  # (M,)
+        targets = labels.clamp(min=0)  # an ignored row reads column 0 and is then zeroed
+        log_normalizers = states.new_empty(num_rows)  # (M,)
+        target_logits = states.new_empty(num_rows)  # (M,)
+        for start in range(0, num_rows, chunk):
+            stop = start + chunk
+            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items, rows, positions,
+                                                         start, stop)
+            log_normalizers[start:stop] = torch.logsumexp(logits, dim=1)
+            target_logits[start:stop] = logits.gather(1, targets[start:stop, None])[:, 0]
+        ctx.save_for_backward(user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items,
+                              rows, positions)
+        ctx.chunk = chunk
+        return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        user_states, item_weights, labels, log_normalizers, seen_offset = ctx.saved_tensors
+        (user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items, rows,
+         positions) = ctx.saved_tensors
         states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
         grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
         grad_offset = None if seen_offset is None else torch.zeros((), dtype=states.dtype, device=states.device)
-        scale = grad_loss.to(states.dtype) / len(states)
-        for start in range(0, len(states), ctx.chunk):
+        row_scales = labelled * (grad_loss.to(states.dtype) / labelled.sum())  # (M,): 0 for ignored rows
+        for start in range(0, states.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             # logits → softmax → d loss / d logits, in place
-            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, ctx.seen,
-                                                                           start, stop)
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items,
+                                                                           rows, positions, start, stop)
             probabilities.sub_(log_normalizers[start:stop, None]).exp_()
-            probabilities[torch.arange(len(probabilities)), labels[start:stop]] -= 1.0
-            probabilities.mul_(scale)
+            rows_in_chunk = torch.arange(probabilities.shape[0], device=probabilities.device)
+            probabilities[rows_in_chunk, targets[start:stop]] -= 1.0
+            probabilities.mul_(row_scales[start:stop, None])
             grad_states[start:stop] = probabilities @ weights
             grad_weights.addmm_(probabilities.t(), states[start:stop])
             if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
                 grad_offset += probabilities.gather(1, seen_columns).sum()
         if grad_offset is not None:
             grad_offset = grad_offset.to(seen_offset.dtype)
-        return grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None
+        return (grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None, None,
+                None)
 
 
 def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
                                seen_offset: torch.Tensor | None = None,
                                seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1.
-    Equals `F.cross_entropy(scores, labels)` with the padding column excluded, without storing (M, I) scores.
+    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1, or
+    −100 for a row without a target. Equals `F.cross_entropy(scores, labels, ignore_index=-100)` with the padding
+    column excluded, without storing (M, I) scores.
 
     seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
     (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
     """
-    if len(labels) == 0:
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
         raise ValueError("no labelled position in the batch: every label is -100")
     if (seen_offset is None) != (seen is None):
         raise ValueError("seen_offset and seen go together")
-    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, seen)
+    first_items, rows, positions = seen if seen is not None else (None, None, None)
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, first_items, rows, positions)
 
 
 def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
@@ -258,18 +269,25 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
     logits get the offset: at position t the items up to t, for the last position all of them.
     """
-    labelled = labels != -100
+    batch = labels.shape[0]
     if labels.dim() == 1:
         states = last_states
-        rows = labelled.nonzero(as_tuple=True)[0]
+        rows = torch.arange(batch, device=labels.device)
         positions = torch.full_like(rows, seen_items.shape[1] - 1 if seen_items is not None else 0)
     else:
-        states = user_states
-        rows, positions = labelled.nonzero(as_tuple=True)
+        length = labels.shape[1]
+        states, labels = user_states.flatten(0, 1), labels.flatten()  # (B·L, D), (B·L,)
+        rows = torch.arange(batch, device=labels.device).repeat_interleave(length)
+        positions = torch.arange(length, device=labels.device).repeat(batch)
+    if not torch.compiler.is_compiling():
+        # Leave the unlabelled rows (padding) out of the loss's work. Their number depends on the data, which a
+        # compiled graph cannot follow: it passes them on, and the loss gives them no weight.
+        labelled = labels != -100
+        states, labels, rows, positions = states[labelled], labels[labelled], rows[labelled], positions[labelled]
     seen = None
     if seen_offset is not None:
         seen = (first_occurrences(seen_items, item_weights.shape[0]), rows, positions)
-    return full_softmax_cross_entropy(states[labelled], item_weights, labels[labelled], seen_offset, seen)
+    return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
 
 
 def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:

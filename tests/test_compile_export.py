@@ -155,6 +155,34 @@ def test_a_compiled_training_step_equals_eager(kernel_backend, compiler):
                                    msg=name)
 
 
+@pytest.mark.parametrize("labels_shape", ["every_position", "last_position"])
+def test_a_compiled_step_through_the_models_own_loss_equals_eager(labels_shape):
+    """`model(input_ids, labels=...)` compiles whole (the chunked cross-entropy with the seen-item offset): the
+    compiled graph keeps the unlabelled rows, which weigh nothing, where eager mode drops them."""
+    model = tiny_model("torch", seen_item_bias=True).train()
+    input_ids = histories(3)
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[labels == 0] = -100
+    if labels_shape == "last_position":
+        labels = torch.tensor([4, 5, 6])
+
+    def step(module):
+        loss = module(input_ids, labels=labels, return_logits=False).loss
+        loss.backward()
+        gradients = {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in module.named_parameters()}
+        module.zero_grad()
+        return loss.detach(), gradients
+
+    expected_loss, expected = step(model)
+    loss, gradients = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+    assert expected["seen_item_offset"] != 0
+    for name, gradient in expected.items():
+        torch.testing.assert_close(gradients[name], gradient, rtol=0, atol=1e-5 * gradient.abs().max().item(),
+                                   msg=name)
+
+
 def test_value_checks_raise_in_eager_mode_and_stay_out_of_compiled_graphs():
     model = tiny_model("cpu_fused").eval()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

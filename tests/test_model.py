@@ -112,13 +112,14 @@ def test_chunked_cross_entropy_with_a_seen_item_offset():
     weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
     labels = item_ids[rows, positions]  # seen targets too (a revisit), so the offset's gradient has both signs
     labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
+    labels[::7] = -100  # rows without a target weigh nothing
     offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
     seen = torch.zeros(700, 5000, dtype=torch.bool)
     for m in range(700):
         seen[m, item_ids[rows[m], : positions[m] + 1]] = True
     logits = states @ weights.t() + offset * seen
     logits[:, 0] = float("-inf")
-    expected = F.cross_entropy(logits, labels)
+    expected = F.cross_entropy(logits, labels, ignore_index=-100)
     expected_grads = torch.autograd.grad(expected, (states, weights, offset))
     first_items = first_occurrences(item_ids, 5000)
     loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_items, rows, positions))
