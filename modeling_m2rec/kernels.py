@@ -1,24 +1,32 @@
-"""Mamba's two kernels, the selective scan and the causal depthwise convolution, for every device, each with its
-one-step form for streaming inference.
+"""The model's kernels: Mamba's selective scan and causal depthwise convolution for every device, each with its
+one-step form for streaming inference; the causal FFT convolution of the frequency filter; the full-softmax
+cross-entropy of the scorer.
 
-Each has a plain-PyTorch twin with the same signature and one dispatcher that picks the fastest
-available path:
+Each has a plain-PyTorch twin with the same signature and one dispatcher that runs the path of a
+backend, chosen once per model call by `resolve_backend` (from `M2RecConfig.kernel_backend`, "auto" by
+default) and passed to the dispatchers as `backend=`:
 
-    selective_scan:  CUDA + mamba-ssm  -> mamba_ssm's `selective_scan_fn` (with `initial_state`:
-                                          `selective_scan_torch`, as mamba-ssm's scan starts from 0)
-                     CPU + a compiler  -> the fused C++ loop of `cpu_scan`
-                     otherwise         -> `selective_scan_torch` (exact, chunked, any device)
-    causal_conv1d:   CUDA + causal-conv1d -> `causal_conv1d_fn`
-                     CPU + a compiler     -> the fused C++ loop of `cpu_scan`
-                     otherwise            -> `causal_conv1d_torch`
-    selective_state_update:  CUDA + mamba-ssm     -> mamba_ssm's `selective_state_update` (Triton)
-                             otherwise            -> `selective_state_update_torch`
-    causal_conv1d_update:    CUDA + causal-conv1d -> causal-conv1d's `causal_conv1d_update`
-                             otherwise            -> `causal_conv1d_update_torch`
+    backend "cuda" (CUDA tensors; mamba-ssm and/or causal-conv1d installed):
+        selective_scan          -> mamba_ssm's `selective_scan_fn` (with `initial_state`: `selective_scan_torch`,
+                                   as mamba-ssm's scan starts from 0)
+        causal_conv1d           -> causal-conv1d's `causal_conv1d_fn` (widths 2 to 4)
+        selective_state_update  -> mamba_ssm's `selective_state_update` (Triton)
+        causal_conv1d_update    -> causal-conv1d's `causal_conv1d_update`
+      (a kernel that is not installed falls back to its twin, logged once)
+    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan and the convolution run the fused C++ loops of
+        `cpu_scan` (registered torch custom ops); the one-step forms run their twins
+    backend "torch": `selective_scan_torch` (exact, chunked), `causal_conv1d_torch`, `selective_state_update_torch`,
+        `causal_conv1d_update_torch`, on any device
 
-`selective_scan_ref`, a loop over time steps, is the definition the others are tested against.
-Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1 turns the fused CPU paths
-off (to debug or benchmark the PyTorch ones).
+The causal FFT convolution and the cross-entropy have no extension kernel: their memory-lean autograd functions
+(`causal_fft_convolution`, `full_softmax_cross_entropy`) are plain PyTorch and run on every backend; their twins
+(`*_torch`, autograd through the obvious computation, which stores what the lean forms recompute) define them.
+
+`selective_scan_ref`, a loop over time steps, and the other `*_ref` functions (float64) are the definitions the
+paths are tested against.
+Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1, read once at import
+(`cpu_scan.FUSED_CPU_DISABLED`), turns the fused CPU paths off (to debug or benchmark the PyTorch
+ones) whatever the config asks.
 
 Shapes: B batch, D channels (d_inner), L length, N state size, W convolution width. Conventions of
 mamba-ssm: u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta_bias
@@ -31,7 +39,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import causal_conv1d_cpu, fused_cpu_disabled, load_cpu_scan, selective_scan_cpu
+from . import cpu_scan
+from .configuration_m2rec import KERNEL_BACKENDS
+from .cpu_scan import causal_conv1d_cpu, load_cpu_scan, selective_scan_cpu
 
 
 try:
@@ -107,11 +117,23 @@ def _chunk_length(batch, dim, state):
     """Steps per chunk of the PyTorch scan: the largest power of two in [4, 64] that keeps a
     chunk's (B, D, T, N) tensors under 2^22 elements. Long chunks cost log2(T) passes of the scan
     per step, short ones Python overhead per chunk; memory-bound CPUs favour short chunks at
-    large B, small batches (and GPUs) long ones."""
+    large B, small batches (and GPUs) long ones. A program traced for any batch size (torch.export with a dynamic
+    batch) takes the shortest chunk, which bounds the memory of every batch it will see."""
+    if not isinstance(batch, int):
+        return 4
     length = 64
     while length > 4 and batch * dim * state * length > 2**22:
         length //= 2
     return length
+
+
+def _write(destination, operation, *operands):
+    """operation(*operands, out=destination): in eager mode straight into the (strided) destination, without a
+    temporary; torch.compile cannot trace out= into a strided view, so there the result is copied in (and fused)."""
+    if torch.compiler.is_compiling():
+        destination.copy_(operation(*operands))
+    else:
+        operation(*operands, out=destination)
 
 
 def _linear_scan(decay, x, reverse=False):
@@ -133,11 +155,11 @@ def _linear_scan(decay, x, reverse=False):
         src = slice(offset, length) if reverse else slice(0, length - offset)
         keep = slice(length - offset, length) if reverse else slice(0, offset)
         x_next[:, :, keep] = x[:, :, keep]
-        torch.addcmul(x[:, :, dst], decay[:, :, dst], x[:, :, src], out=x_next[:, :, dst])
+        _write(x_next[:, :, dst], torch.addcmul, x[:, :, dst], decay[:, :, dst], x[:, :, src])
         x, x_next = x_next, x
         if 2 * offset < length:  # the last pass needs no decay products
             decay_next[:, :, keep] = decay[:, :, keep]
-            torch.mul(decay[:, :, dst], decay[:, :, src], out=decay_next[:, :, dst])
+            _write(decay_next[:, :, dst], torch.mul, decay[:, :, dst], decay[:, :, src])
             decay, decay_next = decay_next, decay
         offset *= 2
     return x
@@ -246,24 +268,50 @@ def selective_scan_torch(
     return (out, h) if return_last_state else out
 
 
-def selective_scan_backend(device):
-    """Which path `selective_scan` takes for tensors on `device`: "cuda" (mamba-ssm),
-    "cpu_fused" (the compiled loop of `cpu_scan`) or "torch" (`selective_scan_torch`)."""
+@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
+def resolve_backend(device, requested="auto"):
+    """The backend the kernels run for tensors on `device` when `requested` (an `M2RecConfig.kernel_backend`) is
+    asked for: "cuda", "cpu_fused" or "torch". The model calls it once per call and passes the answer to every
+    kernel; a path that "auto" passes over for lack of its kernels is logged once.
+
+    Raises ValueError for an unknown name or a backend that does not run on `device`, and RuntimeError where the
+    requested kernels are unavailable (mamba-ssm and causal-conv1d not installed, the C++ extension not built).
+    """
+    _check_backend(requested)
     device = torch.device(device)
+    cuda_kernels = selective_scan_fn is not None or causal_conv1d_fn is not None
+    if requested == "torch":
+        return "torch"
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"kernel_backend='cuda' runs on CUDA tensors, got {device.type} ones")
+        if not cuda_kernels:
+            raise RuntimeError("kernel_backend='cuda' needs mamba-ssm or causal-conv1d (pip install -e '.[cuda]')")
+        return "cuda"
+    if requested == "cpu_fused" and device.type != "cpu":
+        raise ValueError(f"kernel_backend='cpu_fused' runs on CPU tensors, got {device.type} ones")
     if device.type == "cuda":
-        if selective_scan_fn is not None:
-            return "cuda"
-        _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
-        return "torch"
-    if device.type == "cpu":
-        if fused_cpu_disabled():
-            _log_once("M2REC_DISABLE_FUSED_CPU is set: the selective scan runs in plain PyTorch")
+        if not cuda_kernels:
+            _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
             return "torch"
-        if load_cpu_scan() is not None:
-            return "cpu_fused"
-        _log_once("fused CPU selective scan unavailable: the selective scan runs in plain PyTorch")
+        return "cuda"
+    if device.type != "cpu":
         return "torch"
+    if cpu_scan.FUSED_CPU_DISABLED:
+        _log_once("M2REC_DISABLE_FUSED_CPU is set: the selective scan runs in plain PyTorch")
+        return "torch"
+    if load_cpu_scan() is not None:
+        return "cpu_fused"
+    if requested == "cpu_fused":
+        raise RuntimeError("kernel_backend='cpu_fused' but the fused CPU kernels could not be built (the reason is "
+                           "logged); kernel_backend='auto' falls back to plain PyTorch")
+    _log_once("fused CPU selective scan unavailable: the selective scan runs in plain PyTorch")
     return "torch"
+
+
+def _check_backend(backend):
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend={backend!r} is not supported; choose one of {KERNEL_BACKENDS}")
 
 
 def _selective_scan_cuda(
@@ -271,7 +319,12 @@ def _selective_scan_cuda(
     return_last_state=False
 ):
     """mamba-ssm's CUDA scan, which always starts from h = 0: a scan that continues a state runs in
-    plain PyTorch instead (never with the initial state dropped)."""
+    plain PyTorch instead (never with the initial state dropped), as does every scan without mamba-ssm."""
+    if selective_scan_fn is None:
+        _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
+        return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                    delta_softplus=delta_softplus, initial_state=initial_state,
+                                    return_last_state=return_last_state)
     if initial_state is not None:
         _log_once("mamba-ssm's selective scan takes no initial state: a scan from a given state runs in plain "
                   "PyTorch on CUDA")
@@ -284,10 +337,10 @@ def _selective_scan_cuda(
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-    return_last_state=False
+    return_last_state=False, backend=None
 ):
-    """The selective scan on the fastest available path (see `selective_scan_backend`); same
-    signature and result as `selective_scan_ref`.
+    """The selective scan on `backend`'s path (a `resolve_backend` answer; None resolves "auto" for u's device);
+    same signature and result as `selective_scan_ref`.
 
     Args:
         u, delta: (B, D, L). A: (D, N). B, C: (B, N, L). D, delta_bias: (D,) or None.
@@ -300,7 +353,7 @@ def selective_scan(
         "cuda": _selective_scan_cuda,
         "cpu_fused": selective_scan_cpu,
         "torch": selective_scan_torch,
-    }[selective_scan_backend(u.device)]
+    }[resolve_backend(u.device) if backend is None else backend]
     return scan(
         u,
         delta,
@@ -345,11 +398,11 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
     return y.to(x.dtype)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One step of the selective scan on the fastest available path (mamba-ssm's Triton kernel for CUDA
-    tensors where installed); same signature and result as `selective_state_update_torch`: state (B, D, N),
-    updated in place; x, dt, z (B, D); A (D, N); B, C (B, N); D, dt_bias (D,) -> out (B, D)."""
-    if state.is_cuda:
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None):
+    """One step of the selective scan on `backend`'s path (mamba-ssm's Triton kernel for "cuda" where installed;
+    None resolves "auto" for state's device); same signature and result as `selective_state_update_torch`: state
+    (B, D, N), updated in place; x, dt, z (B, D); A (D, N); B, C (B, N); D, dt_bias (D,) -> out (B, D)."""
+    if (resolve_backend(state.device) if backend is None else backend) == "cuda":
         if selective_state_update_fn is not None:
             return selective_state_update_fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                              dt_softplus=dt_softplus)
@@ -372,17 +425,18 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     return F.silu(out) if activation is not None else out
 
 
-def causal_conv1d(x, weight, bias=None, activation=None):
-    """Causal depthwise convolution on the fastest available path; same signature and result as
-    `causal_conv1d_torch`: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
-    if x.is_cuda:
+def causal_conv1d(x, weight, bias=None, activation=None, backend=None):
+    """Causal depthwise convolution on `backend`'s path (None resolves "auto" for x's device); same signature and
+    result as `causal_conv1d_torch`: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
+    backend = resolve_backend(x.device) if backend is None else backend
+    if backend == "cuda":
         # the CUDA kernel supports widths 2 to 4 (Mamba uses 4)
         if causal_conv1d_fn is not None and 2 <= weight.shape[1] <= 4:
             return causal_conv1d_fn(x, weight, bias, activation=activation)
         _log_once(
             "causal-conv1d is not installed (or not for this width): the convolution runs in plain PyTorch on CUDA"
         )
-    elif selective_scan_backend(x.device) == "cpu_fused":  # the same extension holds both CPU kernels
+    elif backend == "cpu_fused":
         return causal_conv1d_cpu(x, weight, bias, activation=activation)
     return causal_conv1d_torch(x, weight, bias, activation=activation)
 
@@ -409,11 +463,11 @@ def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None
     return (F.silu(out) if activation is not None else out).to(x.dtype)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """One step of the causal depthwise convolution on the fastest available path (causal-conv1d's kernel for
-    CUDA tensors where installed); same signature and result as `causal_conv1d_update_torch`: x (B, D),
-    conv_state (B, D, S >= W - 1) updated in place, weight (D, W), bias (D,) -> (B, D)."""
-    if x.is_cuda:
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
+    """One step of the causal depthwise convolution on `backend`'s path (causal-conv1d's kernel for "cuda" where
+    installed; None resolves "auto" for x's device); same signature and result as `causal_conv1d_update_torch`:
+    x (B, D), conv_state (B, D, S >= W - 1) updated in place, weight (D, W), bias (D,) -> (B, D)."""
+    if (resolve_backend(x.device) if backend is None else backend) == "cuda":
         if causal_conv1d_update_fn is not None and 2 <= weight.shape[1] <= 4:
             return causal_conv1d_update_fn(x, conv_state, weight, bias, activation=activation)
         _log_once("causal-conv1d is not installed (or not for this width): the one-step convolution runs in "
@@ -426,10 +480,199 @@ __all__ = [
     "causal_conv1d_torch",
     "causal_conv1d_update",
     "causal_conv1d_update_torch",
+    "resolve_backend",
     "selective_scan",
-    "selective_scan_backend",
     "selective_scan_ref",
     "selective_scan_torch",
     "selective_state_update",
     "selective_state_update_torch",
 ]
+
+
+# ------------------------------------------------------------------------------------ causal FFT convolution
+
+
+class _CausalFFTConvolution(torch.autograd.Function):
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
+    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
+
+    The backward keeps only x and the kernel: autograd through the FFTs would keep the zero-padded input and its
+    spectrum, 2 × (B, D, 2L) floats. The gradients are causal correlations through the same FFTs, with x's spectrum
+    recomputed. Spectra are multiplied in place: each complex product is a (B, D, L + 1) buffer, twice the input's
+    size, that would otherwise be allocated (and page-faulted in) anew."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.save_for_backward(x, kernel)
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        spectrum = torch.fft.rfft(x, n=n).mul_(torch.fft.rfft(kernel, n=n))  # (B, D, n//2+1)
+        return torch.fft.irfft(spectrum, n=n)[..., :length]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, kernel = ctx.saved_tensors
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        grad_spectrum = torch.fft.rfft(grad_output, n=n)  # (B, D, n//2+1)
+        grad_x = grad_kernel = None
+        # Correlations: grad_x[s] = Σ_t g[t] kernel[t − s], grad_kernel[lag] = Σ_b Σ_t g[t] x[t − lag]; the zero
+        # padding makes the circular lags t − s < 0 read zeros. grad_kernel first: grad_x overwrites grad_spectrum.
+        if ctx.needs_input_grad[1]:
+            cross = torch.fft.rfft(x, n=n).conj_physical_().mul_(grad_spectrum).sum(0)  # (D, n//2+1)
+            grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(kernel, n=n).conj()), n=n)[..., :length]
+        return grad_x, grad_kernel
+
+
+def causal_fft_convolution(x, kernel):
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag]: x (B, D, L), kernel (D, L) or (1, L) → (B, D, L),
+    through FFTs, with the memory-lean backward of `_CausalFFTConvolution` (every backend)."""
+    return _CausalFFTConvolution.apply(x, kernel)
+
+
+def causal_fft_convolution_torch(x, kernel):
+    """`causal_fft_convolution` with autograd through the FFTs: same signature and result."""
+    length, n = x.shape[-1], 2 * x.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]
+
+
+def causal_fft_convolution_ref(x, kernel):
+    """The definition, a sum over lags in float64: same signature, result in float64."""
+    x, kernel = x.double(), kernel.double()
+    length = x.shape[-1]
+    windows = F.pad(x, (length - 1, 0)).unfold(-1, length, 1)  # (B, D, L, L): window t holds x[t − L + 1 .. t]
+    return (windows * kernel.flip(-1)[:, None, :]).sum(-1)  # lag 0 meets x[t]
+
+
+# ------------------------------------------------------------------------------------ full-softmax cross-entropy
+
+
+def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
+    batch, length = item_ids.shape
+    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
+    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
+    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
+    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
+
+
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `user_states @ item_weights.T` over the whole catalogue, computed in row chunks.
+
+    The plain version materialises (M, I) logits and their softmax for every labelled position (hundreds of MB per
+    batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
+    log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
+    arithmetic as `F.cross_entropy(..., ignore_index=-100)` on the full logits, in float32. Column 0 (padding) never
+    takes probability; rows labelled −100 weigh nothing.
+    With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
+    for t = positions[m]) get the learned offset added, and its gradient is returned.
+    """
+
+    @staticmethod
+    def _logits(states, weights, seen_offset, first_items, rows, positions, start, stop):
+        """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
+        where none (or None without an offset)."""
+        logits = states[start:stop] @ weights.t()  # (chunk, I)
+        seen_columns = None
+        if seen_offset is not None:
+            seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
+            length = seen_columns.shape[1]
+            seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
+            # Column 0 collects the offset of every unused slot, and is then set to -inf.
+            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
+        logits[:, 0] = float("-inf")
+        return logits, seen_columns
+
+    @staticmethod
+    def forward(ctx, user_states, item_weights, labels, seen_offset, first_items, rows, positions):
+        dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
+        states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
+        num_rows = states.shape[0]
+        chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
+        labelled = labels != -100  # (M,)
+        targets = labels.clamp(min=0)  # an ignored row reads column 0 and is then zeroed
+        log_normalizers = states.new_empty(num_rows)  # (M,)
+        target_logits = states.new_empty(num_rows)  # (M,)
+        for start in range(0, num_rows, chunk):
+            stop = start + chunk
+            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items, rows, positions,
+                                                         start, stop)
+            log_normalizers[start:stop] = torch.logsumexp(logits, dim=1)
+            target_logits[start:stop] = logits.gather(1, targets[start:stop, None])[:, 0]
+        ctx.save_for_backward(user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items,
+                              rows, positions)
+        ctx.chunk = chunk
+        return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items, rows,
+         positions) = ctx.saved_tensors
+        states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
+        grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
+        grad_offset = None if seen_offset is None else torch.zeros((), dtype=states.dtype, device=states.device)
+        row_scales = labelled * (grad_loss.to(states.dtype) / labelled.sum())  # (M,): 0 for ignored rows
+        for start in range(0, states.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            # logits → softmax → d loss / d logits, in place
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items,
+                                                                           rows, positions, start, stop)
+            probabilities.sub_(log_normalizers[start:stop, None]).exp_()
+            rows_in_chunk = torch.arange(probabilities.shape[0], device=probabilities.device)
+            probabilities[rows_in_chunk, targets[start:stop]] -= 1.0
+            probabilities.mul_(row_scales[start:stop, None])
+            grad_states[start:stop] = probabilities @ weights
+            grad_weights.addmm_(probabilities.t(), states[start:stop])
+            if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
+                grad_offset += probabilities.gather(1, seen_columns).sum()
+        if grad_offset is not None:
+            grad_offset = grad_offset.to(seen_offset.dtype)
+        return (grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None, None,
+                None)
+
+
+def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
+                               seen_offset: torch.Tensor | None = None,
+                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1, or
+    −100 for a row without a target. Equals `F.cross_entropy(scores, labels, ignore_index=-100)` with the padding
+    column excluded, without storing (M, I) scores.
+
+    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
+    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
+    """
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
+        raise ValueError("no labelled position in the batch: every label is -100")
+    if (seen_offset is None) != (seen is None):
+        raise ValueError("seen_offset and seen go together")
+    first_items, rows, positions = seen if seen is not None else (None, None, None)
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, first_items, rows, positions)
+
+
+def _logits_with_seen_offset(user_states, item_weights, seen_offset, seen):
+    """(M, I) logits with the offset on each row's seen items and column 0 at -inf, by autograd (the twins' part)."""
+    logits = user_states @ item_weights.t()
+    if seen_offset is not None:
+        first_items, rows, positions = seen
+        columns = first_items[rows] * (torch.arange(first_items.shape[1], device=rows.device) <= positions[:, None])
+        seen_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
+        logits = logits + seen_mask * seen_offset
+    padding = torch.arange(logits.shape[1], device=logits.device) == 0
+    return logits.masked_fill(padding, float("-inf"))
+
+
+def full_softmax_cross_entropy_torch(user_states, item_weights, labels, seen_offset=None, seen=None):
+    """`full_softmax_cross_entropy` through the (M, I) logits and `F.cross_entropy`: same signature and result."""
+    dtype = torch.promote_types(user_states.dtype, torch.float32)
+    logits = _logits_with_seen_offset(user_states.to(dtype), item_weights.to(dtype), seen_offset, seen)
+    return F.cross_entropy(logits, labels, ignore_index=-100)
+
+
+def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offset=None, seen=None):
+    """The definition in float64: mean over labelled rows of log-sum-exp minus the target's logit."""
+    offset = None if seen_offset is None else seen_offset.double()
+    logits = _logits_with_seen_offset(user_states.double(), item_weights.double(), offset, seen)
+    labelled = labels != -100
+    target_logits = logits[labelled].gather(1, labels[labelled, None])[:, 0]
+    return (logits[labelled].logsumexp(dim=1) - target_logits).mean()

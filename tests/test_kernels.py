@@ -80,12 +80,11 @@ CASES = [
 
 def selective_scan_cpu_generic(*args, **kwargs):
     """The fused CPU scan with its AVX-512 forward switched off (the variant that runs on every other CPU)."""
-    previous = os.environ.get("M2REC_DISABLE_AVX512")
-    os.environ["M2REC_DISABLE_AVX512"] = "1"
+    previous, cpu_scan.AVX512_DISABLED = cpu_scan.AVX512_DISABLED, True
     try:
         return cpu_scan.selective_scan_cpu(*args, **kwargs)
     finally:
-        os.environ.pop("M2REC_DISABLE_AVX512") if previous is None else os.environ.update(M2REC_DISABLE_AVX512=previous)
+        cpu_scan.AVX512_DISABLED = previous
 
 
 IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu,
@@ -354,7 +353,7 @@ class CallCounter:
         return self.function(*args, **kwargs)
 
 
-def dispatch_once(monkeypatch):
+def dispatch_once(monkeypatch, backend=None):
     """Runs `selective_scan` on small CPU inputs with both CPU paths counted; returns the counters
     and whether the result matched the reference."""
     fused, plain = CallCounter(cpu_scan.selective_scan_cpu), CallCounter(kernels.selective_scan_torch)
@@ -362,24 +361,42 @@ def dispatch_once(monkeypatch):
     monkeypatch.setattr(kernels, "selective_scan_torch", plain)
     softplus = True
     inputs = make_inputs(2, 4, 12, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
-    out = kernels.selective_scan(**inputs, delta_softplus=softplus)
+    out = kernels.selective_scan(**inputs, delta_softplus=softplus, backend=backend)
     expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus)
     return fused.calls, plain.calls, torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_dispatcher_uses_fused_path_on_cpu(monkeypatch):
-    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
-    assert kernels.selective_scan_backend("cpu") == "cpu_fused"
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    assert kernels.resolve_backend("cpu") == "cpu_fused"
+    assert kernels.resolve_backend("cpu", "cpu_fused") == "cpu_fused"
     assert dispatch_once(monkeypatch) == (1, 0, True)
 
 
 def test_env_var_forces_torch_path(monkeypatch, caplog):
-    monkeypatch.setenv("M2REC_DISABLE_FUSED_CPU", "1")
+    """M2REC_DISABLE_FUSED_CPU, read once at import into `FUSED_CPU_DISABLED`, overrides "auto" and "cpu_fused"."""
+    assert cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {"M2REC_DISABLE_FUSED_CPU": "1"})
+    assert not cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {"M2REC_DISABLE_FUSED_CPU": "0"})
+    assert not cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {})
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", True)
     monkeypatch.setattr(kernels, "_logged", set())
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
-        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu", "cpu_fused") == "torch"
         assert dispatch_once(monkeypatch) == (0, 1, True)
     assert sum("M2REC_DISABLE_FUSED_CPU" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_explicit_backend_is_taken_or_refused_clearly(monkeypatch):
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    assert kernels.resolve_backend("cpu", "torch") == "torch"
+    assert dispatch_once(monkeypatch, backend="torch") == (0, 1, True)
+    with pytest.raises(ValueError, match="kernel_backend='cuda' runs on CUDA tensors, got cpu ones"):
+        kernels.resolve_backend("cpu", "cuda")
+    with pytest.raises(ValueError, match="kernel_backend='cpu_fused' runs on CPU tensors, got meta ones"):
+        kernels.resolve_backend("meta", "cpu_fused")
+    with pytest.raises(ValueError, match=r"kernel_backend='triton' is not supported; choose one of \('auto'"):
+        kernels.resolve_backend("cpu", "triton")
 
 
 def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
@@ -389,16 +406,18 @@ def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: g++: command not found")
 
-    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
     monkeypatch.setattr(cpu_scan, "_import_built", lambda name, directory: None)  # as on a machine with no build
     monkeypatch.setattr(cpu_scan, "_module", cpu_scan._UNSET)  # restored to the built module afterwards
     monkeypatch.setattr(kernels, "_logged", set())
     with caplog.at_level(logging.WARNING):
         assert cpu_scan.load_cpu_scan() is None
-        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu") == "torch"
         assert dispatch_once(monkeypatch) == (0, 1, True)
         assert dispatch_once(monkeypatch) == (0, 1, True)
+        with pytest.raises(RuntimeError, match="kernel_backend='cpu_fused' but the fused CPU kernels could not be"):
+            kernels.resolve_backend("cpu", "cpu_fused")
     messages = [r.getMessage() for r in caplog.records]
     assert sum("g++: command not found" in m for m in messages) == 1
     assert sum(m.startswith("fused CPU selective scan unavailable") for m in messages) == 1
@@ -484,7 +503,7 @@ def test_cuda_scan_matches_torch_scan():
     softplus = True
     inputs = make_inputs(2, 64, 200, 16, use_D=True, use_z=True, use_bias=True, softplus=softplus)
     on_gpu = {k: None if v is None else v.float().cuda() for k, v in inputs.items()}
-    assert kernels.selective_scan_backend("cuda") == "cuda"
+    assert kernels.resolve_backend("cuda") == "cuda"
     fast = run_with_grads(kernels.selective_scan, on_gpu, softplus, torch.float32)
     plain = run_with_grads(kernels.selective_scan_torch, on_gpu, softplus, torch.float32)
     for name in fast:
@@ -569,3 +588,56 @@ def test_build_kernels_command_reports_the_cache_and_avx512(monkeypatch, capsys)
     monkeypatch.setattr(cpu_scan, "load_cpu_scan", lambda: None)
     assert cpu_scan.build_kernels_main([]) == 1
     assert "could not be built" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- causal FFT convolution, cross-entropy
+
+
+@pytest.mark.parametrize("kernel_channels", [3, 1], ids=["per_channel", "shared"])
+def test_causal_fft_convolution_paths_equal_the_definition(kernel_channels):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(kernel_channels, 9, generator=generator, dtype=torch.float64,
+                         requires_grad=kernel_channels == 3)
+    expected = kernels.causal_fft_convolution_ref(x, kernel)
+    cotangent = torch.randn_like(expected)
+    inputs = (x, kernel) if kernel.requires_grad else (x,)
+    expected_grads = torch.autograd.grad(expected, inputs, cotangent)
+    for path in (kernels.causal_fft_convolution, kernels.causal_fft_convolution_torch):
+        out = path(x, kernel)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        for grad, reference in zip(torch.autograd.grad(out, inputs, cotangent), expected_grads):
+            torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(kernels.causal_fft_convolution, (x, kernel))
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "seen_offset"])
+def test_cross_entropy_paths_equal_the_definition(with_offset):
+    """The chunked cross-entropy (3 chunks here) and its twin against the float64 definition, with rows labelled
+    -100 and, with the seen-item offset, repeated items that count once and seen targets (revisits)."""
+    generator = torch.Generator().manual_seed(1)
+    item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
+    item_ids[2, 20:] = 0
+    item_ids[1, 10:20] = item_ids[1, :10]
+    rows = torch.randint(0, 3, (700,), generator=generator)
+    positions = torch.randint(0, 20, (700,), generator=generator)
+    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = item_ids[rows, positions]
+    labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
+    labels[::7] = -100
+    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
+    seen = (kernels.first_occurrences(item_ids, 5000), rows, positions) if with_offset else None
+    inputs = (states, weights, offset) if with_offset else (states, weights)
+    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    for path in (kernels.full_softmax_cross_entropy, kernels.full_softmax_cross_entropy_torch):
+        loss = path(states, weights, labels, offset, seen)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        for grad, reference in zip(torch.autograd.grad(loss, inputs), expected_grads):
+            torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_first_occurrences_blank_the_repeats():
+    item_ids = torch.tensor([[3, 1, 3, 2, 1, 0, 0], [5, 5, 5, 4, 0, 0, 0]])
+    assert kernels.first_occurrences(item_ids, 6).tolist() == [[3, 1, 0, 2, 0, 0, 0], [5, 0, 0, 4, 0, 0, 0]]

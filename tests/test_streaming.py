@@ -23,13 +23,9 @@ def variant_id(variant):
 
 
 @pytest.fixture(params=["torch", "cpu_fused"])
-def backend(request, monkeypatch):
-    """The scan and convolution path the full forward and the cache's fill take (the one-event kernels have no fused
-    CPU form: they are PyTorch on the CPU either way)."""
-    if request.param == "torch":
-        monkeypatch.setenv("M2REC_DISABLE_FUSED_CPU", "1")
-    else:
-        monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+def backend(request):
+    """The `kernel_backend` of the full forward and the cache's fill (the one-event kernels have no fused CPU form:
+    they are PyTorch on the CPU either way)."""
     return request.param
 
 
@@ -75,7 +71,7 @@ def relative_error(actual, expected):
 def test_streamed_scores_equal_the_full_forward_on_every_prefix(variant, backend):
     """Users of different history lengths are filled from one right-padded batch, then fed one event each per call
     until the longest reaches max_len: at every step the scores are the full forward's on that prefix."""
-    model = tiny_model(**variant)
+    model = tiny_model(**variant, kernel_backend=backend)
     items = histories(3, MAX_LEN + 2)
     lengths = torch.tensor([1, 3, 2])  # together they cover every t from 1 to max_len
     out = model(prefix_batch(items, lengths), use_cache=True, last_position_only=True)
@@ -92,7 +88,7 @@ def test_streamed_scores_equal_the_full_forward_on_every_prefix(variant, backend
 @torch.no_grad()
 def test_a_new_cache_streams_from_the_first_event(backend):
     """`M2RecCache(config, batch_size)` holds users with no event yet; its first step equals a one-item history."""
-    model = tiny_model()
+    model = tiny_model(kernel_backend=backend)
     items = histories(2, MAX_LEN)
     cache = M2RecCache(model.config, batch_size=2)
     for t in range(MAX_LEN):
@@ -107,7 +103,7 @@ def test_beyond_max_len_the_state_keeps_the_whole_history(variant, backend, monk
     """Past max_len events, the SSM state keeps everything and the filter its max_len lags: the scores are the full
     forward's over the whole history with the max_len limit lifted (the batch path instead encodes only the last
     max_len items); the item window holds the last max_len items."""
-    model = tiny_model(**variant)
+    model = tiny_model(**variant, kernel_backend=backend)
     length = 2 * MAX_LEN + 3
     items = histories(2, length)
     cache = model(items[:, :MAX_LEN], use_cache=True).cache_params
@@ -122,7 +118,7 @@ def test_beyond_max_len_the_state_keeps_the_whole_history(variant, backend, monk
 @torch.no_grad()
 def test_the_cache_of_a_masked_batch_ignores_the_masked_items(backend):
     """The fill reads each user's last real item from attention_mask, as the forward does, not from the ids."""
-    model = tiny_model()
+    model = tiny_model(kernel_backend=backend)
     items = histories(2, 6)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     masked = model(items, attention_mask=mask, use_cache=True).cache_params
