@@ -272,8 +272,10 @@ def test_stable_time_sort_and_id_remap(tmp_path):
     assert prepared.user_ids == ["x", "y"]
     assert prepared.sequences == [[4, 3, 2, 1], [1, 2, 3]]
     assert prepared.num_items == 4 and prepared.num_interactions == 7
+    assert prepared.timestamps == [[1.0, 3.0, 3.0, 5.0], [1.0, 2.0, 2.0]]  # each time stays with its item
     saved = json.loads((prepared.path / "item_id_map.json").read_text())
     assert saved == {"p": 1, "r": 2, "q": 3, "s": 4}
+    assert data.PreparedDataset.load(prepared.path).timestamps == prepared.timestamps
 
 
 def test_item_texts_aligned_to_new_ids(tmp_path):
@@ -291,6 +293,7 @@ def test_cache_hit_and_miss(tmp_path, monkeypatch):
     path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
     first = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
     assert (first.path / "meta.json").exists()
+    assert first.timestamps is None and not (first.path / "timestamps.json").exists()  # sequence files have no times
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
     def no_reading(_):

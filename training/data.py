@@ -547,7 +547,9 @@ class PreparedDataset:
     sequences[u]: item ids of user u (user_ids[u] is the raw id); item_id_map: raw item id -> id;
     item_texts[i]: text of item i, index 0 = "" (padding), None for items without text;
     path: the cache directory it lives in (holds item_id_map.json), None when not cached;
-    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset).
+    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset);
+    timestamps[u][k]: time (seconds) of sequences[u][k], None when the input has no times (sequence files) or the
+    cache entry was written before times were kept (training never reads them; m2rec-analyze does).
     """
 
     sequences: list[list[int]]
@@ -556,6 +558,7 @@ class PreparedDataset:
     item_texts: list[Optional[str]]
     path: Optional[Path] = None
     fingerprint: Optional[str] = None
+    timestamps: Optional[list[list[float]]] = None
 
     @property
     def num_items(self) -> int:
@@ -591,6 +594,8 @@ class PreparedDataset:
             _write_json(tmp / "sequences.json", {"user_ids": self.user_ids, "sequences": self.sequences})
             _write_json(tmp / "item_id_map.json", self.item_id_map)
             _write_json(tmp / "item_texts.json", self.item_texts)
+            if self.timestamps is not None:
+                _write_json(tmp / "timestamps.json", self.timestamps)
             _write_json(tmp / "meta.json", {"num_users": self.num_users, "num_items": self.num_items,
                                             "num_interactions": self.num_interactions, **(meta or {})})
             os.rename(tmp, directory)
@@ -612,8 +617,11 @@ class PreparedDataset:
         item_texts = read_json_file(directory / "item_texts.json", list)
         if not {"sequences", "user_ids"} <= set(sequences):
             raise ValueError(f"{directory / 'sequences.json'}: expected keys 'sequences' and 'user_ids'")
+        # An entry written before times were kept has no timestamps.json; its other files are still valid.
+        timestamps = read_json_file(directory / "timestamps.json", list) if (directory / "timestamps.json").exists() \
+            else None
         prepared = cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory,
-                       meta.get("fingerprint"))
+                       meta.get("fingerprint"), timestamps)
         counts = {"num_users": prepared.num_users, "num_items": prepared.num_items,
                   "num_interactions": prepared.num_interactions}
         recorded = {name: meta.get(name) for name in counts}
@@ -693,13 +701,17 @@ def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
     else:
         order = np.lexsort((np.asarray(raw.timestamps)[rows], users))
     user_codes, lengths = np.unique(users[order], return_counts=True)
-    sequences = [s.tolist() for s in np.split(new_id[items[order]], np.cumsum(lengths)[:-1])]
+    user_starts = np.cumsum(lengths)[:-1]
+    sequences = [s.tolist() for s in np.split(new_id[items[order]], user_starts)]
+    timestamps = None if raw.timestamps is None else [
+        s.tolist() for s in np.split(np.asarray(raw.timestamps, dtype=np.float64)[rows][order], user_starts)]
 
     item_id_map = {item_names[code]: int(new_id[code]) for code in kept_items}
     item_texts: list[Optional[str]] = [""] + [None] * len(item_id_map)
     for name, item_id in item_id_map.items():
         item_texts[item_id] = raw.item_text.get(name) or None
-    return PreparedDataset(sequences, [user_names[u] for u in user_codes], item_id_map, item_texts)
+    return PreparedDataset(sequences, [user_names[u] for u in user_codes], item_id_map, item_texts,
+                           timestamps=timestamps)
 
 
 # --- cache --------------------------------------------------------------------------------------
