@@ -51,7 +51,7 @@ def test_wheel_installs_only_the_m2rec_package_with_configs_and_console_scripts(
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     scripts = wheel.read(entry_points).decode()
     for script in ("m2rec-train = m2rec.training.train:main", "m2rec-evaluate = m2rec.training.evaluate:main",
-                   "m2rec-push = m2rec.hub_upload.push:main"):
+                   "m2rec-push = m2rec.hub_upload.push:main", "m2rec-analyze = m2rec.training.analyze:main"):
         assert script in scripts
 
 
