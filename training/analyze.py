@@ -5,7 +5,8 @@
 From a run folder (metrics.jsonl, best/ with the model and training_info.json):
     activity_spectrum.png   the data's periodicities in time, the analogue of the paper's Fig. 1 (`activity_spectrum`)
     filter_response.png     the learned FFT filter |W ⊙ M| per frequency bin, mean and spread over channels
-    gate.png                the fusion gate: α and β (fusion="gate") or the context gate's values over validation inputs
+    gate.png                the fusion gate: α and β (fusion="gate"), or the context gate's values over validation
+                            inputs (fusion="context_gate")
     training_curves.png     train loss and validation NDCG@10 per epoch, from metrics.jsonl
 From a model folder alone only the model's pictures (filter and gate, without the context gate's values, which need
 data); every picture that cannot be drawn is logged with the reason. `write_analysis_pictures` is the same as a
@@ -119,13 +120,15 @@ def _power_without_mean(signals: np.ndarray, num_bins: int) -> Optional[np.ndarr
 
 
 def spectrum_peaks(frequencies: np.ndarray, power: np.ndarray, max_frequency: float, num_peaks: int = 3,
-                   min_separation: float = 0.25, min_relative_height: float = 0.2) -> list[float]:
-    """The frequencies (cycles per day) of the `num_peaks` highest local maxima of `power` (K,) between two grid steps
-    and `max_frequency`, highest first. A peak must rise above the band's median by at least `min_relative_height`
-    times the tallest peak's rise (the ripple of a noise floor is no cycle) and lie `min_separation` from a taller
-    one: a weekly modulation of a daily cycle adds side peaks at 1 ± k/7, next to the daily peak, that say nothing
-    new."""
-    band = np.flatnonzero((frequencies >= 2 * frequencies[1]) & (frequencies <= max_frequency))
+                   min_frequency: float = 1 / 21, min_separation: float = 0.15,
+                   min_relative_height: float = 0.15) -> list[float]:
+    """The frequencies (cycles per day) of the `num_peaks` highest local maxima of `power` (K,) between
+    `min_frequency` and `max_frequency`, highest first. Slower cycles than three weeks are not marked: a history of
+    a few weeks holds too few of them to tell them from the drift of the user's activity, which fills the lowest
+    bins. A peak must rise above the band's median by at least `min_relative_height` times the tallest peak's rise
+    (the ripple of a noise floor is no cycle) and lie `min_separation` from a taller one: a weekly modulation of a
+    daily cycle adds side peaks at 1 ± 1/7, next to the daily peak, that say nothing new."""
+    band = np.flatnonzero((frequencies >= min_frequency) & (frequencies <= max_frequency))
     if len(band) < 3:
         return []
     values = power[band]
@@ -240,7 +243,11 @@ def write_analysis_pictures(run_or_model_dir: str | Path, output_dir: str | Path
         logger.warning("%s is a model folder: no activity spectrum and no training curves (they need a run folder, "
                        "with metrics.jsonl and the data)", model_dir)
     else:
-        data = _run_data(model_dir)
+        try:
+            data = _run_data(model_dir)
+        except (FileNotFoundError, ValueError) as e:  # data paths are relative to where training ran
+            logger.warning("no activity spectrum and no context-gate values: the run's data cannot be read from "
+                           "here (%s); run from the folder training ran in", e)
 
     pictures = []
     if data is not None and data.timestamps is None:
@@ -320,8 +327,11 @@ def _plot_filter(pyplot, magnitude: np.ndarray, num_kept_bins: int, learned: boo
     axis.set_xlabel(f"frequency bin k (k / {config.fft_size} cycles per position)")
     axis.set_ylabel("|W ⊙ M|")
     axis.set_xlim(0, num_bins - 1)
-    period = axis.secondary_xaxis(
-        "top", functions=(lambda k: config.fft_size / np.maximum(k, 1e-9), lambda p: config.fft_size / np.maximum(p, 1e-9)))
+
+    def bins_and_periods(value):  # bin k <-> period fft_size / k items: the map is its own inverse
+        return config.fft_size / np.maximum(value, 1e-9)
+
+    period = axis.secondary_xaxis("top", functions=(bins_and_periods, bins_and_periods))
     period.set_xlabel("period (positions, i.e. items)")
     period.set_xticks([p for p in (2, 3, 5, 7, 10, 21, 50) if p <= config.fft_size])  # longer ones crowd bin 0
     axis.legend(fontsize=8)
