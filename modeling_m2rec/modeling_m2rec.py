@@ -909,8 +909,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = next_item_loss(user_states, last_states, self.item_scorer.weight, labels, seen_items,
-                                  self.seen_item_offset)
+            loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
+                                  seen_items, self.seen_item_offset)
 
         logits = None
         if return_logits:
@@ -945,8 +945,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
         every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
         outrank every negative score in an index). See [`user_embeddings`]."""
-        weight = self.item_scorer.weight.detach()  # (I, D)
-        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids")]
+        weight = self._resident_item_table("item_embeddings()").detach()  # (I, D)
+        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", weight.device)]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                          candidates: torch.LongTensor | None = None,
@@ -961,14 +961,26 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             return scores
         # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores
         # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
-        return scores.gather(1, self._item_ids(candidates, "candidates", batch_size=len(scores)))
+        return scores.gather(1, self._item_ids(candidates, "candidates", scores.device, batch_size=len(scores)))
 
-    def _item_ids(self, item_ids, name: str, batch_size: int | None = None,
+    def _resident_item_table(self, purpose: str) -> torch.Tensor:
+        """The scorer's item table (I, D), for the uses that read it outside a module call (the loss, the item
+        embeddings). Those see no offloading hook, so while the weights are offloaded (on the meta device) they would
+        read a placeholder: refused, naming `purpose`."""
+        weight = self.item_scorer.weight
+        if weight.device.type == "meta":
+            raise ValueError(f"{purpose} reads the item table directly, but this model's weights are offloaded "
+                             f"(device_map with CPU or disk offload), where only forward calls load them: load the "
+                             f"model without offloading for it (offloaded, the model scores and recommends)")
+        return weight
+
+    def _item_ids(self, item_ids, name: str, device: torch.device, batch_size: int | None = None,
                   allow_padding: bool = False) -> torch.LongTensor:
-        """item_ids as a long tensor on the model's device, checked to be item ids 1..num_items (0..num_items with
+        """item_ids as a long tensor on `device` (the inputs' or the scores': an offloaded model's own device is the
+        meta device), checked to be item ids 1..num_items (0..num_items with
         allow_padding); the error names the first offending id. Without batch_size: (C,). With it: (C,) for every
         history or (batch_size, C) per history, returned as (batch_size, C)."""
-        item_ids = torch.as_tensor(item_ids, device=self.device)
+        item_ids = torch.as_tensor(item_ids, device=device)
         dims = (1,) if batch_size is None else (1, 2)
         if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
             shapes = "(C,)" if batch_size is None else f"(C,) or ({batch_size}, C)"
@@ -1016,7 +1028,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             (so they appear only if k exceeds the items left).
         """
         if candidates is not None:
-            candidates = self._item_ids(candidates, "candidates", batch_size=len(input_ids))  # (B, C)
+            candidates = self._item_ids(candidates, "candidates", input_ids.device, batch_size=len(input_ids))  # (B, C)
         num_ranked = self.config.num_items if candidates is None else candidates.shape[1]
         if not 1 <= k <= num_ranked:
             raise ValueError(f"k must be between 1 and {num_ranked} (the "
@@ -1029,7 +1041,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             else:
                 excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
         if exclude_ids is not None:
-            excluded.append(self._item_ids(exclude_ids, "exclude_ids", batch_size=len(scores), allow_padding=True))
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", scores.device, batch_size=len(scores),
+                                           allow_padding=True))
         for item_ids in excluded:
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned

@@ -75,10 +75,18 @@ def test_device_map_auto_with_disk_offload_matches_the_unoffloaded_scores(tmp_pa
     assert "disk" in offloaded.hf_device_map.values()
     assert offloaded.m2rec.item_embeddings.weight.device.type == "meta"  # really offloaded: loaded by the hooks
     input_ids = random_histories(3, 9)
+    candidates = torch.tensor([3, 1, 4, 15, 9, 26])
     with torch.no_grad():
         torch.testing.assert_close(offloaded(input_ids).logits, model(input_ids).logits)
-        items, _ = offloaded.recommend(input_ids, k=5)
-        torch.testing.assert_close(items, model.recommend(input_ids, k=5)[0])
+        torch.testing.assert_close(offloaded.user_embeddings(input_ids), model.user_embeddings(input_ids))
+        for options in ({}, {"candidates": candidates, "exclude_seen": True, "exclude_ids": candidates[:1]}):
+            torch.testing.assert_close(offloaded.recommend(input_ids, k=3, **options),
+                                       model.recommend(input_ids, k=3, **options))
+    # What reads the item table outside a forward call would read the offloaded placeholder: refused.
+    with pytest.raises(ValueError, match="item_embeddings\\(\\) reads the item table directly.*offloaded"):
+        offloaded.item_embeddings()
+    with pytest.raises(ValueError, match="the loss \\(labels\\) reads the item table directly"):
+        offloaded(input_ids, labels=random_histories(3, 9, seed=2))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
