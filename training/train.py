@@ -25,12 +25,15 @@ selected model, at the end.
 import json
 import logging
 import math
+import os
+import platform
 import shlex
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -215,7 +218,7 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
             "train_command": command, "train_config": settings, "seed": train_args.seed,
             "exclude_history": train_args.exclude_history, "num_users": data.num_users, "num_items": data.num_items,
             "data_fingerprint": data_fingerprint, "num_processes": accelerator.num_processes,
-            "resumes": state.resumes}
+            "resumes": state.resumes, "item_text": item_text_recipe(data_args, data)}
     resumed_now = state.resumes[-1] if resuming else None
 
     epochs = tqdm(range(state.epoch, train_args.num_train_epochs), initial=state.epoch,
@@ -407,10 +410,58 @@ def test_best_model(accelerator, model_class, output_dir: Path, data, data_args:
     info = json.loads((best_dir / "training_info.json").read_text())
     info["metrics"]["test"] = test
     info["resumes"] = resumes
+    info["compute"] = run_compute(accelerator, output_dir / "metrics.jsonl")
     if accelerator.is_main_process:
         write_text_atomic(best_dir / "training_info.json", json.dumps(info, indent=2))
     accelerator.wait_for_everyone()
     return {"best_epoch": info["best_epoch"], **info["metrics"]}
+
+
+def item_text_recipe(data_args: DataArguments, data: PreparedDataset) -> dict:
+    """How each item's text was rendered, for the model card: new items need the same text and encoder. `example`
+    is the first item with text, {raw id: text}."""
+    raw_ids = {model_id: raw for raw, model_id in data.item_id_map.items()}
+    first = next((item for item in range(1, data.num_items + 1) if data.item_texts[item]), None)
+    return {"template": data_args.text_template, "columns": data_args.text_columns,
+            "example": None if first is None else {raw_ids[first]: data.item_texts[first]}}
+
+
+def run_compute(accelerator: Accelerator, metrics_file: Path) -> dict:
+    """Where the run trained and for how long, for the model card. `epochs` and `wall_seconds` (training and
+    validation, without data preparation and the test) are summed over metrics.jsonl, which a resumed run rewinds to
+    the epochs it kept, so a redone epoch counts once."""
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    epochs = [json.loads(line) for line in lines if line]
+    device = accelerator.device
+    return {
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "epochs": len(epochs), "wall_seconds": round(sum(e["train_seconds"] + e["eval_seconds"] for e in epochs), 1),
+        "framework_versions": {name: _version(name) for name in ("python", "torch", "transformers", "accelerate",
+                                                                 "m2rec")},
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo on Linux, where platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(name: str) -> str:
+    if name == "python":
+        return platform.python_version()
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv=None):
