@@ -11,6 +11,7 @@ dataset ids given to m2rec-push (`--dataset-id`): a run reads local files, and i
 
 import json
 import os
+from pathlib import Path
 
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
@@ -98,7 +99,7 @@ def card_metadata(repo_id, training_info, license, dataset_ids) -> ModelCardData
 
 
 def build_model_card(repo_id, config, training_info, item_id_map, license=None, num_parameters=None,
-                     dataset_ids=()) -> str:
+                     dataset_ids=(), pictures=()) -> str:
     """README.md text: YAML metadata, then how to load and use the model, how it was trained and evaluated, and its
     limits.
 
@@ -110,6 +111,7 @@ def build_model_card(repo_id, config, training_info, item_id_map, license=None, 
         license: overrides training_info's license (see `resolve_license`).
         num_parameters: shown in the summary when given.
         dataset_ids: Hub dataset ids of the training data, for the `datasets:` metadata (checked by m2rec-push).
+        pictures: paths of m2rec-analyze's PNGs inside the repository, shown in a section of their own.
     """
     license_id, license_source = resolve_license(license, training_info)
     metadata = card_metadata(repo_id, training_info, license_id, dataset_ids)
@@ -119,6 +121,7 @@ def build_model_card(repo_id, config, training_info, item_id_map, license=None, 
         _evaluation(config, training_info),
         _training(config, training_info),
         _compute(training_info),
+        *([_pictures(pictures)] if pictures else []),
         _limits(config, training_info),
         _license(license_id, license_source, training_info),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
@@ -127,6 +130,13 @@ def build_model_card(repo_id, config, training_info, item_id_map, license=None, 
 
 
 # ---------------------------------------------------------------------------------------------------- sections
+
+
+def _pictures(pictures):
+    images = "\n\n".join(f"![{Path(path).stem.replace('_', ' ')}]({path})" for path in pictures)
+    return ("## Pictures\n\nDrawn from this run by `m2rec-analyze` (see the M2Rec README): the data's activity "
+            "spectrum, the learned filter's frequency response, the gate and the training curves, as far as the run "
+            "recorded them.\n\n" + images)
 
 
 def _summary(repo_id, config, training_info, num_parameters):

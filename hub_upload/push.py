@@ -141,10 +141,27 @@ def build_repo_folder(model_dir, folder, repo_id, license=None, dataset_ids=()):
     save_model_folder(model, item_id_map, folder)
     for name in ("item_id_map.json", "training_info.json"):
         shutil.copyfile(model_dir / name, folder / name)  # byte for byte: what the run wrote
+    pictures = draw_pictures(model_dir, folder / "pictures")
     card = build_model_card(repo_id, model.config.to_dict(), training_info, item_id_map, license=license,
-                            num_parameters=sum(p.numel() for p in model.parameters()), dataset_ids=dataset_ids)
+                            num_parameters=sum(p.numel() for p in model.parameters()), dataset_ids=dataset_ids,
+                            pictures=[picture.relative_to(folder).as_posix() for picture in pictures])
     (folder / "README.md").write_text(card, encoding="utf-8")
     return model
+
+
+def draw_pictures(model_dir, output_dir):
+    """m2rec-analyze's pictures for the card: of the whole run when model_dir is a run's best/ (training curves and
+    the data's spectrum too), else of the model alone; none, with a warning, without matplotlib (the [plots] extra).
+    They are drawn with the installed package's code, never the folder's."""
+    from ..training.analyze import write_analysis_pictures
+
+    run_dir = model_dir.parent
+    source = run_dir if model_dir.name == "best" and (run_dir / "metrics.jsonl").is_file() else model_dir
+    try:
+        return write_analysis_pictures(source, output_dir)
+    except ImportError as error:
+        print(f"warning: the card gets no pictures: {error}", file=sys.stderr)
+        return []
 
 
 def check_dataset_ids(dataset_ids):

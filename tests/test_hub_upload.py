@@ -92,6 +92,11 @@ def hub_reachable(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
+def repository_files(folder):
+    """{path inside the repository: bytes} of every file of a repository folder, as the Hub lists them."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
 def copy_of(folder, tmp_path):
     return Path(shutil.copytree(folder, tmp_path / "copy"))
 
@@ -122,7 +127,13 @@ def test_repository_folder_holds_safetensors_code_map_info_and_card(built):
     run_dir, folder, _, summary = built
     files = {path.name for path in folder.iterdir()}
     assert files == {"README.md", "config.json", "model.safetensors", "item_id_map.json", "tokenizer_config.json",
-                     "training_info.json"} | CODE_FILES
+                     "training_info.json", "pictures"} | CODE_FILES
+    # A model folder alone: the pictures of the model, each shown in the card.
+    pictures = sorted(path.name for path in (folder / "pictures").iterdir())
+    assert pictures == ["filter_response.png", "gate.png"]
+    card = (folder / "README.md").read_text()
+    for name in pictures:
+        assert f"](pictures/{name})" in card
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_m2rec.M2RecConfig",
                                   "AutoModel": "modeling_m2rec.M2RecForSequentialRecommendation"}
@@ -394,7 +405,7 @@ def test_cli_uploads_and_reports_network_errors_clearly(built, capsys, monkeypat
     with StandInHub(token=TOKEN) as hub:
         assert main(["--model", str(built[0]), "--repo-id", REPO_ID, "--private", "--endpoint", hub.url,
                      "--revision", "v1", "--commit-message", "first upload"]) == 0
-        assert set(hub.files(REPO_ID, "v1")) == {path.name for path in built[1].iterdir()}
+        assert set(hub.files(REPO_ID, "v1")) == set(repository_files(built[1]))
         assert hub.repos[REPO_ID].private
     captured = capsys.readouterr()
     assert "uploaded:" in captured.out and 'revision="v1"' in captured.out
@@ -412,7 +423,7 @@ def test_upload_to_a_branch_and_refused_token(built):
         commit_url = upload(built[1], REPO_ID, endpoint=hub.url, token=TOKEN, revision="experiment",
                             commit_message="try a branch")
         assert commit_url.startswith(f"{hub.url}/{REPO_ID}/commit/")
-        assert set(hub.files(REPO_ID, "experiment")) == {path.name for path in built[1].iterdir()}
+        assert set(hub.files(REPO_ID, "experiment")) == set(repository_files(built[1]))
         assert hub.files(REPO_ID, "main") == {}  # the branch was created from main and main left alone
         with pytest.raises(UploadError, match="HTTP 401"):
             upload(built[1], REPO_ID, endpoint=hub.url, token="hf_wrong")
@@ -437,7 +448,7 @@ def test_round_trip_through_the_stand_in_hub(built, tmp_path):
     with StandInHub(token=TOKEN) as hub:
         upload(folder, REPO_ID, endpoint=hub.url, token=TOKEN)
         published = hub.files(REPO_ID)
-        assert published == {path.name: path.read_bytes() for path in folder.iterdir()}
+        assert published == repository_files(folder)
 
         # A user with an empty cache runs the card's own example (the pipeline, then the vocabulary and the model by
         # hand, which must agree), then scores the fixed histories.
