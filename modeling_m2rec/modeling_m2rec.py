@@ -15,6 +15,7 @@ Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F freq
 E text-embedding width.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,9 @@ class _CausalFFTConvolution(torch.autograd.Function):
         return grad_x, grad_kernel
 
 
+STEP_WINDOW_BLOCK = 2**19  # floats of embedded window per block of users in a cached step (2 MB, cache-sized)
+
+
 class M2RecFrequencyFilter(nn.Module):
     """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
 
@@ -278,14 +282,21 @@ class M2RecFrequencyFilter(nn.Module):
         filtered = self.filter(hidden_states).to(hidden_states.dtype)
         return self.layer_norm(hidden_states + self.dropout(filtered))
 
-    def step(self, window: torch.Tensor) -> torch.Tensor:
-        """The causal filter's output at the newest event only: window (B, max_len, D), the embedded most recent
-        events, oldest first, zeros before the first → (B, 1, D). A direct sum over the lags: one position does
-        not pay for FFTs."""
-        kernel = self.causal_kernel(window.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
-        filtered = (window.float() * kernel).sum(dim=1, keepdim=True)  # (B, 1, D)
-        newest = window[:, -1:]
-        return self.layer_norm(newest + self.dropout(filtered.to(window.dtype)))
+    def step(self, newest: torch.Tensor, window_ids: torch.Tensor,
+             embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The causal filter's output at the newest event only: newest (B, 1, D), the embedded new events;
+        window_ids (B, max_len), the most recent events' ids, oldest first (the newest last), 0 before the first;
+        embed maps ids (b, max_len) to their embeddings (b, max_len, D) → (B, 1, D).
+
+        A direct sum over the lags: one position does not pay for FFTs. The window is embedded and summed a block
+        of users at a time, `STEP_WINDOW_BLOCK` floats each: a whole batch's (B, max_len, D) window (131 MB at
+        B = 256, max_len = 2,000) falls out of cache and is page-faulted in afresh at every step, which made that
+        step 4.6× slower (340 against 74 ms on one core). The sum per user is the same either way."""
+        kernel = self.causal_kernel(newest.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
+        users_per_block = max(1, STEP_WINDOW_BLOCK // window_ids.shape[1] // newest.shape[-1])
+        filtered = torch.cat([(embed(block).float() * kernel).sum(dim=1, keepdim=True)  # (b, 1, D)
+                              for block in window_ids.split(users_per_block)])  # (B, 1, D)
+        return self.layer_norm(newest + self.dropout(filtered.to(newest.dtype)))
 
 
 class M2RecMixer(nn.Module):
@@ -637,6 +648,16 @@ class M2RecModel(M2RecPreTrainedModel):
         # Zero the padding so that the filter's spectrum and window only contain real items.
         return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
 
+    def _window_embedder(self, window_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`embed` for a cached step's item window, window_ids (B, max_len): when the window holds more ids than the
+        catalogue, every id is embedded once, (I, D), and the window looks its rows up, which saves a LayerNorm per
+        position (the step at B = 256, max_len = 2,000 took 1.6× as long without it). The same values as `embed` in eval mode, the
+        only mode a cache is for (in training, dropout would share one mask per id)."""
+        if window_ids.numel() < self.config.vocab_size:
+            return self.embed
+        catalogue = self.embed(torch.arange(self.config.vocab_size, device=window_ids.device))  # (I, D), row 0 zero
+        return lambda ids: F.embedding(ids, catalogue)
+
     def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        cache_params: M2RecCache) -> None:
         """Checks one new event per user of the cache's batch."""
@@ -691,7 +712,7 @@ class M2RecModel(M2RecPreTrainedModel):
             cache.record_events(input_ids)
             embedded = self.embed(input_ids)  # (B, 1, D)
             hidden = embedded if self.frequency_filter is None else self.frequency_filter.step(
-                self.embed(cache.item_ids))
+                embedded, cache.item_ids, self._window_embedder(cache.item_ids))
         all_hidden = (embedded, hidden)
 
         selection = embedded if self.config.selection_source == "unfiltered" else None

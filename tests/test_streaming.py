@@ -4,7 +4,7 @@ forward on the same history, on the PyTorch path and on the fused CPU kernels.""
 import pytest
 import torch
 
-from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation
+from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation, modeling_m2rec
 
 NUM_ITEMS = 30
 MAX_LEN = 10
@@ -194,3 +194,22 @@ def test_streamed_scores_equal_the_full_forward_on_cuda():
                      last_position_only=True)
         lengths = lengths + 1
         assert relative_error(step.logits, full_scores(model, items, lengths)) < 1e-5
+
+
+@torch.no_grad()
+def test_a_step_sums_the_window_in_blocks_of_users_as_one_block(monkeypatch):
+    """The cached step embeds and filters the item window a block of users at a time; blocks of one user (and of
+    two, which leaves a short last block) give the same scores as the whole batch at once. Five users' windows hold
+    more ids than the catalogue, so the step looks them up in the once-embedded catalogue: still the full forward's
+    scores."""
+    model = tiny_model()
+    items = histories(5, MAX_LEN)
+    whole_cache = model(items[:, :-1], use_cache=True).cache_params
+    assert whole_cache.item_ids.numel() > model.config.vocab_size
+    expected = model(items[:, -1:], cache_params=whole_cache, last_position_only=True).logits
+    assert relative_error(expected, full_scores(model, items, [MAX_LEN] * 5)) < 1e-5
+    for users in (1, 2):
+        monkeypatch.setattr(modeling_m2rec, "STEP_WINDOW_BLOCK", users * MAX_LEN * model.config.hidden_size)
+        cache = model(items[:, :-1], use_cache=True).cache_params
+        torch.testing.assert_close(model(items[:, -1:], cache_params=cache, last_position_only=True).logits,
+                                   expected, rtol=0, atol=0)
