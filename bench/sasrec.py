@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from m2rec.modeling_m2rec import full_softmax_cross_entropy
+from m2rec.modeling_m2rec import add_seen_item_offset, next_item_loss
 
 
 class SASRecConfig(PreTrainedConfig):
@@ -32,6 +32,7 @@ class SASRecConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    seen_item_bias: bool = False  # as M2RecConfig.seen_item_bias
 
 
 class SASRecKVCache:
@@ -123,10 +124,16 @@ class SASRec(PreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList(SASRecBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.seen_item_offset = None
+        if config.seen_item_bias:
+            self.seen_item_offset = nn.Parameter(torch.zeros(()))
+            self.seen_item_offset._no_weight_decay = True
         self.post_init()  # transformers' default init: N(0, initializer_range), padding row 0, LayerNorm 1/0
 
-    def score(self, user_states: torch.Tensor) -> torch.Tensor:
+    def score(self, user_states: torch.Tensor, seen_items: torch.Tensor | None = None) -> torch.Tensor:
         logits = user_states @ self.item_embeddings.weight.t()  # (..., I)
+        if self.seen_item_offset is not None and seen_items is not None:
+            logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
         return logits
 
@@ -145,6 +152,9 @@ class SASRec(PreTrainedModel):
             if input_ids.shape != (cache_params.lengths.shape[0], 1):
                 raise ValueError(f"a step takes one new event per cached user, shape "
                                  f"({cache_params.lengths.shape[0]}, 1), got {tuple(input_ids.shape)}")
+            if self.seen_item_offset is not None:
+                raise ValueError("seen_item_bias scores a user's seen items, which the key/value cache does not keep: "
+                                 "re-encode the history instead")
             if (cache_params.lengths >= self.config.max_len).any():
                 raise ValueError(f"a cached user already has max_len={self.config.max_len} events")
             positions, cache = cache_params.lengths[:, None], cache_params  # (B, 1): each user's next position
@@ -159,12 +169,12 @@ class SASRec(PreTrainedModel):
             cache.lengths.copy_(mask.sum(1))
 
         last_states = hidden[torch.arange(len(input_ids), device=input_ids.device), mask.sum(1) - 1]  # (B, D)
+        seen_items = input_ids * mask if self.seen_item_offset is not None else None
         loss = None
         if labels is not None:  # the same exact chunked full-softmax loss as M2Rec, so costs compare like for like
-            states, targets = (last_states, labels) if labels.dim() == 1 else (hidden, labels)
-            labelled = targets != -100
-            loss = full_softmax_cross_entropy(states[labelled], self.item_embeddings.weight, targets[labelled])
+            loss = next_item_loss(hidden, last_states, self.item_embeddings.weight, labels, seen_items,
+                                  self.seen_item_offset)
         logits = None
         if return_logits:
-            logits = self.score(last_states if last_position_only else hidden)
+            logits = self.score(last_states if last_position_only else hidden, seen_items)
         return SASRecOutput(loss=loss, logits=logits, last_hidden_state=hidden, cache_params=cache)

@@ -76,6 +76,11 @@ class M2RecConfig(PreTrainedConfig):
             How text and sequence features are fused: `"gate"` is the paper's `Linear(α·E_text + β·E_mamba)`
             (eq. 16) with learnable scalars; `"context_gate"` a per-dimension sigmoid gate computed from both;
             `"sum"` and `"concat"` the ablations; `"none"` the model without text.
+        seen_item_bias (`bool`, defaults to `False`):
+            Learn one scalar added to the score of every item already in the input sequence (at each position, the
+            items up to and including it), starting at 0. Not in the paper: a tied-embedding scorer ranks the user's
+            own items high, and this lets training learn how much a dataset repeats (ML-1M, where no item repeats,
+            drives it negative; check-in data with revisits may drive it positive). See docs/RESULTS.md (issue #13).
         tie_word_embeddings (`bool`, defaults to `True`):
             Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
     """
@@ -104,6 +109,7 @@ class M2RecConfig(PreTrainedConfig):
     selection_source: str = "unfiltered"
     text_embedding_dim: int = 1024
     fusion: str = "gate"
+    seen_item_bias: bool = False
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
 

@@ -137,6 +137,16 @@ class M2RecRecommendationOutput(ModelOutput):
     cache_params: M2RecCache | None = None
 
 
+def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
+    batch, length = item_ids.shape
+    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
+    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
+    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
+    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
+
+
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `user_states @ item_weights.T` over the whole catalogue, computed in row chunks.
 
@@ -144,49 +154,113 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
     log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
     arithmetic as `F.cross_entropy` on the full logits, in float32. Column 0 (padding) never takes probability.
+    With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
+    for t = positions[m]) get the learned offset added, and its gradient is returned.
     """
 
     @staticmethod
-    def forward(ctx, user_states, item_weights, labels):
+    def _logits(states, weights, seen_offset, seen, start, stop):
+        """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
+        where none (or None without an offset)."""
+        logits = states[start:stop] @ weights.t()  # (chunk, I)
+        seen_columns = None
+        if seen_offset is not None:
+            first_items, rows, positions = seen
+            seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
+            length = seen_columns.shape[1]
+            seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
+            # Column 0 collects the offset of every unused slot, and is then set to -inf.
+            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
+        logits[:, 0] = float("-inf")
+        return logits, seen_columns
+
+    @staticmethod
+    def forward(ctx, user_states, item_weights, labels, seen_offset, seen):
         dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
         states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
         chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
         log_normalizers = states.new_empty(len(states))  # (M,)
         target_logits = states.new_empty(len(states))  # (M,)
         for start in range(0, len(states), chunk):
-            logits = states[start:start + chunk] @ weights.t()  # (chunk, I)
-            logits[:, 0] = float("-inf")
+            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, seen, start, start + chunk)
             log_normalizers[start:start + chunk] = torch.logsumexp(logits, dim=1)
             target_logits[start:start + chunk] = logits.gather(1, labels[start:start + chunk, None]).squeeze(1)
-        ctx.save_for_backward(user_states, item_weights, labels, log_normalizers)
-        ctx.chunk = chunk
+        ctx.save_for_backward(user_states, item_weights, labels, log_normalizers, seen_offset)
+        ctx.chunk, ctx.seen = chunk, seen
         return (log_normalizers - target_logits).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        user_states, item_weights, labels, log_normalizers = ctx.saved_tensors
+        user_states, item_weights, labels, log_normalizers, seen_offset = ctx.saved_tensors
         states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
         grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
+        grad_offset = None if seen_offset is None else torch.zeros((), dtype=states.dtype, device=states.device)
         scale = grad_loss.to(states.dtype) / len(states)
         for start in range(0, len(states), ctx.chunk):
-            chunk_states = states[start:start + ctx.chunk]
-            probabilities = chunk_states @ weights.t()  # (chunk, I) logits → softmax → d loss / d logits
-            probabilities[:, 0] = float("-inf")
-            probabilities.sub_(log_normalizers[start:start + ctx.chunk, None]).exp_()
-            probabilities[torch.arange(len(chunk_states)), labels[start:start + ctx.chunk]] -= 1.0
+            stop = start + ctx.chunk
+            # logits → softmax → d loss / d logits, in place
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, ctx.seen,
+                                                                           start, stop)
+            probabilities.sub_(log_normalizers[start:stop, None]).exp_()
+            probabilities[torch.arange(len(probabilities)), labels[start:stop]] -= 1.0
             probabilities.mul_(scale)
-            grad_states[start:start + ctx.chunk] = probabilities @ weights
-            grad_weights.addmm_(probabilities.t(), chunk_states)
-        return grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None
+            grad_states[start:stop] = probabilities @ weights
+            grad_weights.addmm_(probabilities.t(), states[start:stop])
+            if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
+                grad_offset += probabilities.gather(1, seen_columns).sum()
+        if grad_offset is not None:
+            grad_offset = grad_offset.to(seen_offset.dtype)
+        return grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None
 
 
-def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor,
-                               labels: torch.Tensor) -> torch.Tensor:
+def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
+                               seen_offset: torch.Tensor | None = None,
+                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1.
-    Equals `F.cross_entropy(scores, labels)` with the padding column excluded, without storing (M, I) scores."""
+    Equals `F.cross_entropy(scores, labels)` with the padding column excluded, without storing (M, I) scores.
+
+    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
+    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
+    """
     if len(labels) == 0:
         raise ValueError("no labelled position in the batch: every label is -100")
-    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels)
+    if (seen_offset is None) != (seen is None):
+        raise ValueError("seen_offset and seen go together")
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, seen)
+
+
+def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
+                   labels: torch.Tensor, seen_items: torch.Tensor | None = None,
+                   seen_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-softmax cross-entropy of the next item, shared by M2Rec and the bench baselines.
+
+    user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
+    labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
+    logits get the offset: at position t the items up to t, for the last position all of them.
+    """
+    labelled = labels != -100
+    if labels.dim() == 1:
+        states = last_states
+        rows = labelled.nonzero(as_tuple=True)[0]
+        positions = torch.full_like(rows, seen_items.shape[1] - 1 if seen_items is not None else 0)
+    else:
+        states = user_states
+        rows, positions = labelled.nonzero(as_tuple=True)
+    seen = None
+    if seen_offset is not None:
+        seen = (first_occurrences(seen_items, item_weights.shape[0]), rows, positions)
+    return full_softmax_cross_entropy(states[labelled], item_weights, labels[labelled], seen_offset, seen)
+
+
+def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, I) or (B, I) plus `seen_offset` on the items of seen_items (B, L) (0 padding) that each row has
+    seen: at position t the items up to t; for (B, I) all of them."""
+    if logits.dim() == 3:  # a running count of first occurrences: 1 from an item's first position on
+        first_items = first_occurrences(seen_items, logits.shape[-1])
+        seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
+    else:
+        seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
+    return logits + seen * seen_offset
 
 
 class _CausalFFTConvolution(torch.autograd.Function):
@@ -530,6 +604,8 @@ class M2RecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, M2RecFusion) and module.fusion == "gate":
             module.text_weight.fill_(1.0)
             module.sequence_weight.fill_(1.0)
+        elif isinstance(module, M2RecForSequentialRecommendation) and module.seen_item_offset is not None:
+            module.seen_item_offset.zero_()  # start as the paper's scorer
 
 
 class M2RecModel(M2RecPreTrainedModel):
@@ -752,6 +828,10 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         super().__init__(config)
         self.m2rec = M2RecModel(config)
         self.item_scorer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.seen_item_offset = None
+        if config.seen_item_bias:
+            self.seen_item_offset = nn.Parameter(torch.zeros(()))
+            self.seen_item_offset._no_weight_decay = True  # decay would pull it back to the paper's scorer
         self.post_init()
 
     def get_input_embeddings(self):
@@ -774,9 +854,16 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                                          device=self.item_scorer.weight.device, dtype=self.item_scorer.weight.dtype)
             self.item_scorer.weight = self.m2rec.item_embeddings.weight
 
-    def score(self, user_states: torch.Tensor) -> torch.Tensor:
-        """Scores over all items, (..., D) → (..., I); the padding column gets the dtype's lowest value."""
+    def score(self, user_states: torch.Tensor, seen_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores over all items, (B, L, D) → (B, L, I) or (B, D) → (B, I); the padding column gets the dtype's lowest
+        value.
+
+        seen_items: (B, L') the input items (0 padding), which get the learned seen-item offset when the config has
+            `seen_item_bias`: at position t the items up to t, or all of them for (B, D) states.
+        """
         logits = self.item_scorer(user_states)
+        if self.seen_item_offset is not None and seen_items is not None:
+            logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
         return logits
 
@@ -826,22 +913,26 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                              return_dict=True, last_position_only=fuse_last_only, cache_params=cache_params,
                              use_cache=use_cache)
         user_states = outputs.last_hidden_state  # (B, L, D), or (B, 1, D) when fused at the last position only
+        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
         if fuse_last_only:
             last_states = user_states[:, 0]
         else:
-            mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
             last_index = mask.sum(dim=1) - 1  # (B,)
             last_states = user_states[torch.arange(len(input_ids), device=input_ids.device), last_index]  # (B, D)
 
+        # The items each scored position has seen: the inputs, or with a cache its window of recent items.
+        seen_items = None
+        if self.seen_item_offset is not None:
+            seen_items = outputs.cache_params.item_ids if cache_params is not None else input_ids * mask
+
         loss = None
         if labels is not None:
-            states, targets = (last_states, labels) if labels.dim() == 1 else (user_states, labels)
-            labelled = targets != -100
-            loss = full_softmax_cross_entropy(states[labelled], self.item_scorer.weight, targets[labelled])
+            loss = next_item_loss(user_states, last_states, self.item_scorer.weight, labels, seen_items,
+                                  self.seen_item_offset)
 
         logits = None
         if return_logits:
-            logits = self.score(last_states if last_position_only else user_states)
+            logits = self.score(last_states if last_position_only else user_states, seen_items)
 
         if not return_dict:
             return tuple(v for v in (loss, logits, user_states, outputs.hidden_states, outputs.cache_params)

@@ -50,6 +50,14 @@ def test_sasrec_kv_step_equals_the_full_forward_at_the_last_position(filled):
         model(items[:, :1], cache_params=cache)
 
 
+def test_sasrec_kv_step_refuses_the_seen_item_offset():
+    """The offset scores every seen item, which the key/value cache does not keep."""
+    model = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=MAX_LEN, hidden_size=16, seen_item_bias=True)).eval()
+    cache = model(torch.tensor([[3, 4]]), use_cache=True).cache_params
+    with pytest.raises(ValueError, match="re-encode the history"):
+        model(torch.tensor([[5]]), cache_params=cache)
+
+
 def test_interleaved_rounds_alternate_the_rows_and_ratios_are_per_round():
     calls = []
     interleaved_seconds({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, rounds=3,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
 from m2rec.cpu_mixer import MixerCPUFn
-from m2rec.modeling_m2rec import _CausalFFTConvolution, full_softmax_cross_entropy
+from m2rec.modeling_m2rec import _CausalFFTConvolution, first_occurrences, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -98,6 +98,73 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy():
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     for grad, reference in zip(grads, expected_grads):
         torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_chunked_cross_entropy_with_a_seen_item_offset():
+    # Rows of 3 sequences at various positions; the offset shifts the logits of the items each row has seen.
+    generator = torch.Generator().manual_seed(1)
+    item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
+    item_ids[2, 20:] = 0
+    item_ids[1, 10:20] = item_ids[1, :10]  # repeats: the offset counts once per item
+    rows = torch.randint(0, 3, (700,), generator=generator)
+    positions = torch.randint(0, 20, (700,), generator=generator)
+    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
+    labels = item_ids[rows, positions]  # seen targets too (a revisit), so the offset's gradient has both signs
+    labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
+    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    seen = torch.zeros(700, 5000, dtype=torch.bool)
+    for m in range(700):
+        seen[m, item_ids[rows[m], : positions[m] + 1]] = True
+    logits = states @ weights.t() + offset * seen
+    logits[:, 0] = float("-inf")
+    expected = F.cross_entropy(logits, labels)
+    expected_grads = torch.autograd.grad(expected, (states, weights, offset))
+    first_items = first_occurrences(item_ids, 5000)
+    loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_items, rows, positions))
+    grads = torch.autograd.grad(loss, (states, weights, offset))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_seen_item_bias_offsets_the_items_each_position_has_seen():
+    plain = tiny_model()
+    model = tiny_model(seen_item_bias=True)
+    with torch.no_grad():
+        model.seen_item_offset.fill_(-2.0)
+    input_ids = random_histories(3, 12)
+    input_ids[1, 7:] = 0
+    input_ids[0, 5] = input_ids[0, 2]  # a repeat: seen from position 2 on
+    logits, plain_logits = model(input_ids).logits, plain(input_ids).logits
+    for b, t in [(0, 1), (0, 2), (0, 5), (1, 6), (2, 11)]:
+        seen = set(input_ids[b, : t + 1].tolist())
+        offsets = logits[b, t, 1:] - plain_logits[b, t, 1:]
+        expected = torch.tensor([-2.0 if item in seen else 0.0 for item in range(1, NUM_ITEMS + 1)])
+        torch.testing.assert_close(offsets, expected, rtol=0, atol=1e-5)
+    last = model(input_ids, last_position_only=True).logits  # (B, I): every input is seen
+    torch.testing.assert_close(last[1], logits[1, 6])
+    torch.testing.assert_close(last[2], logits[2, 11])
+
+    # The chunked loss equals cross-entropy on the full logits, every position and last position, with gradients.
+    model.train()
+    next_items = torch.roll(input_ids, -1, dims=1)
+    labels = torch.where((input_ids > 0) & (next_items > 0), next_items, torch.full_like(input_ids, -100))
+    out = model(input_ids, labels=labels)
+    expected = F.cross_entropy(out.logits[labels != -100], labels[labels != -100])
+    torch.testing.assert_close(out.loss, expected)
+    lean = model(input_ids, labels=labels, return_logits=False).loss
+    torch.testing.assert_close(lean, expected)
+    (offset_grad,) = torch.autograd.grad(lean, model.seen_item_offset)
+    assert offset_grad != 0
+    last_labels = torch.tensor([3, 4, 5])
+    torch.testing.assert_close(model(input_ids, labels=last_labels, last_position_only=True).loss,
+                               F.cross_entropy(last, last_labels))
+
+    # Causal: later items never change an earlier position's offsets.
+    changed = input_ids.clone()
+    changed[:, 4:] = random_histories(3, 8, seed=9)
+    torch.testing.assert_close(model(changed).logits[:, :4], logits[:, :4], rtol=0, atol=1e-5)
 
 
 def test_bad_labels_are_refused():

@@ -57,8 +57,8 @@ def test_round_trip_through_auto_classes(tmp_path):
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
-def test_round_trip_without_text_and_with_global_filter(tmp_path):
-    for overrides in (dict(fusion="none"), dict(fft_mode="global", fft_adaptive=False)):
+def test_round_trip_of_the_variants(tmp_path):
+    for overrides in (dict(fusion="none"), dict(fft_mode="global", fft_adaptive=False), dict(seen_item_bias=True)):
         model, folder = saved_model(tmp_path / str(len(overrides)), **overrides)
         loaded = AutoModel.from_pretrained(folder)
         input_ids = random_histories(2, 7)

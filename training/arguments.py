@@ -48,6 +48,7 @@ class ModelArguments:
     fft_adaptive: bool = True
     selection_source: Literal["unfiltered", "filtered"] = "unfiltered"
     fusion: Literal["gate", "context_gate", "sum", "concat", "none"] = "gate"
+    seen_item_bias: bool = False
 
 
 @dataclass
