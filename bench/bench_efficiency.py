@@ -11,9 +11,9 @@ of width 64. Training: one epoch of every ML-1M user at every position (batch 25
 at L = 1,000 and 2,000 the same number of tokens (256·200 per step, 24 steps) of random histories over the ML-1M
 catalogue. Inference: `model.recommend(histories, k=10)` in eval mode; latency per user = time per call / batch.
 The models of one length are timed in interleaved rounds (bench/timing.py), so that the machine's drift over minutes
-does not enter the ratios: training in 5 rounds, each one fifth of the epoch's steps for every model in turn (the
-epoch time is the sum of the rounds, the ratio the median of the per-round ratios with its range); inference in 5
-rounds of `recommend` calls (latency the median over the rounds).
+does not enter the ratios: training in 5 rounds, round r training every model in turn on the epoch's steps r,
+r + 5, r + 10, ... (the epoch time is the sum of the rounds, the ratio the median of the per-round ratios with its
+range); inference in 5 rounds of `recommend` calls (latency the median over the rounds).
 Memory: peak growth of resident memory during one training step and one inference call of batch 256, each after a
 warm-up call, measured in a child process per model and length whose allocator returns every block above 1 MiB to the
 OS (the method of bench/bench_scan.py); the timings come from the parent, with the default allocator.
@@ -91,8 +91,9 @@ def train_seconds(model, optimizer, batches):
 
 
 def interleaved_epoch(models, batches, rounds):
-    """{name: [seconds of each round]}: the epoch's batches cut into `rounds` consecutive slices, each slice trained by
-    every model in turn before the next."""
+    """{name: [seconds of each round]}: the epoch's batches dealt into `rounds` slices (round r trains batches r,
+    r + rounds, ...: every slice a like mix of the epoch), each slice trained by every model in turn before the
+    next."""
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in models.items()}
     seconds = {name: [] for name in models}
     for batch_slice in (batches[r::rounds] for r in range(rounds)):
