@@ -10,10 +10,10 @@ Time: the rows of one length run in 5 interleaved rounds (bench/timing.py: row A
 timing one call, or the mean of enough calls to last 50 ms, after a warm-up call); a row's time is the median over
 the rounds, and each ratio between rows ("vs loop", "× transformer") the median of the per-round ratios with their
 range (min–max), so that the machine's drift over minutes does not enter the ratios. Whatever memory allocator the
-process has is used: glibc's by default, which hands blocks above its mmap
-threshold back to the OS and page-faults them in again on every call. The environment block of the output records
-any MALLOC_* setting; `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` keeps freed memory in
-the process, as caching allocators (jemalloc, tcmalloc) do, and so times the arithmetic without the page faults.
+process has is used: glibc's by default, which hands blocks above its mmap threshold back to the OS and page-faults
+them in again on every call. The environment block of the output records any MALLOC_* setting;
+`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` keeps freed memory in the process, as caching
+allocators (jemalloc, tcmalloc) do, and so times the arithmetic without the page faults.
 
 Memory: peak growth of resident memory during one call, each row and length in its own child process (Linux only;
 "-" elsewhere), after one warm-up call, so that one-time costs (FFT plans, thread pools, the extension's load) and
