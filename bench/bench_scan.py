@@ -219,7 +219,7 @@ def measure_memory(rows, lengths, tokens):
 
 def memory_child(make, length, tokens):
     """Prints [forward MB, forward+backward MB] of one row at one length, each after a warm-up call."""
-    kernels.selective_scan_backend("cpu")  # loads the fused extension before anything is measured
+    kernels.resolve_backend("cpu")  # loads the fused extension before anything is measured
     print(json.dumps([warm_peak_memory_mb(fn) for fn in make(tokens // length, length)]))
 
 
@@ -290,7 +290,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
-        "scan_backend_cpu": kernels.selective_scan_backend("cpu"),
+        "scan_backend_cpu": kernels.resolve_backend("cpu"),
         "cpu_scan_avx512": cpu_scan.avx512_enabled(),
         "tokens_per_batch": args.tokens,
         "rounds": args.rounds,

@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 FFT_MODES = ("causal", "global", "none")
 SELECTION_SOURCES = ("unfiltered", "filtered")
 FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
+KERNEL_BACKENDS = ("auto", "cuda", "cpu_fused", "torch")
 
 
 def _check_choice(name, value, allowed):
@@ -83,6 +84,13 @@ class M2RecConfig(PreTrainedConfig):
             drives it negative; check-in data with revisits may drive it positive). See docs/RESULTS.md (issue #13).
         tie_word_embeddings (`bool`, defaults to `True`):
             Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
+        kernel_backend (`str`, defaults to `"auto"`):
+            Which implementation of the selective scan and the causal convolution the model runs, decided once per
+            call by `kernels.resolve_backend`: `"auto"` takes the fastest available for the inputs' device (mamba-ssm
+            and causal-conv1d on CUDA, the fused C++ kernels on the CPU, plain PyTorch otherwise); `"cuda"` and
+            `"cpu_fused"` insist on those kernels (an error where they cannot run); `"torch"` is the plain-PyTorch
+            path on any device. The environment variable `M2REC_DISABLE_FUSED_CPU=1`, read once at import, overrides
+            `"auto"` and `"cpu_fused"` with `"torch"` on the CPU.
     """
 
     model_type = "m2rec"
@@ -112,11 +120,13 @@ class M2RecConfig(PreTrainedConfig):
     seen_item_bias: bool = False
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
+    kernel_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         _check_choice("fft_mode", self.fft_mode, FFT_MODES)
         _check_choice("selection_source", self.selection_source, SELECTION_SOURCES)
         _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         for name in ("num_items", "max_len", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
                      "expand", "text_embedding_dim"):
             value = getattr(self, name)

@@ -19,7 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import avx512_enabled, fused_backward, load_cpu_scan
+from .cpu_scan import avx512_enabled, fused_backward, kernel_ops
 
 
 def _channels_first(t):
@@ -47,25 +47,25 @@ class MixerCPUFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def _convolve(kernels, pre_activation, conv_weight, conv_bias):
+    def _convolve(pre_activation, conv_weight, conv_bias):
         """SiLU(causal depthwise conv), (B, L, Di) → (B, L, Di)."""
-        return _channels_first(kernels.conv_fwd(_channels_first(pre_activation), conv_weight, conv_bias, True))
+        return _channels_first(kernel_ops.conv_fwd(_channels_first(pre_activation), conv_weight, conv_bias, True))
 
     @staticmethod
     def forward(ctx, hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
                 A_log, D, out_proj):
-        kernels, avx512 = load_cpu_scan(), avx512_enabled()
+        avx512 = avx512_enabled()
         conv_kernel = conv_weight.squeeze(1)  # (Di, K)
         x_weight, z_weight = in_proj.chunk(2, dim=0)
         rank = dt_proj.shape[1]
-        x = MixerCPUFn._convolve(kernels, F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
-        selection = MixerCPUFn._convolve(kernels, F.linear(selection_states, x_weight), conv_kernel, conv_bias)
+        x = MixerCPUFn._convolve(F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
+        selection = MixerCPUFn._convolve(F.linear(selection_states, x_weight), conv_kernel, conv_bias)
         projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
         del selection
         dt_rank, B, C = _split_projection(projected, rank)
         dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
         z = F.linear(selection_states, z_weight)
-        y, _ = kernels.fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
+        y, _ = kernel_ops.scan_fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
                            _channels_first(C), D, _channels_first(z), dt_bias, None, True, avx512)  # (B, Di, L)
         del x, dt, z
         ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
@@ -77,7 +77,6 @@ class MixerCPUFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         (hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
          A_log, D, out_proj) = ctx.saved_tensors
-        kernels = load_cpu_scan()
         conv_kernel = conv_weight.squeeze(1)  # (Di, K)
         x_weight, z_weight = in_proj.chunk(2, dim=0)
         dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
@@ -87,7 +86,7 @@ class MixerCPUFn(torch.autograd.Function):
         # 1. The scan path. bwd writes du, dΔ, dz and y over x, dt, z and grad_y, which are ours.
         grad_y = grad_out @ out_proj  # (B, L, Di)
         x_pre = F.linear(hidden_states, x_weight)
-        x = MixerCPUFn._convolve(kernels, x_pre, conv_kernel, conv_bias)
+        x = MixerCPUFn._convolve(x_pre, conv_kernel, conv_bias)
         dt = dt_rank @ dt_proj.t()
         z = F.linear(selection_states, z_weight)
         grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y, _ = fused_backward(
@@ -104,7 +103,7 @@ class MixerCPUFn(torch.autograd.Function):
         grad_z_weight = _flat(grad_z).t() @ _flat(selection_states)
         grad_selection_states = grad_z @ z_weight
         del grad_z
-        grad_x_pre, grad_conv_weight, grad_conv_bias = kernels.conv_bwd(
+        grad_x_pre, grad_conv_weight, grad_conv_bias = kernel_ops.conv_bwd(
             _channels_first(grad_x), _channels_first(x_pre), conv_kernel, conv_bias, True)
         del grad_x, x_pre
         grad_x_pre = _channels_first(grad_x_pre)  # (B, L, Di)
@@ -114,12 +113,12 @@ class MixerCPUFn(torch.autograd.Function):
 
         # 2. The selection path: x_proj's input, recomputed, and both of its products.
         selection_pre = F.linear(selection_states, x_weight)
-        selection = MixerCPUFn._convolve(kernels, selection_pre, conv_kernel, conv_bias)
+        selection = MixerCPUFn._convolve(selection_pre, conv_kernel, conv_bias)
         grad_projected = torch.cat([grad_dt_rank, _channels_first(grad_B), _channels_first(grad_C)], dim=-1)
         grad_x_proj = _flat(grad_projected).t() @ _flat(selection)
         del selection
         grad_selection = grad_projected @ x_proj  # (B, L, Di)
-        grad_selection_pre, grad_conv_weight_2, grad_conv_bias_2 = kernels.conv_bwd(
+        grad_selection_pre, grad_conv_weight_2, grad_conv_bias_2 = kernel_ops.conv_bwd(
             _channels_first(grad_selection), _channels_first(selection_pre), conv_kernel, conv_bias, True)
         del grad_selection, selection_pre
         grad_selection_pre = _channels_first(grad_selection_pre)

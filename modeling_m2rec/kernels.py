@@ -1,24 +1,26 @@
 """Mamba's two kernels, the selective scan and the causal depthwise convolution, for every device, each with its
 one-step form for streaming inference.
 
-Each has a plain-PyTorch twin with the same signature and one dispatcher that picks the fastest
-available path:
+Each has a plain-PyTorch twin with the same signature and one dispatcher that runs the path of a
+backend, chosen once per model call by `resolve_backend` (from `M2RecConfig.kernel_backend`, "auto" by
+default) and passed to the dispatchers as `backend=`:
 
-    selective_scan:  CUDA + mamba-ssm  -> mamba_ssm's `selective_scan_fn` (with `initial_state`:
-                                          `selective_scan_torch`, as mamba-ssm's scan starts from 0)
-                     CPU + a compiler  -> the fused C++ loop of `cpu_scan`
-                     otherwise         -> `selective_scan_torch` (exact, chunked, any device)
-    causal_conv1d:   CUDA + causal-conv1d -> `causal_conv1d_fn`
-                     CPU + a compiler     -> the fused C++ loop of `cpu_scan`
-                     otherwise            -> `causal_conv1d_torch`
-    selective_state_update:  CUDA + mamba-ssm     -> mamba_ssm's `selective_state_update` (Triton)
-                             otherwise            -> `selective_state_update_torch`
-    causal_conv1d_update:    CUDA + causal-conv1d -> causal-conv1d's `causal_conv1d_update`
-                             otherwise            -> `causal_conv1d_update_torch`
+    backend "cuda" (CUDA tensors; mamba-ssm and/or causal-conv1d installed):
+        selective_scan          -> mamba_ssm's `selective_scan_fn` (with `initial_state`: `selective_scan_torch`,
+                                   as mamba-ssm's scan starts from 0)
+        causal_conv1d           -> causal-conv1d's `causal_conv1d_fn` (widths 2 to 4)
+        selective_state_update  -> mamba_ssm's `selective_state_update` (Triton)
+        causal_conv1d_update    -> causal-conv1d's `causal_conv1d_update`
+      (a kernel that is not installed falls back to its twin, logged once)
+    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan and the convolution run the fused C++ loops of
+        `cpu_scan` (registered torch custom ops); the one-step forms run their twins
+    backend "torch": `selective_scan_torch` (exact, chunked), `causal_conv1d_torch`, `selective_state_update_torch`,
+        `causal_conv1d_update_torch`, on any device
 
 `selective_scan_ref`, a loop over time steps, is the definition the others are tested against.
-Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1 turns the fused CPU paths
-off (to debug or benchmark the PyTorch ones).
+Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1, read once at import
+(`cpu_scan.FUSED_CPU_DISABLED`), turns the fused CPU paths off (to debug or benchmark the PyTorch
+ones) whatever the config asks.
 
 Shapes: B batch, D channels (d_inner), L length, N state size, W convolution width. Conventions of
 mamba-ssm: u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), input-dependent; D, delta_bias
@@ -31,7 +33,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import causal_conv1d_cpu, fused_cpu_disabled, load_cpu_scan, selective_scan_cpu
+from . import cpu_scan
+from .configuration_m2rec import KERNEL_BACKENDS
+from .cpu_scan import causal_conv1d_cpu, load_cpu_scan, selective_scan_cpu
 
 
 try:
@@ -107,11 +111,23 @@ def _chunk_length(batch, dim, state):
     """Steps per chunk of the PyTorch scan: the largest power of two in [4, 64] that keeps a
     chunk's (B, D, T, N) tensors under 2^22 elements. Long chunks cost log2(T) passes of the scan
     per step, short ones Python overhead per chunk; memory-bound CPUs favour short chunks at
-    large B, small batches (and GPUs) long ones."""
+    large B, small batches (and GPUs) long ones. A program traced for any batch size (torch.export with a dynamic
+    batch) takes the shortest chunk, which bounds the memory of every batch it will see."""
+    if not isinstance(batch, int):
+        return 4
     length = 64
     while length > 4 and batch * dim * state * length > 2**22:
         length //= 2
     return length
+
+
+def _write(destination, operation, *operands):
+    """operation(*operands, out=destination): in eager mode straight into the (strided) destination, without a
+    temporary; torch.compile cannot trace out= into a strided view, so there the result is copied in (and fused)."""
+    if torch.compiler.is_compiling():
+        destination.copy_(operation(*operands))
+    else:
+        operation(*operands, out=destination)
 
 
 def _linear_scan(decay, x, reverse=False):
@@ -133,11 +149,11 @@ def _linear_scan(decay, x, reverse=False):
         src = slice(offset, length) if reverse else slice(0, length - offset)
         keep = slice(length - offset, length) if reverse else slice(0, offset)
         x_next[:, :, keep] = x[:, :, keep]
-        torch.addcmul(x[:, :, dst], decay[:, :, dst], x[:, :, src], out=x_next[:, :, dst])
+        _write(x_next[:, :, dst], torch.addcmul, x[:, :, dst], decay[:, :, dst], x[:, :, src])
         x, x_next = x_next, x
         if 2 * offset < length:  # the last pass needs no decay products
             decay_next[:, :, keep] = decay[:, :, keep]
-            torch.mul(decay[:, :, dst], decay[:, :, src], out=decay_next[:, :, dst])
+            _write(decay_next[:, :, dst], torch.mul, decay[:, :, dst], decay[:, :, src])
             decay, decay_next = decay_next, decay
         offset *= 2
     return x
@@ -246,24 +262,50 @@ def selective_scan_torch(
     return (out, h) if return_last_state else out
 
 
-def selective_scan_backend(device):
-    """Which path `selective_scan` takes for tensors on `device`: "cuda" (mamba-ssm),
-    "cpu_fused" (the compiled loop of `cpu_scan`) or "torch" (`selective_scan_torch`)."""
+@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
+def resolve_backend(device, requested="auto"):
+    """The backend the kernels run for tensors on `device` when `requested` (an `M2RecConfig.kernel_backend`) is
+    asked for: "cuda", "cpu_fused" or "torch". The model calls it once per call and passes the answer to every
+    kernel; a path that "auto" passes over for lack of its kernels is logged once.
+
+    Raises ValueError for an unknown name or a backend that does not run on `device`, and RuntimeError where the
+    requested kernels are unavailable (mamba-ssm and causal-conv1d not installed, the C++ extension not built).
+    """
+    _check_backend(requested)
     device = torch.device(device)
+    cuda_kernels = selective_scan_fn is not None or causal_conv1d_fn is not None
+    if requested == "torch":
+        return "torch"
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"kernel_backend='cuda' runs on CUDA tensors, got {device.type} ones")
+        if not cuda_kernels:
+            raise RuntimeError("kernel_backend='cuda' needs mamba-ssm or causal-conv1d (pip install -e '.[cuda]')")
+        return "cuda"
+    if requested == "cpu_fused" and device.type != "cpu":
+        raise ValueError(f"kernel_backend='cpu_fused' runs on CPU tensors, got {device.type} ones")
     if device.type == "cuda":
-        if selective_scan_fn is not None:
-            return "cuda"
-        _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
-        return "torch"
-    if device.type == "cpu":
-        if fused_cpu_disabled():
-            _log_once("M2REC_DISABLE_FUSED_CPU is set: the selective scan runs in plain PyTorch")
+        if not cuda_kernels:
+            _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
             return "torch"
-        if load_cpu_scan() is not None:
-            return "cpu_fused"
-        _log_once("fused CPU selective scan unavailable: the selective scan runs in plain PyTorch")
+        return "cuda"
+    if device.type != "cpu":
         return "torch"
+    if cpu_scan.FUSED_CPU_DISABLED:
+        _log_once("M2REC_DISABLE_FUSED_CPU is set: the selective scan runs in plain PyTorch")
+        return "torch"
+    if load_cpu_scan() is not None:
+        return "cpu_fused"
+    if requested == "cpu_fused":
+        raise RuntimeError("kernel_backend='cpu_fused' but the fused CPU kernels could not be built (the reason is "
+                           "logged); kernel_backend='auto' falls back to plain PyTorch")
+    _log_once("fused CPU selective scan unavailable: the selective scan runs in plain PyTorch")
     return "torch"
+
+
+def _check_backend(backend):
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend={backend!r} is not supported; choose one of {KERNEL_BACKENDS}")
 
 
 def _selective_scan_cuda(
@@ -271,7 +313,12 @@ def _selective_scan_cuda(
     return_last_state=False
 ):
     """mamba-ssm's CUDA scan, which always starts from h = 0: a scan that continues a state runs in
-    plain PyTorch instead (never with the initial state dropped)."""
+    plain PyTorch instead (never with the initial state dropped), as does every scan without mamba-ssm."""
+    if selective_scan_fn is None:
+        _log_once("mamba-ssm is not installed: the selective scan runs in plain PyTorch on CUDA")
+        return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                    delta_softplus=delta_softplus, initial_state=initial_state,
+                                    return_last_state=return_last_state)
     if initial_state is not None:
         _log_once("mamba-ssm's selective scan takes no initial state: a scan from a given state runs in plain "
                   "PyTorch on CUDA")
@@ -284,10 +331,10 @@ def _selective_scan_cuda(
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-    return_last_state=False
+    return_last_state=False, backend=None
 ):
-    """The selective scan on the fastest available path (see `selective_scan_backend`); same
-    signature and result as `selective_scan_ref`.
+    """The selective scan on `backend`'s path (a `resolve_backend` answer; None resolves "auto" for u's device);
+    same signature and result as `selective_scan_ref`.
 
     Args:
         u, delta: (B, D, L). A: (D, N). B, C: (B, N, L). D, delta_bias: (D,) or None.
@@ -300,7 +347,7 @@ def selective_scan(
         "cuda": _selective_scan_cuda,
         "cpu_fused": selective_scan_cpu,
         "torch": selective_scan_torch,
-    }[selective_scan_backend(u.device)]
+    }[resolve_backend(u.device) if backend is None else backend]
     return scan(
         u,
         delta,
@@ -345,11 +392,11 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
     return y.to(x.dtype)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One step of the selective scan on the fastest available path (mamba-ssm's Triton kernel for CUDA
-    tensors where installed); same signature and result as `selective_state_update_torch`: state (B, D, N),
-    updated in place; x, dt, z (B, D); A (D, N); B, C (B, N); D, dt_bias (D,) -> out (B, D)."""
-    if state.is_cuda:
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None):
+    """One step of the selective scan on `backend`'s path (mamba-ssm's Triton kernel for "cuda" where installed;
+    None resolves "auto" for state's device); same signature and result as `selective_state_update_torch`: state
+    (B, D, N), updated in place; x, dt, z (B, D); A (D, N); B, C (B, N); D, dt_bias (D,) -> out (B, D)."""
+    if (resolve_backend(state.device) if backend is None else backend) == "cuda":
         if selective_state_update_fn is not None:
             return selective_state_update_fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                              dt_softplus=dt_softplus)
@@ -372,17 +419,18 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     return F.silu(out) if activation is not None else out
 
 
-def causal_conv1d(x, weight, bias=None, activation=None):
-    """Causal depthwise convolution on the fastest available path; same signature and result as
-    `causal_conv1d_torch`: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
-    if x.is_cuda:
+def causal_conv1d(x, weight, bias=None, activation=None, backend=None):
+    """Causal depthwise convolution on `backend`'s path (None resolves "auto" for x's device); same signature and
+    result as `causal_conv1d_torch`: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
+    backend = resolve_backend(x.device) if backend is None else backend
+    if backend == "cuda":
         # the CUDA kernel supports widths 2 to 4 (Mamba uses 4)
         if causal_conv1d_fn is not None and 2 <= weight.shape[1] <= 4:
             return causal_conv1d_fn(x, weight, bias, activation=activation)
         _log_once(
             "causal-conv1d is not installed (or not for this width): the convolution runs in plain PyTorch on CUDA"
         )
-    elif selective_scan_backend(x.device) == "cpu_fused":  # the same extension holds both CPU kernels
+    elif backend == "cpu_fused":
         return causal_conv1d_cpu(x, weight, bias, activation=activation)
     return causal_conv1d_torch(x, weight, bias, activation=activation)
 
@@ -409,11 +457,11 @@ def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None
     return (F.silu(out) if activation is not None else out).to(x.dtype)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """One step of the causal depthwise convolution on the fastest available path (causal-conv1d's kernel for
-    CUDA tensors where installed); same signature and result as `causal_conv1d_update_torch`: x (B, D),
-    conv_state (B, D, S >= W - 1) updated in place, weight (D, W), bias (D,) -> (B, D)."""
-    if x.is_cuda:
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
+    """One step of the causal depthwise convolution on `backend`'s path (causal-conv1d's kernel for "cuda" where
+    installed; None resolves "auto" for x's device); same signature and result as `causal_conv1d_update_torch`:
+    x (B, D), conv_state (B, D, S >= W - 1) updated in place, weight (D, W), bias (D,) -> (B, D)."""
+    if (resolve_backend(x.device) if backend is None else backend) == "cuda":
         if causal_conv1d_update_fn is not None and 2 <= weight.shape[1] <= 4:
             return causal_conv1d_update_fn(x, conv_state, weight, bias, activation=activation)
         _log_once("causal-conv1d is not installed (or not for this width): the one-step convolution runs in "
@@ -426,8 +474,8 @@ __all__ = [
     "causal_conv1d_torch",
     "causal_conv1d_update",
     "causal_conv1d_update_torch",
+    "resolve_backend",
     "selective_scan",
-    "selective_scan_backend",
     "selective_scan_ref",
     "selective_scan_torch",
     "selective_state_update",

@@ -80,12 +80,11 @@ CASES = [
 
 def selective_scan_cpu_generic(*args, **kwargs):
     """The fused CPU scan with its AVX-512 forward switched off (the variant that runs on every other CPU)."""
-    previous = os.environ.get("M2REC_DISABLE_AVX512")
-    os.environ["M2REC_DISABLE_AVX512"] = "1"
+    previous, cpu_scan.AVX512_DISABLED = cpu_scan.AVX512_DISABLED, True
     try:
         return cpu_scan.selective_scan_cpu(*args, **kwargs)
     finally:
-        os.environ.pop("M2REC_DISABLE_AVX512") if previous is None else os.environ.update(M2REC_DISABLE_AVX512=previous)
+        cpu_scan.AVX512_DISABLED = previous
 
 
 IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu,
@@ -354,7 +353,7 @@ class CallCounter:
         return self.function(*args, **kwargs)
 
 
-def dispatch_once(monkeypatch):
+def dispatch_once(monkeypatch, backend=None):
     """Runs `selective_scan` on small CPU inputs with both CPU paths counted; returns the counters
     and whether the result matched the reference."""
     fused, plain = CallCounter(cpu_scan.selective_scan_cpu), CallCounter(kernels.selective_scan_torch)
@@ -362,24 +361,42 @@ def dispatch_once(monkeypatch):
     monkeypatch.setattr(kernels, "selective_scan_torch", plain)
     softplus = True
     inputs = make_inputs(2, 4, 12, 8, use_D=True, use_z=True, use_bias=True, softplus=softplus)
-    out = kernels.selective_scan(**inputs, delta_softplus=softplus)
+    out = kernels.selective_scan(**inputs, delta_softplus=softplus, backend=backend)
     expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus)
     return fused.calls, plain.calls, torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_dispatcher_uses_fused_path_on_cpu(monkeypatch):
-    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
-    assert kernels.selective_scan_backend("cpu") == "cpu_fused"
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    assert kernels.resolve_backend("cpu") == "cpu_fused"
+    assert kernels.resolve_backend("cpu", "cpu_fused") == "cpu_fused"
     assert dispatch_once(monkeypatch) == (1, 0, True)
 
 
 def test_env_var_forces_torch_path(monkeypatch, caplog):
-    monkeypatch.setenv("M2REC_DISABLE_FUSED_CPU", "1")
+    """M2REC_DISABLE_FUSED_CPU, read once at import into `FUSED_CPU_DISABLED`, overrides "auto" and "cpu_fused"."""
+    assert cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {"M2REC_DISABLE_FUSED_CPU": "1"})
+    assert not cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {"M2REC_DISABLE_FUSED_CPU": "0"})
+    assert not cpu_scan.env_flag("M2REC_DISABLE_FUSED_CPU", {})
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", True)
     monkeypatch.setattr(kernels, "_logged", set())
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
-        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu", "cpu_fused") == "torch"
         assert dispatch_once(monkeypatch) == (0, 1, True)
     assert sum("M2REC_DISABLE_FUSED_CPU" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_explicit_backend_is_taken_or_refused_clearly(monkeypatch):
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    assert kernels.resolve_backend("cpu", "torch") == "torch"
+    assert dispatch_once(monkeypatch, backend="torch") == (0, 1, True)
+    with pytest.raises(ValueError, match="kernel_backend='cuda' runs on CUDA tensors, got cpu ones"):
+        kernels.resolve_backend("cpu", "cuda")
+    with pytest.raises(ValueError, match="kernel_backend='cpu_fused' runs on CPU tensors, got meta ones"):
+        kernels.resolve_backend("meta", "cpu_fused")
+    with pytest.raises(ValueError, match=r"kernel_backend='triton' is not supported; choose one of \('auto'"):
+        kernels.resolve_backend("cpu", "triton")
 
 
 def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
@@ -389,16 +406,18 @@ def test_falls_back_and_logs_once_without_compiler(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: g++: command not found")
 
-    monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
     monkeypatch.setattr(cpu_scan, "_import_built", lambda name, directory: None)  # as on a machine with no build
     monkeypatch.setattr(cpu_scan, "_module", cpu_scan._UNSET)  # restored to the built module afterwards
     monkeypatch.setattr(kernels, "_logged", set())
     with caplog.at_level(logging.WARNING):
         assert cpu_scan.load_cpu_scan() is None
-        assert kernels.selective_scan_backend("cpu") == "torch"
+        assert kernels.resolve_backend("cpu") == "torch"
         assert dispatch_once(monkeypatch) == (0, 1, True)
         assert dispatch_once(monkeypatch) == (0, 1, True)
+        with pytest.raises(RuntimeError, match="kernel_backend='cpu_fused' but the fused CPU kernels could not be"):
+            kernels.resolve_backend("cpu", "cpu_fused")
     messages = [r.getMessage() for r in caplog.records]
     assert sum("g++: command not found" in m for m in messages) == 1
     assert sum(m.startswith("fused CPU selective scan unavailable") for m in messages) == 1
@@ -484,7 +503,7 @@ def test_cuda_scan_matches_torch_scan():
     softplus = True
     inputs = make_inputs(2, 64, 200, 16, use_D=True, use_z=True, use_bias=True, softplus=softplus)
     on_gpu = {k: None if v is None else v.float().cuda() for k, v in inputs.items()}
-    assert kernels.selective_scan_backend("cuda") == "cuda"
+    assert kernels.resolve_backend("cuda") == "cuda"
     fast = run_with_grads(kernels.selective_scan, on_gpu, softplus, torch.float32)
     plain = run_with_grads(kernels.selective_scan_torch, on_gpu, softplus, torch.float32)
     for name in fast:

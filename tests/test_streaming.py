@@ -23,13 +23,9 @@ def variant_id(variant):
 
 
 @pytest.fixture(params=["torch", "cpu_fused"])
-def backend(request, monkeypatch):
-    """The scan and convolution path the full forward and the cache's fill take (the one-event kernels have no fused
-    CPU form: they are PyTorch on the CPU either way)."""
-    if request.param == "torch":
-        monkeypatch.setenv("M2REC_DISABLE_FUSED_CPU", "1")
-    else:
-        monkeypatch.delenv("M2REC_DISABLE_FUSED_CPU", raising=False)
+def backend(request):
+    """The `kernel_backend` of the full forward and the cache's fill (the one-event kernels have no fused CPU form:
+    they are PyTorch on the CPU either way)."""
     return request.param
 
 
@@ -75,7 +71,7 @@ def relative_error(actual, expected):
 def test_streamed_scores_equal_the_full_forward_on_every_prefix(variant, backend):
     """Users of different history lengths are filled from one right-padded batch, then fed one event each per call
     until the longest reaches max_len: at every step the scores are the full forward's on that prefix."""
-    model = tiny_model(**variant)
+    model = tiny_model(**variant, kernel_backend=backend)
     items = histories(3, MAX_LEN + 2)
     lengths = torch.tensor([1, 3, 2])  # together they cover every t from 1 to max_len
     out = model(prefix_batch(items, lengths), use_cache=True, last_position_only=True)
@@ -92,7 +88,7 @@ def test_streamed_scores_equal_the_full_forward_on_every_prefix(variant, backend
 @torch.no_grad()
 def test_a_new_cache_streams_from_the_first_event(backend):
     """`M2RecCache(config, batch_size)` holds users with no event yet; its first step equals a one-item history."""
-    model = tiny_model()
+    model = tiny_model(kernel_backend=backend)
     items = histories(2, MAX_LEN)
     cache = M2RecCache(model.config, batch_size=2)
     for t in range(MAX_LEN):
@@ -107,7 +103,7 @@ def test_beyond_max_len_the_state_keeps_the_whole_history(variant, backend, monk
     """Past max_len events, the SSM state keeps everything and the filter its max_len lags: the scores are the full
     forward's over the whole history with the max_len limit lifted (the batch path instead encodes only the last
     max_len items); the item window holds the last max_len items."""
-    model = tiny_model(**variant)
+    model = tiny_model(**variant, kernel_backend=backend)
     length = 2 * MAX_LEN + 3
     items = histories(2, length)
     cache = model(items[:, :MAX_LEN], use_cache=True).cache_params
@@ -122,7 +118,7 @@ def test_beyond_max_len_the_state_keeps_the_whole_history(variant, backend, monk
 @torch.no_grad()
 def test_the_cache_of_a_masked_batch_ignores_the_masked_items(backend):
     """The fill reads each user's last real item from attention_mask, as the forward does, not from the ids."""
-    model = tiny_model()
+    model = tiny_model(kernel_backend=backend)
     items = histories(2, 6)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     masked = model(items, attention_mask=mask, use_cache=True).cache_params
@@ -197,19 +193,16 @@ def test_streamed_scores_equal_the_full_forward_on_cuda():
 
 
 @torch.no_grad()
-def test_a_step_sums_the_window_in_blocks_of_users_as_one_block(monkeypatch):
-    """The cached step embeds and filters the item window a block of users at a time; blocks of one user (and of
-    two, which leaves a short last block) give the same scores as the whole batch at once. Five users' windows hold
-    more ids than the catalogue, so the step looks them up in the once-embedded catalogue: still the full forward's
-    scores."""
+def test_a_step_sums_the_window_in_blocks_of_lags_as_in_one_block(monkeypatch):
+    """The cached step sums its item window `STEP_LAGS_PER_BLOCK` lags at a time: blocks of one lag and of three
+    (which leave a short last block) score as one block of all max_len lags, and as the full forward."""
     model = tiny_model()
     items = histories(5, MAX_LEN)
-    whole_cache = model(items[:, :-1], use_cache=True).cache_params
-    assert whole_cache.item_ids.numel() > model.config.vocab_size
-    expected = model(items[:, -1:], cache_params=whole_cache, last_position_only=True).logits
-    assert relative_error(expected, full_scores(model, items, [MAX_LEN] * 5)) < 1e-5
-    for users in (1, 2):
-        monkeypatch.setattr(modeling_m2rec, "STEP_WINDOW_BLOCK", users * MAX_LEN * model.config.hidden_size)
+    expected = full_scores(model, items, [MAX_LEN] * 5)
+    one_block = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params,
+                      last_position_only=True).logits
+    for lags in (1, 3):
+        monkeypatch.setattr(modeling_m2rec, "STEP_LAGS_PER_BLOCK", lags)
         cache = model(items[:, :-1], use_cache=True).cache_params
-        torch.testing.assert_close(model(items[:, -1:], cache_params=cache, last_position_only=True).logits,
-                                   expected, rtol=0, atol=0)
+        blocked = model(items[:, -1:], cache_params=cache, last_position_only=True).logits
+        assert relative_error(blocked, one_block) < 1e-6 and relative_error(blocked, expected) < 1e-5
