@@ -409,9 +409,9 @@ class M2RecFrequencyFilter(nn.Module):
         A direct sum over the lags: one position does not pay for FFTs. The window is looked up in the catalogue
         (one LayerNorm per item instead of one per window position) and summed `STEP_LAGS_PER_BLOCK` lags at a
         time: a whole batch's (B, max_len, D) window, 131 MB at B = 256 and max_len = 2,000, falls out of cache and
-        is page-faulted in afresh at every step, which made that step 4.6× slower (340 against 74 ms on one core).
-        The blocks are over lags, not users, so that their number is fixed by max_len and an exported step keeps a
-        dynamic batch."""
+        is page-faulted in afresh at every step, which made that step 4.1× slower (docs/BENCHMARKS.md). The blocks
+        are over lags, not users, so that their number is fixed by max_len and an exported step keeps a dynamic
+        batch."""
         kernel = self.causal_kernel(newest.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
         filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
         for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
