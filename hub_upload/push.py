@@ -4,12 +4,14 @@
 
 1. Read the run folder (`save_pretrained` output + item_id_map.json + training_info.json) and check it.
 2. Build the repository folder: the model is loaded with this package's class and written again with
-   `save_pretrained`, rather than copied. That way the folder gets exactly model.safetensors (one copy of the tied
-   weights, nothing pickled), a fresh config.json with `auto_map`, and the complete current set of code files, and
-   nothing else that happens to lie in the run folder. Then item_id_map.json, training_info.json and README.md.
+   `save_pretrained` (with its item vocabulary and the sequential-recommendation pipeline, as `m2rec-train` writes
+   them), rather than copied. That way the folder gets exactly model.safetensors (one copy of the tied weights,
+   nothing pickled), a fresh config.json with `auto_map` and `custom_pipelines`, tokenizer_config.json, and the
+   complete current set of code files, and nothing else that happens to lie in the run folder. Then
+   item_id_map.json (byte for byte), training_info.json and README.md.
 3. Verify it (hub_upload.verify): the code files are byte-identical to the installed package's, they import only
-   what they may, and a fresh offline `AutoModel.from_pretrained(folder, trust_remote_code=True)` scores like the
-   source model.
+   what they may, a fresh offline `AutoModel.from_pretrained(folder, trust_remote_code=True)` scores like the
+   source model, and the folder's pipeline recommends the source model's raw ids.
 4. Upload with huggingface_hub (create_repo, create_branch for --revision, upload_folder). --dry-run stops before.
 
 Nothing from the run folder is ever executed: its weights are read with the installed package's class, and a run
@@ -128,10 +130,14 @@ def load_source_model(model_dir):
 
 def build_repo_folder(model_dir, folder, repo_id, license=None):
     """Write the repository folder; returns the source model (loaded with the installed package's class)."""
+    from ..training.evaluate import save_model_folder
+
     model_dir, folder = Path(model_dir), Path(folder)
     _, training_info, item_id_map = read_run_folder(model_dir)
     model = load_source_model(model_dir)
-    model.save_pretrained(folder)  # config.json (auto_map), model.safetensors, code files
+    # config.json (auto_map, custom_pipelines), model.safetensors, the code files and the item vocabulary's
+    # tokenizer_config.json; a run folder saved before the vocabulary loaded with AutoTokenizer gets it too.
+    save_model_folder(model, item_id_map, folder)
     for name in ("item_id_map.json", "training_info.json"):
         shutil.copyfile(model_dir / name, folder / name)  # byte for byte: what the run wrote
     card = build_model_card(repo_id, model.config.to_dict(), training_info, item_id_map, license=license,

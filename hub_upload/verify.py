@@ -11,7 +11,8 @@
    package; this check catches it before users do.
 4. A fresh load: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new Python process, offline, with
    sockets disabled, no Hugging Face token and its own module cache, must score a few fixed histories like the source
-   model does.
+   model does; and `pipeline("sequential-recommendation", model=folder, trust_remote_code=True)` there, with the
+   folder's item vocabulary, must recommend the raw ids and scores that the source model's `recommend` gives.
 """
 
 import ast
@@ -32,7 +33,8 @@ from .. import modeling_m2rec as installed_modeling
 # but the project's rule, DESIGN.md §6, is the narrower one, and the model code does not need them.)
 ALLOWED_PACKAGES = frozenset({"torch", "transformers"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-REQUIRED_FILES = ("config.json", "model.safetensors", "item_id_map.json", "training_info.json", "README.md")
+REQUIRED_FILES = ("config.json", "model.safetensors", "item_id_map.json", "tokenizer_config.json", "training_info.json",
+                  "README.md")
 # The installed model package, whose files save_pretrained copies next to the weights as remote code.
 INSTALLED_CODE = Path(installed_modeling.__file__).resolve().parent
 
@@ -73,6 +75,10 @@ def check_files(folder) -> list[str]:
             module = auto_map[auto_class].split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" -> "module"
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"auto_map[{auto_class!r}] points at {module}.py, which is not in the folder")
+        for task, info in (json.loads((folder / "config.json").read_text()).get("custom_pipelines") or {}).items():
+            module = str(info.get("impl", "")).rsplit(".", 1)[0]
+            if not (folder / f"{module}.py").is_file():
+                problems.append(f"custom_pipelines[{task!r}] points at {module}.py, which is not in the folder")
     return problems
 
 
@@ -170,10 +176,12 @@ def reference_histories(num_items: int, max_len: int) -> torch.LongTensor:
     return input_ids
 
 
+RECOMMENDED = 5  # how many recommendations per reference history the fresh pipeline must reproduce
+
 # Runs in the fresh process. Sockets are disabled before anything is imported: the remote code must load from the
 # folder alone (DESIGN.md §6), and HF_HUB_OFFLINE alone would not catch code that opens a connection itself.
 _LOAD_SCRIPT = textwrap.dedent("""
-    import socket, sys
+    import json, socket, sys
 
     def _no_network(*args, **kwargs):
         raise OSError("the remote code tried to open a network connection")
@@ -183,16 +191,21 @@ _LOAD_SCRIPT = textwrap.dedent("""
 
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModel
+    from transformers import AutoModel, pipeline
 
-    folder, inputs_path, outputs_path = sys.argv[1:]
+    folder, inputs_path, outputs_path, recommendations_path, num_recommended = sys.argv[1:]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     module = type(model).__module__
     if not module.startswith("transformers_modules"):
         sys.exit(f"{folder} was not loaded from its own code files but from {module}")
+    input_ids = load_file(inputs_path)["input_ids"]
     with torch.no_grad():
-        scores = model(load_file(inputs_path)["input_ids"], last_position_only=True).logits
+        scores = model(input_ids, last_position_only=True).logits
     save_file({"scores": scores.contiguous()}, outputs_path)
+    recommender = pipeline("sequential-recommendation", model=folder, trust_remote_code=True, device="cpu")
+    raw_histories = recommender.tokenizer.batch_decode(input_ids)
+    with open(recommendations_path, "w") as file:
+        json.dump(recommender(raw_histories, k=int(num_recommended)), file)
 """)
 
 
@@ -212,20 +225,22 @@ def child_environment(scratch) -> dict:
 
 def fresh_load_scores(folder, input_ids, timeout=600):
     """Scores (B, I) of the folder loaded by `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a new
-    offline process without credentials and with empty Hub and module caches. Raises VerificationError with the
-    child's stderr if it fails."""
+    offline process without credentials and with empty Hub and module caches, and the folder's pipeline's
+    recommendations for the same histories in raw ids (B lists of RECOMMENDED {"item", "score"}). Raises
+    VerificationError with the child's stderr if it fails."""
     with tempfile.TemporaryDirectory(prefix="m2rec-verify-") as scratch:
         scratch = Path(scratch)
         save_file({"input_ids": input_ids.contiguous()}, scratch / "inputs.safetensors")
         command = [sys.executable, "-c", _LOAD_SCRIPT, str(Path(folder).resolve()), str(scratch / "inputs.safetensors"),
-                   str(scratch / "scores.safetensors")]
+                   str(scratch / "scores.safetensors"), str(scratch / "recommendations.json"), str(RECOMMENDED)]
         # cwd=scratch: a `modeling_m2rec` package in the caller's working directory must not be what gets imported.
         result = subprocess.run(command, cwd=scratch, env=child_environment(scratch), capture_output=True, text=True,
                                 timeout=timeout)
         if result.returncode != 0:
-            raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) failed in a fresh "
-                                     f"offline process:\n{result.stderr.strip()[-3000:]}"])
-        return load_file(scratch / "scores.safetensors")["scores"]
+            raise VerificationError([f"AutoModel.from_pretrained(folder, trust_remote_code=True) or the folder's "
+                                     f"pipeline failed in a fresh offline process:\n{result.stderr.strip()[-3000:]}"])
+        recommendations = json.loads((scratch / "recommendations.json").read_text())
+        return load_file(scratch / "scores.safetensors")["scores"], recommendations
 
 
 def score_difference(scores: torch.Tensor, reference: torch.Tensor) -> float:
@@ -236,10 +251,29 @@ def score_difference(scores: torch.Tensor, reference: torch.Tensor) -> float:
     return (scores[:, 1:].double() - reference[:, 1:].double()).abs().max().item() / scale
 
 
+def recommendation_difference(recommendations, reference: torch.Tensor, item_id_map: dict[str, int]) -> float:
+    """Largest |Δ| relative to the scale between the pipeline's recommendations (per history, [{"item": raw id,
+    "score"}]) and the source model's scores (B, I): of each recommended item's score, and of the RECOMMENDED best
+    scores (so the recommended items are the best ones, whatever the order of near ties). inf when a raw id is not in
+    item_id_map or a history got another number of recommendations."""
+    scale = max(1.0, reference[:, 1:].abs().max().item())
+    largest = 0.0
+    for row_scores, recommended in zip(reference.double(), recommendations):
+        model_ids = [item_id_map.get(entry["item"]) for entry in recommended]
+        if len(model_ids) != RECOMMENDED or None in model_ids:
+            return float("inf")
+        pipeline_scores = torch.tensor([entry["score"] for entry in recommended], dtype=torch.float64)
+        best = row_scores[1:].topk(RECOMMENDED).values
+        largest = max(largest, (pipeline_scores - row_scores[model_ids]).abs().max().item(),
+                      (pipeline_scores - best).abs().max().item())
+    return largest / scale
+
+
 def verify_folder(folder, source_model) -> dict:
     """Refuse (raise VerificationError) unless `folder` is complete, pickle-free, holds exactly the installed code,
     imports only what it may, and loads in a fresh offline process with the same scores as `source_model` (the model
-    as loaded from the run folder). Nothing in the folder runs before the code check has passed.
+    as loaded from the run folder) and a pipeline that recommends what it does. Nothing in the folder runs before the
+    code check has passed.
 
     Returns a summary: {"python_files": [...], "histories": B, "max_difference": float}.
     """
@@ -252,10 +286,18 @@ def verify_folder(folder, source_model) -> dict:
     input_ids = reference_histories(config.num_items, config.max_len)  # (B, L)
     with torch.no_grad():
         reference = source_model.eval()(input_ids, last_position_only=True).logits  # (B, I)
-    difference = score_difference(fresh_load_scores(folder, input_ids), reference)
+    scores, recommendations = fresh_load_scores(folder, input_ids)
+    difference = score_difference(scores, reference)
     if not difference <= SCORE_TOLERANCE:  # also refuses NaN
         raise VerificationError([f"the repository folder scores {len(input_ids)} fixed histories differently in a "
                                  f"fresh process: max relative |Δscore| = {difference:.3g} > {SCORE_TOLERANCE:g}; its "
                                  f"weights or code differ from the source model's"])
+    item_id_map = json.loads((folder / "item_id_map.json").read_text(encoding="utf-8"))
+    pipeline_difference = recommendation_difference(recommendations, reference, item_id_map)
+    if not pipeline_difference <= SCORE_TOLERANCE:
+        raise VerificationError([f"the folder's sequential-recommendation pipeline, in a fresh process, does not "
+                                 f"recommend the source model's top {RECOMMENDED} raw ids for {len(input_ids)} fixed "
+                                 f"histories (max relative |Δscore| {pipeline_difference:.3g}); its item vocabulary "
+                                 f"or pipeline code does not fit the model"])
     return {"python_files": sorted(path.name for path in folder.rglob("*.py")), "histories": len(input_ids),
             "max_difference": difference}

@@ -1,5 +1,6 @@
-"""Mamba's two kernels, the selective scan and the causal depthwise convolution, for every device, each with its
-one-step form for streaming inference.
+"""The model's kernels: Mamba's selective scan and causal depthwise convolution for every device, each with its
+one-step form for streaming inference; the causal FFT convolution of the frequency filter; the full-softmax
+cross-entropy of the scorer.
 
 Each has a plain-PyTorch twin with the same signature and one dispatcher that runs the path of a
 backend, chosen once per model call by `resolve_backend` (from `M2RecConfig.kernel_backend`, "auto" by
@@ -17,7 +18,12 @@ default) and passed to the dispatchers as `backend=`:
     backend "torch": `selective_scan_torch` (exact, chunked), `causal_conv1d_torch`, `selective_state_update_torch`,
         `causal_conv1d_update_torch`, on any device
 
-`selective_scan_ref`, a loop over time steps, is the definition the others are tested against.
+The causal FFT convolution and the cross-entropy have no extension kernel: their memory-lean autograd functions
+(`causal_fft_convolution`, `full_softmax_cross_entropy`) are plain PyTorch and run on every backend; their twins
+(`*_torch`, autograd through the obvious computation, which stores what the lean forms recompute) define them.
+
+`selective_scan_ref`, a loop over time steps, and the other `*_ref` functions (float64) are the definitions the
+paths are tested against.
 Falling back to a slower path is logged once. M2REC_DISABLE_FUSED_CPU=1, read once at import
 (`cpu_scan.FUSED_CPU_DISABLED`), turns the fused CPU paths off (to debug or benchmark the PyTorch
 ones) whatever the config asks.
@@ -481,3 +487,192 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_torch",
 ]
+
+
+# ------------------------------------------------------------------------------------ causal FFT convolution
+
+
+class _CausalFFTConvolution(torch.autograd.Function):
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
+    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
+
+    The backward keeps only x and the kernel: autograd through the FFTs would keep the zero-padded input and its
+    spectrum, 2 × (B, D, 2L) floats. The gradients are causal correlations through the same FFTs, with x's spectrum
+    recomputed. Spectra are multiplied in place: each complex product is a (B, D, L + 1) buffer, twice the input's
+    size, that would otherwise be allocated (and page-faulted in) anew."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.save_for_backward(x, kernel)
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        spectrum = torch.fft.rfft(x, n=n).mul_(torch.fft.rfft(kernel, n=n))  # (B, D, n//2+1)
+        return torch.fft.irfft(spectrum, n=n)[..., :length]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, kernel = ctx.saved_tensors
+        length, n = x.shape[-1], 2 * x.shape[-1]
+        grad_spectrum = torch.fft.rfft(grad_output, n=n)  # (B, D, n//2+1)
+        grad_x = grad_kernel = None
+        # Correlations: grad_x[s] = Σ_t g[t] kernel[t − s], grad_kernel[lag] = Σ_b Σ_t g[t] x[t − lag]; the zero
+        # padding makes the circular lags t − s < 0 read zeros. grad_kernel first: grad_x overwrites grad_spectrum.
+        if ctx.needs_input_grad[1]:
+            cross = torch.fft.rfft(x, n=n).conj_physical_().mul_(grad_spectrum).sum(0)  # (D, n//2+1)
+            grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(kernel, n=n).conj()), n=n)[..., :length]
+        return grad_x, grad_kernel
+
+
+def causal_fft_convolution(x, kernel):
+    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag]: x (B, D, L), kernel (D, L) or (1, L) → (B, D, L),
+    through FFTs, with the memory-lean backward of `_CausalFFTConvolution` (every backend)."""
+    return _CausalFFTConvolution.apply(x, kernel)
+
+
+def causal_fft_convolution_torch(x, kernel):
+    """`causal_fft_convolution` with autograd through the FFTs: same signature and result."""
+    length, n = x.shape[-1], 2 * x.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]
+
+
+def causal_fft_convolution_ref(x, kernel):
+    """The definition, a sum over lags in float64: same signature, result in float64."""
+    x, kernel = x.double(), kernel.double()
+    length = x.shape[-1]
+    windows = F.pad(x, (length - 1, 0)).unfold(-1, length, 1)  # (B, D, L, L): window t holds x[t − L + 1 .. t]
+    return (windows * kernel.flip(-1)[:, None, :]).sum(-1)  # lag 0 meets x[t]
+
+
+# ------------------------------------------------------------------------------------ full-softmax cross-entropy
+
+
+def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
+    batch, length = item_ids.shape
+    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
+    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
+    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
+    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
+
+
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `user_states @ item_weights.T` over the whole catalogue, computed in row chunks.
+
+    The plain version materialises (M, I) logits and their softmax for every labelled position (hundreds of MB per
+    batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
+    log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
+    arithmetic as `F.cross_entropy(..., ignore_index=-100)` on the full logits, in float32. Column 0 (padding) never
+    takes probability; rows labelled −100 weigh nothing.
+    With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
+    for t = positions[m]) get the learned offset added, and its gradient is returned.
+    """
+
+    @staticmethod
+    def _logits(states, weights, seen_offset, first_items, rows, positions, start, stop):
+        """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
+        where none (or None without an offset)."""
+        logits = states[start:stop] @ weights.t()  # (chunk, I)
+        seen_columns = None
+        if seen_offset is not None:
+            seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
+            length = seen_columns.shape[1]
+            seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
+            # Column 0 collects the offset of every unused slot, and is then set to -inf.
+            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
+        logits[:, 0] = float("-inf")
+        return logits, seen_columns
+
+    @staticmethod
+    def forward(ctx, user_states, item_weights, labels, seen_offset, first_items, rows, positions):
+        dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
+        states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
+        num_rows = states.shape[0]
+        chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
+        labelled = labels != -100  # (M,)
+        targets = labels.clamp(min=0)  # an ignored row reads column 0 and is then zeroed
+        log_normalizers = states.new_empty(num_rows)  # (M,)
+        target_logits = states.new_empty(num_rows)  # (M,)
+        for start in range(0, num_rows, chunk):
+            stop = start + chunk
+            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items, rows, positions,
+                                                         start, stop)
+            log_normalizers[start:stop] = torch.logsumexp(logits, dim=1)
+            target_logits[start:stop] = logits.gather(1, targets[start:stop, None])[:, 0]
+        ctx.save_for_backward(user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items,
+                              rows, positions)
+        ctx.chunk = chunk
+        return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items, rows,
+         positions) = ctx.saved_tensors
+        states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
+        grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
+        grad_offset = None if seen_offset is None else torch.zeros((), dtype=states.dtype, device=states.device)
+        row_scales = labelled * (grad_loss.to(states.dtype) / labelled.sum())  # (M,): 0 for ignored rows
+        for start in range(0, states.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            # logits → softmax → d loss / d logits, in place
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items,
+                                                                           rows, positions, start, stop)
+            probabilities.sub_(log_normalizers[start:stop, None]).exp_()
+            rows_in_chunk = torch.arange(probabilities.shape[0], device=probabilities.device)
+            probabilities[rows_in_chunk, targets[start:stop]] -= 1.0
+            probabilities.mul_(row_scales[start:stop, None])
+            grad_states[start:stop] = probabilities @ weights
+            grad_weights.addmm_(probabilities.t(), states[start:stop])
+            if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
+                grad_offset += probabilities.gather(1, seen_columns).sum()
+        if grad_offset is not None:
+            grad_offset = grad_offset.to(seen_offset.dtype)
+        return (grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None, None,
+                None)
+
+
+def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
+                               seen_offset: torch.Tensor | None = None,
+                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1, or
+    −100 for a row without a target. Equals `F.cross_entropy(scores, labels, ignore_index=-100)` with the padding
+    column excluded, without storing (M, I) scores.
+
+    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
+    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
+    """
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
+        raise ValueError("no labelled position in the batch: every label is -100")
+    if (seen_offset is None) != (seen is None):
+        raise ValueError("seen_offset and seen go together")
+    first_items, rows, positions = seen if seen is not None else (None, None, None)
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, first_items, rows, positions)
+
+
+def _logits_with_seen_offset(user_states, item_weights, seen_offset, seen):
+    """(M, I) logits with the offset on each row's seen items and column 0 at -inf, by autograd (the twins' part)."""
+    logits = user_states @ item_weights.t()
+    if seen_offset is not None:
+        first_items, rows, positions = seen
+        columns = first_items[rows] * (torch.arange(first_items.shape[1], device=rows.device) <= positions[:, None])
+        seen_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
+        logits = logits + seen_mask * seen_offset
+    padding = torch.arange(logits.shape[1], device=logits.device) == 0
+    return logits.masked_fill(padding, float("-inf"))
+
+
+def full_softmax_cross_entropy_torch(user_states, item_weights, labels, seen_offset=None, seen=None):
+    """`full_softmax_cross_entropy` through the (M, I) logits and `F.cross_entropy`: same signature and result."""
+    dtype = torch.promote_types(user_states.dtype, torch.float32)
+    logits = _logits_with_seen_offset(user_states.to(dtype), item_weights.to(dtype), seen_offset, seen)
+    return F.cross_entropy(logits, labels, ignore_index=-100)
+
+
+def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offset=None, seen=None):
+    """The definition in float64: mean over labelled rows of log-sum-exp minus the target's logit."""
+    offset = None if seen_offset is None else seen_offset.double()
+    logits = _logits_with_seen_offset(user_states.double(), item_weights.double(), offset, seen)
+    labelled = labels != -100
+    target_logits = logits[labelled].gather(1, labels[labelled, None])[:, 0]
+    return (logits[labelled].logsumexp(dim=1) - target_logits).mean()

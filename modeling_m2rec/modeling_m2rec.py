@@ -25,7 +25,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import causal_conv1d, causal_conv1d_update, resolve_backend, selective_scan, selective_state_update
+from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, first_occurrences,
+                      full_softmax_cross_entropy, resolve_backend, selective_scan, selective_state_update)
 
 
 class M2RecCache:
@@ -157,109 +158,6 @@ class M2RecRecommendationOutput(ModelOutput):
     cache_params: M2RecCache | None = None
 
 
-def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
-    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
-    batch, length = item_ids.shape
-    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
-    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
-    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
-    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
-
-
-class _FullSoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `user_states @ item_weights.T` over the whole catalogue, computed in row chunks.
-
-    The plain version materialises (M, I) logits and their softmax for every labelled position (hundreds of MB per
-    batch at ML-1M sizes) and is bound by memory traffic. Here each chunk's logits are computed, reduced to their
-    log-sum-exp and target logit, and dropped; the backward recomputes them one chunk at a time. Exact: the same
-    arithmetic as `F.cross_entropy(..., ignore_index=-100)` on the full logits, in float32. Column 0 (padding) never
-    takes probability; rows labelled −100 weigh nothing.
-    With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
-    for t = positions[m]) get the learned offset added, and its gradient is returned.
-    """
-
-    @staticmethod
-    def _logits(states, weights, seen_offset, first_items, rows, positions, start, stop):
-        """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
-        where none (or None without an offset)."""
-        logits = states[start:stop] @ weights.t()  # (chunk, I)
-        seen_columns = None
-        if seen_offset is not None:
-            seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
-            length = seen_columns.shape[1]
-            seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
-            # Column 0 collects the offset of every unused slot, and is then set to -inf.
-            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
-        logits[:, 0] = float("-inf")
-        return logits, seen_columns
-
-    @staticmethod
-    def forward(ctx, user_states, item_weights, labels, seen_offset, first_items, rows, positions):
-        dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
-        states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
-        num_rows = states.shape[0]
-        chunk = max(64, (1 << 20) // weights.shape[0])  # ~4 MB of logits per chunk stays in cache
-        labelled = labels != -100  # (M,)
-        targets = labels.clamp(min=0)  # an ignored row reads column 0 and is then zeroed
-        log_normalizers = states.new_empty(num_rows)  # (M,)
-        target_logits = states.new_empty(num_rows)  # (M,)
-        for start in range(0, num_rows, chunk):
-            stop = start + chunk
-            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items, rows, positions,
-                                                         start, stop)
-            log_normalizers[start:stop] = torch.logsumexp(logits, dim=1)
-            target_logits[start:stop] = logits.gather(1, targets[start:stop, None])[:, 0]
-        ctx.save_for_backward(user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items,
-                              rows, positions)
-        ctx.chunk = chunk
-        return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items, rows,
-         positions) = ctx.saved_tensors
-        states, weights = user_states.to(log_normalizers.dtype), item_weights.to(log_normalizers.dtype)
-        grad_states, grad_weights = torch.empty_like(states), torch.zeros_like(weights)
-        grad_offset = None if seen_offset is None else torch.zeros((), dtype=states.dtype, device=states.device)
-        row_scales = labelled * (grad_loss.to(states.dtype) / labelled.sum())  # (M,): 0 for ignored rows
-        for start in range(0, states.shape[0], ctx.chunk):
-            stop = start + ctx.chunk
-            # logits → softmax → d loss / d logits, in place
-            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items,
-                                                                           rows, positions, start, stop)
-            probabilities.sub_(log_normalizers[start:stop, None]).exp_()
-            rows_in_chunk = torch.arange(probabilities.shape[0], device=probabilities.device)
-            probabilities[rows_in_chunk, targets[start:stop]] -= 1.0
-            probabilities.mul_(row_scales[start:stop, None])
-            grad_states[start:stop] = probabilities @ weights
-            grad_weights.addmm_(probabilities.t(), states[start:stop])
-            if seen_columns is not None:  # column 0's gradient is 0: padding never takes probability
-                grad_offset += probabilities.gather(1, seen_columns).sum()
-        if grad_offset is not None:
-            grad_offset = grad_offset.to(seen_offset.dtype)
-        return (grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None, None,
-                None)
-
-
-def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
-                               seen_offset: torch.Tensor | None = None,
-                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1, or
-    −100 for a row without a target. Equals `F.cross_entropy(scores, labels, ignore_index=-100)` with the padding
-    column excluded, without storing (M, I) scores.
-
-    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
-    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
-    """
-    if not torch.compiler.is_compiling() and not (labels != -100).any():
-        raise ValueError("no labelled position in the batch: every label is -100")
-    if (seen_offset is None) != (seen is None):
-        raise ValueError("seen_offset and seen go together")
-    first_items, rows, positions = seen if seen is not None else (None, None, None)
-    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, first_items, rows, positions)
-
-
 def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
                    seen_offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,38 +197,6 @@ def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_of
     else:
         seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
     return logits + seen * seen_offset
-
-
-class _CausalFFTConvolution(torch.autograd.Function):
-    """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
-    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
-
-    The backward keeps only x and the kernel: autograd through the FFTs would keep the zero-padded input and its
-    spectrum, 2 × (B, D, 2L) floats. The gradients are causal correlations through the same FFTs, with x's spectrum
-    recomputed. Spectra are multiplied in place: each complex product is a (B, D, L + 1) buffer, twice the input's
-    size, that would otherwise be allocated (and page-faulted in) anew."""
-
-    @staticmethod
-    def forward(ctx, x, kernel):
-        ctx.save_for_backward(x, kernel)
-        length, n = x.shape[-1], 2 * x.shape[-1]
-        spectrum = torch.fft.rfft(x, n=n).mul_(torch.fft.rfft(kernel, n=n))  # (B, D, n//2+1)
-        return torch.fft.irfft(spectrum, n=n)[..., :length]
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, kernel = ctx.saved_tensors
-        length, n = x.shape[-1], 2 * x.shape[-1]
-        grad_spectrum = torch.fft.rfft(grad_output, n=n)  # (B, D, n//2+1)
-        grad_x = grad_kernel = None
-        # Correlations: grad_x[s] = Σ_t g[t] kernel[t − s], grad_kernel[lag] = Σ_b Σ_t g[t] x[t − lag]; the zero
-        # padding makes the circular lags t − s < 0 read zeros. grad_kernel first: grad_x overwrites grad_spectrum.
-        if ctx.needs_input_grad[1]:
-            cross = torch.fft.rfft(x, n=n).conj_physical_().mul_(grad_spectrum).sum(0)  # (D, n//2+1)
-            grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(kernel, n=n).conj()), n=n)[..., :length]
-        return grad_x, grad_kernel
 
 
 STEP_LAGS_PER_BLOCK = 64  # lags of a cached step's window summed at once: 4 MB at B = 256, D = 64 (cache-sized)
@@ -387,7 +253,7 @@ class M2RecFrequencyFilter(nn.Module):
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
             kernel = self.causal_kernel(x.device)[..., :seq_len]  # (D, L): causal lags 0..L-1
-            filtered = _CausalFFTConvolution.apply(x, kernel)  # (B, D, L)
+            filtered = causal_fft_convolution(x, kernel)  # (B, D, L)
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor, window_ids: torch.Tensor | None = None,
@@ -1016,6 +882,70 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                                          hidden_states=outputs.hidden_states, cache_params=outputs.cache_params)
 
     @torch.no_grad()
+    def user_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        cache_params: M2RecCache | None = None) -> torch.FloatTensor:
+        """Each history's representation after its last item, (B, D), without gradient, for an inner-product index
+        over [`item_embeddings`]: `user_embeddings(h) @ item_embeddings(ids).T` equals
+        `next_item_scores(h, candidates=ids)` except for the seen-item offset. The offset (config `seen_item_bias`)
+        depends on the history, not on the user vector, so no fixed item vector can carry it: with it, retrieve
+        `k + L` items (L = the input's `input_ids.shape[1]`) from the index and re-rank them with
+        `recommend(..., candidates=retrieved)`, which adds it. That gives exactly `recommend`'s top k when the offset
+        is ≤ 0 (a penalty: it learns about −3 on ML-1M) or with `exclude_seen=True`: at most L retrieved items are
+        seen, so ≥ k unseen ones remain, and every item outside the retrieved set scores no more than they do. (A
+        positive offset can lift a seen item from outside the retrieved set: add the history's items to the
+        candidates then.)
+
+        Args: as [`recommend`]'s `input_ids`, `attention_mask`, `cache_params` (continued in place).
+        """
+        return self(input_ids, attention_mask=attention_mask, last_position_only=True, return_logits=False,
+                    cache_params=cache_params).last_hidden_state[:, 0]
+
+    def item_embeddings(self, item_ids: torch.LongTensor | None = None) -> torch.FloatTensor:
+        """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
+        every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
+        outrank every negative score in an index). See [`user_embeddings`]."""
+        weight = self.item_scorer.weight.detach()  # (I, D)
+        return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids")]
+
+    def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                         candidates: torch.LongTensor | None = None,
+                         cache_params: M2RecCache | None = None) -> torch.FloatTensor:
+        """Scores of the next item after each history: (B, I) over the whole catalogue, the padding column 0 at the
+        dtype's lowest value (the logits at the last position); or (B, C) over `candidates`, item ids in
+        1..num_items, (C,) for every history or (B, C) per history. The seen-item offset is included, as in
+        [`score`]. Args as [`recommend`]."""
+        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
+                      cache_params=cache_params).logits  # (B, I)
+        if candidates is None:
+            return scores
+        # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores
+        # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
+        return scores.gather(1, self._item_ids(candidates, "candidates", batch_size=len(scores)))
+
+    def _item_ids(self, item_ids, name: str, batch_size: int | None = None,
+                  allow_padding: bool = False) -> torch.LongTensor:
+        """item_ids as a long tensor on the model's device, checked to be item ids 1..num_items (0..num_items with
+        allow_padding); the error names the first offending id. Without batch_size: (C,). With it: (C,) for every
+        history or (batch_size, C) per history, returned as (batch_size, C)."""
+        item_ids = torch.as_tensor(item_ids, device=self.device)
+        dims = (1,) if batch_size is None else (1, 2)
+        if item_ids.dim() not in dims or item_ids.is_floating_point() or item_ids.numel() == 0:
+            shapes = "(C,)" if batch_size is None else f"(C,) or ({batch_size}, C)"
+            raise ValueError(f"{name} must be a non-empty integer tensor of shape {shapes}, got {item_ids.dtype} of "
+                             f"shape {tuple(item_ids.shape)}")
+        lowest = 0 if allow_padding else 1
+        bad = (item_ids < lowest) | (item_ids > self.config.num_items)
+        if bad.any():
+            raise ValueError(f"{name} holds {item_ids[bad][0].item()}, which is not an item id in "
+                             f"{lowest}..{self.config.num_items}{' (0 is padding)' if allow_padding else ''}")
+        if batch_size is None:
+            return item_ids.long()
+        if item_ids.dim() == 2 and len(item_ids) != batch_size:
+            raise ValueError(f"{name} has {len(item_ids)} rows for {batch_size} histories; give one row per history, "
+                             f"or a 1-D tensor for all of them")
+        return item_ids.long().expand(batch_size, -1) if item_ids.dim() == 1 else item_ids.long()
+
+    @torch.no_grad()
     def recommend(
         self,
         input_ids: torch.LongTensor,
@@ -1023,33 +953,50 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         k: int = 10,
         exclude_seen: bool = False,
         cache_params: M2RecCache | None = None,
+        candidates: torch.LongTensor | None = None,
+        exclude_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """Top-k next items for each history, best first.
 
         Args:
             input_ids: (B, L) histories, right-padded with 0 (oldest item first); with `cache_params`, (B, 1): each
                 user's new event.
-            k: how many items to return, at most `num_items`.
-            exclude_seen: drop items already in the history from the ranking (with a cache: its last `max_len`
-                items, as many as a history passed whole can hold).
+            k: how many items to return, at most `num_items` (at most C with `candidates`).
+            exclude_seen: drop the items of the input from the ranking, as evaluation's `exclude_history` does when
+                `input_ids` holds the whole history. The input holds at most `max_len` items (with a cache, its last
+                `max_len` items, as many as a history passed whole can hold): for a longer history, pass all of it
+                as `exclude_ids` to exclude what evaluation excludes.
             cache_params: an [`M2RecCache`] that `input_ids` continues (in place) before the ranking.
+            candidates: rank only these item ids (1..num_items): (C,) for every history or (B, C) per history.
+            exclude_ids: item ids to drop from the ranking, (E,) for every history or (B, E) per history, 0 as
+                padding.
         Returns:
-            `(item_ids, scores)`, both (B, k). Never contains the padding id 0; with `exclude_seen`, items excluded
-            rank after all others (so they appear only if k exceeds the unseen items).
+            `(item_ids, scores)`, both (B, k). Never contains the padding id 0; excluded items rank after all others
+            (so they appear only if k exceeds the items left).
         """
-        if not 1 <= k <= self.config.num_items:
-            raise ValueError(f"k must be between 1 and num_items={self.config.num_items}, got {k}")
-        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
-                      cache_params=cache_params).logits.float()  # (B, I)
+        if candidates is not None:
+            candidates = self._item_ids(candidates, "candidates", batch_size=len(input_ids))  # (B, C)
+        num_ranked = self.config.num_items if candidates is None else candidates.shape[1]
+        if not 1 <= k <= num_ranked:
+            raise ValueError(f"k must be between 1 and {num_ranked} (the "
+                             f"{'catalogue' if candidates is None else 'candidates'}), got {k}")
+        scores = self.next_item_scores(input_ids, attention_mask, cache_params=cache_params).float()  # (B, I)
+        excluded = []
         if exclude_seen:
             if cache_params is not None:
-                seen = cache_params.item_ids
+                excluded.append(cache_params.item_ids)
             else:
-                seen = input_ids if attention_mask is None else input_ids * attention_mask.long()
-            scores.scatter_(1, seen, torch.finfo(scores.dtype).min)
+                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
+        if exclude_ids is not None:
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", batch_size=len(scores), allow_padding=True))
+        for item_ids in excluded:
+            scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
-        top_scores, top_items = scores.topk(k, dim=1)
-        return top_items, top_scores
+        if candidates is None:
+            top_scores, top_items = scores.topk(k, dim=1)
+            return top_items, top_scores
+        top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
+        return candidates.gather(1, top_columns), top_scores
 
 
 M2RecForSequentialRecommendation.register_for_auto_class("AutoModel")

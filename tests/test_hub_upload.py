@@ -29,6 +29,8 @@ NUM_ITEMS, MAX_LEN = 30, 16
 REPO_ID = "someone/m2rec-tiny"
 TOKEN = "hf_stand_in_token_0123456789"
 CODE_FILES = {path.name for path in Path(m2rec.__file__).parent.glob("*.py")} - {"__init__.py"}
+# The item vocabulary's and the pipeline's files: m2rec-push ships them, a model's own save_pretrained does not.
+MODEL_CODE_FILES = CODE_FILES - {"tokenization_m2rec.py", "pipeline_m2rec.py"}
 TEST_METRICS = {f"{name}@{k}": round(0.05 * i + 0.001 * k, 6)
                 for i, name in enumerate(("HR", "NDCG", "MRR"), start=1) for k in (5, 10, 20)}
 TRAINING_INFO = {
@@ -114,11 +116,13 @@ def source_scores(run_dir):
 def test_repository_folder_holds_safetensors_code_map_info_and_card(built):
     run_dir, folder, _, summary = built
     files = {path.name for path in folder.iterdir()}
-    assert files == {"README.md", "config.json", "model.safetensors", "item_id_map.json", "training_info.json"} \
-        | CODE_FILES
+    assert files == {"README.md", "config.json", "model.safetensors", "item_id_map.json", "tokenizer_config.json",
+                     "training_info.json"} | CODE_FILES
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_m2rec.M2RecConfig",
                                   "AutoModel": "modeling_m2rec.M2RecForSequentialRecommendation"}
+    assert config["custom_pipelines"]["sequential-recommendation"]["impl"] == \
+        "pipeline_m2rec.SequentialRecommendationPipeline"
     for name in ("item_id_map.json", "training_info.json"):  # copied byte for byte
         assert (folder / name).read_bytes() == (run_dir / name).read_bytes()
     assert summary["python_files"] == sorted(CODE_FILES)
@@ -209,6 +213,15 @@ def test_refuses_a_folder_whose_weights_score_differently(built, tmp_path):
     weights["m2rec.item_embeddings.weight"][1:] += 0.05
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VerificationError, match="scores 4 fixed histories differently"):
+        verify_folder(folder, built[2])
+
+
+def test_refuses_a_vocabulary_whose_pipeline_does_not_recommend_what_the_model_does(built, tmp_path):
+    """A vocabulary that cuts histories shorter than the model's max_len changes what the pipeline recommends."""
+    folder = copy_of(built[1], tmp_path)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 2}))
+    with pytest.raises(VerificationError, match="pipeline, in a fresh process, does not recommend the source model"):
         verify_folder(folder, built[2])
 
 
@@ -457,7 +470,7 @@ def test_transformers_push_to_hub_gives_a_loadable_but_incomplete_repository(tmp
                                 env=clean_env(tmp_path / "user", HF_ENDPOINT=hub.url), capture_output=True,
                                 text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert {"config.json", "model.safetensors", "README.md"} | CODE_FILES == set(files)
+    assert {"config.json", "model.safetensors", "README.md"} | MODEL_CODE_FILES == set(files)
     assert "auto_map" in json.loads(files["config.json"])
     assert "model-index" not in files["README.md"].decode() and "item_id_map.json" not in files
     expected = load_file(tmp_path / "expected.safetensors")["logits"]

@@ -588,3 +588,56 @@ def test_build_kernels_command_reports_the_cache_and_avx512(monkeypatch, capsys)
     monkeypatch.setattr(cpu_scan, "load_cpu_scan", lambda: None)
     assert cpu_scan.build_kernels_main([]) == 1
     assert "could not be built" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- causal FFT convolution, cross-entropy
+
+
+@pytest.mark.parametrize("kernel_channels", [3, 1], ids=["per_channel", "shared"])
+def test_causal_fft_convolution_paths_equal_the_definition(kernel_channels):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(kernel_channels, 9, generator=generator, dtype=torch.float64,
+                         requires_grad=kernel_channels == 3)
+    expected = kernels.causal_fft_convolution_ref(x, kernel)
+    cotangent = torch.randn_like(expected)
+    inputs = (x, kernel) if kernel.requires_grad else (x,)
+    expected_grads = torch.autograd.grad(expected, inputs, cotangent)
+    for path in (kernels.causal_fft_convolution, kernels.causal_fft_convolution_torch):
+        out = path(x, kernel)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        for grad, reference in zip(torch.autograd.grad(out, inputs, cotangent), expected_grads):
+            torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(kernels.causal_fft_convolution, (x, kernel))
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "seen_offset"])
+def test_cross_entropy_paths_equal_the_definition(with_offset):
+    """The chunked cross-entropy (3 chunks here) and its twin against the float64 definition, with rows labelled
+    -100 and, with the seen-item offset, repeated items that count once and seen targets (revisits)."""
+    generator = torch.Generator().manual_seed(1)
+    item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
+    item_ids[2, 20:] = 0
+    item_ids[1, 10:20] = item_ids[1, :10]
+    rows = torch.randint(0, 3, (700,), generator=generator)
+    positions = torch.randint(0, 20, (700,), generator=generator)
+    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = item_ids[rows, positions]
+    labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
+    labels[::7] = -100
+    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
+    seen = (kernels.first_occurrences(item_ids, 5000), rows, positions) if with_offset else None
+    inputs = (states, weights, offset) if with_offset else (states, weights)
+    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    for path in (kernels.full_softmax_cross_entropy, kernels.full_softmax_cross_entropy_torch):
+        loss = path(states, weights, labels, offset, seen)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        for grad, reference in zip(torch.autograd.grad(loss, inputs), expected_grads):
+            torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_first_occurrences_blank_the_repeats():
+    item_ids = torch.tensor([[3, 1, 3, 2, 1, 0, 0], [5, 5, 5, 4, 0, 0, 0]])
+    assert kernels.first_occurrences(item_ids, 6).tolist() == [[3, 1, 0, 2, 0, 0, 0], [5, 0, 0, 4, 0, 0, 0]]

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan, kernels
 from m2rec.cpu_mixer import MixerCPUFn
-from m2rec.modeling_m2rec import _CausalFFTConvolution, first_occurrences, full_softmax_cross_entropy
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -82,51 +81,6 @@ def test_loss_without_logits_matches_and_last_position_logits():
     torch.testing.assert_close(model(input_ids, labels=last_labels, last_position_only=True).loss,
                                model(input_ids, labels=last_labels).loss)
     assert (full.logits[..., 0] == torch.finfo(full.logits.dtype).min).all()
-
-
-def test_chunked_cross_entropy_equals_full_logits_cross_entropy():
-    generator = torch.Generator().manual_seed(0)
-    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
-    labels = torch.randint(1, 5000, (700,), generator=generator)
-    logits = states @ weights.t()
-    logits[:, 0] = float("-inf")
-    expected = F.cross_entropy(logits, labels)
-    expected_grads = torch.autograd.grad(expected, (states, weights))
-    loss = full_softmax_cross_entropy(states, weights, labels)
-    grads = torch.autograd.grad(loss, (states, weights))
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-    for grad, reference in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
-
-
-def test_chunked_cross_entropy_with_a_seen_item_offset():
-    # Rows of 3 sequences at various positions; the offset shifts the logits of the items each row has seen.
-    generator = torch.Generator().manual_seed(1)
-    item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
-    item_ids[2, 20:] = 0
-    item_ids[1, 10:20] = item_ids[1, :10]  # repeats: the offset counts once per item
-    rows = torch.randint(0, 3, (700,), generator=generator)
-    positions = torch.randint(0, 20, (700,), generator=generator)
-    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)  # 3 chunks
-    labels = item_ids[rows, positions]  # seen targets too (a revisit), so the offset's gradient has both signs
-    labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
-    labels[::7] = -100  # rows without a target weigh nothing
-    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
-    seen = torch.zeros(700, 5000, dtype=torch.bool)
-    for m in range(700):
-        seen[m, item_ids[rows[m], : positions[m] + 1]] = True
-    logits = states @ weights.t() + offset * seen
-    logits[:, 0] = float("-inf")
-    expected = F.cross_entropy(logits, labels, ignore_index=-100)
-    expected_grads = torch.autograd.grad(expected, (states, weights, offset))
-    first_items = first_occurrences(item_ids, 5000)
-    loss = full_softmax_cross_entropy(states, weights, labels, offset, (first_items, rows, positions))
-    grads = torch.autograd.grad(loss, (states, weights, offset))
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-    for grad, reference in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
 
 
 def test_seen_item_bias_offsets_the_items_each_position_has_seen():
@@ -230,12 +184,6 @@ def test_frequency_filter_is_its_definition(fft_mode, fft_adaptive):
     with torch.no_grad():
         filtered = frequency_filter.filter(x)
     torch.testing.assert_close(filtered.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
-
-
-def test_causal_fft_convolution_gradients():
-    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
-    kernel = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_CausalFFTConvolution.apply, (x, kernel))
 
 
 def parameter_gradients(model, input_ids, labels):

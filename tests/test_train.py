@@ -77,13 +77,19 @@ def test_end_to_end_training_beats_most_popular_and_loads_with_auto_model(tmp_pa
     assert info["best_epoch"] == max(records, key=lambda r: r["valid"]["NDCG@10"])["epoch"]
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
 
-    check = ("import torch; from transformers import AutoModel; "
+    raw_ids = list(json.loads((best / "item_id_map.json").read_text()))
+    check = ("import json, torch; from transformers import AutoModel, pipeline; "
              f"m = AutoModel.from_pretrained({str(best)!r}, trust_remote_code=True); "
-             "print(m.recommend(torch.tensor([[1, 2, 3]]), k=5)[0].tolist())")
+             "print(m.recommend(torch.tensor([[1, 2, 3]]), k=5)[0].tolist()); "
+             f"r = pipeline('sequential-recommendation', model={str(best)!r}, trust_remote_code=True); "
+             f"print(json.dumps(r({raw_ids[:3]!r}, k=5)))")
     loaded = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 5
+    model_ids, recommended = loaded.stdout.strip().splitlines()[-2:]
+    assert len(json.loads(model_ids)[0]) == 5
+    # The trainer saved the item vocabulary and the pipeline with the model: raw ids in, raw ids out.
+    assert len(json.loads(recommended)) == 5 and {entry["item"] for entry in json.loads(recommended)} <= set(raw_ids)
 
     # What the trainer leaves is what m2rec-push publishes: the card's numbers are the run's own.
     run_cli("m2rec.hub_upload.push", ["--model", str(best), "--repo-id", "someone/m2rec-synthetic", "--dry-run",

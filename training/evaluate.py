@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from .. import M2RecConfig, M2RecForSequentialRecommendation
+from .. import M2RecConfig, M2RecForSequentialRecommendation, M2RecItemTokenizer, SequentialRecommendationPipeline
 from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset, read_json_file
 from .metrics import MetricAccumulator, history_statistics, rank_targets
 
@@ -183,6 +183,22 @@ def read_item_id_map(folder: Path, num_items: int) -> dict[str, int]:
     if sorted(mapping.values()) != list(range(1, num_items + 1)):
         raise ValueError(f"{path} does not map raw ids one-to-one onto the model's items 1..{num_items}")
     return mapping
+
+
+def save_model_folder(model, item_id_map: dict[str, int], folder: str | os.PathLike) -> None:
+    """Writes a model folder: `save_pretrained`'s files plus the item vocabulary (item_id_map.json, written as it
+    always was, and tokenizer_config.json, so that `AutoTokenizer` loads it) and, for M2Rec, the
+    sequential-recommendation pipeline's code, named in config.json's `custom_pipelines`, so that the folder serves
+    `pipeline("sequential-recommendation", model=folder, trust_remote_code=True)`. A bench baseline gets the
+    vocabulary without the pipeline, which ranks through M2Rec's `recommend`."""
+    vocabulary = M2RecItemTokenizer(item_id_map=item_id_map, model_max_length=model.config.max_len)
+    if isinstance(model, M2RecForSequentialRecommendation):
+        # Pipeline.save_pretrained is transformers' way to ship a custom pipeline: it writes custom_pipelines into
+        # the config and saves the pipeline's file with the model and the tokenizer.
+        SequentialRecommendationPipeline(model=model, tokenizer=vocabulary, device=model.device).save_pretrained(folder)
+    else:
+        model.save_pretrained(folder)
+        vocabulary.save_pretrained(folder)
 
 
 def read_training_info(folder: Path) -> dict:

@@ -6,8 +6,9 @@
     m2rec-train --config ... --overwrite_output_dir true   # start afresh; the old run moves to output_dir/archive/
 
 A run directory holds (see run_folder.py for how it is kept whole):
-    best/             the selected model (save_pretrained: config.json, model.safetensors, remote code) plus
-                      item_id_map.json and training_info.json (settings, metrics, the command, any resumes)
+    best/             the selected model (save_pretrained: config.json, model.safetensors, remote code), its item
+                      vocabulary (item_id_map.json, tokenizer_config.json), the pipeline's code (pipeline_m2rec.py)
+                      and training_info.json (settings, metrics, the command, any resumes)
     checkpoint/       the latest full state (accelerator.save_state + trainer_state.json) for --resume
     metrics.jsonl     one line per epoch: train loss, validation metrics, times
     logs/<run>/       TensorBoard, one subfolder per training run (a resumed run continues its own)
@@ -46,7 +47,7 @@ from .arguments import ModelArguments, TrainArguments, parse_args, to_dict
 from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainDataset, collate_train,
                    prepare_dataset)
 from .evaluate import (end_run, evaluate, eval_loader, format_history_statistics, format_metrics,
-                       load_trained_model)
+                       load_trained_model, save_model_folder)
 from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, checkpoint_state,
                          claim_run_folder, find_checkpoint, inexact_resume_possible, promote_checkpoint,
                          quiet_checkpointing, recover_best, refuse_unapproved_changes, replace_directory,
@@ -113,8 +114,7 @@ def save_best(accelerator: Accelerator, model, output_dir: Path, data: PreparedD
     if accelerator.is_main_process:
         staging = output_dir / "best.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging)
-        (staging / "item_id_map.json").write_text(json.dumps(data.item_id_map))
+        save_model_folder(accelerator.unwrap_model(model), data.item_id_map, staging)
         (staging / "training_info.json").write_text(json.dumps(info, indent=2))
         replace_directory(staging, output_dir / "best")
     accelerator.wait_for_everyone()
