@@ -206,3 +206,17 @@ def test_a_step_sums_the_window_in_blocks_of_lags_as_in_one_block(monkeypatch):
         cache = model(items[:, :-1], use_cache=True).cache_params
         blocked = model(items[:, -1:], cache_params=cache, last_position_only=True).logits
         assert relative_error(blocked, one_block) < 1e-6 and relative_error(blocked, expected) < 1e-5
+
+
+
+@torch.no_grad()
+def test_a_step_embeds_the_window_where_it_is_when_the_catalogue_is_large(monkeypatch):
+    """Past `STEP_CATALOGUE_USERS` users' windows of items, the step embeds its window's positions instead of the
+    whole catalogue: the same scores."""
+    model = tiny_model()
+    items = histories(3, MAX_LEN)
+    expected = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params).logits
+    monkeypatch.setattr(modeling_m2rec, "STEP_CATALOGUE_USERS", 0)
+    assert model.m2rec._window_embedder() == model.m2rec.embed
+    cache = model(items[:, :-1], use_cache=True).cache_params
+    torch.testing.assert_close(model(items[:, -1:], cache_params=cache).logits, expected, rtol=0, atol=0)
