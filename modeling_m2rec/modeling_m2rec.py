@@ -276,10 +276,10 @@ class M2RecFrequencyFilter(nn.Module):
         through `forward(newest, window_ids, embed)`.
 
         A direct sum over the lags: one position does not pay for FFTs. The window is embedded and summed
-        `STEP_LAGS_PER_BLOCK` lags at a time: a whole batch's (B, max_len, D) window, 131 MB at B = 256 and max_len = 2,000, falls out of cache and
-        is page-faulted in afresh at every step, which made that step 4.1× slower (docs/BENCHMARKS.md). The blocks
-        are over lags, not users, so that their number is fixed by max_len and an exported step keeps a dynamic
-        batch."""
+        `STEP_LAGS_PER_BLOCK` lags at a time: a whole batch's (B, max_len, D) window, 131 MB at B = 256 and
+        max_len = 2,000, falls out of cache and is page-faulted in afresh at every step, which made that step 4.1×
+        slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by max_len
+        and an exported step keeps a dynamic batch."""
         kernel = self.causal_kernel(newest.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
         filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
         for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
@@ -674,7 +674,7 @@ class M2RecModel(M2RecPreTrainedModel):
         # Zero the padding so that the filter's spectrum and window only contain real items.
         return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
 
-    def _window_embedder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _window_embedder(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """`embed` for a cached step's item window. A catalogue of at most `STEP_CATALOGUE_USERS` users' windows
         (I ≤ that × max_len) is embedded whole, once per step, and the window looks its rows up: one LayerNorm per
         item instead of one per window position (the step at B = 256, max_len = 2,000 took 1.64× as long without
@@ -683,7 +683,7 @@ class M2RecModel(M2RecPreTrainedModel):
         `embed` in eval mode, the only mode a cache is for."""
         if self.config.vocab_size > STEP_CATALOGUE_USERS * self.config.max_len:
             return self.embed
-        catalogue = self.embed(torch.arange(self.config.vocab_size, device=self.item_embeddings.weight.device))
+        catalogue = self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), on the ids' device
         return lambda ids: F.embedding(ids, catalogue)  # (..., D) rows of the (I, D) catalogue, row 0 zero
 
     def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -742,7 +742,7 @@ class M2RecModel(M2RecPreTrainedModel):
             if self.frequency_filter is None:
                 hidden = embedded
             else:  # the filter reads the window of recent items
-                hidden = self.frequency_filter(embedded, cache.item_ids, self._window_embedder())
+                hidden = self.frequency_filter(embedded, cache.item_ids, self._window_embedder(input_ids.device))
         all_hidden = (embedded, hidden)
 
         selection = embedded if self.config.selection_source == "unfiltered" else None

@@ -217,6 +217,6 @@ def test_a_step_embeds_the_window_where_it_is_when_the_catalogue_is_large(monkey
     items = histories(3, MAX_LEN)
     expected = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params).logits
     monkeypatch.setattr(modeling_m2rec, "STEP_CATALOGUE_USERS", 0)
-    assert model.m2rec._window_embedder() == model.m2rec.embed
+    assert model.m2rec._window_embedder(items.device) == model.m2rec.embed
     cache = model(items[:, :-1], use_cache=True).cache_params
     torch.testing.assert_close(model(items[:, -1:], cache_params=cache).logits, expected, rtol=0, atol=0)
