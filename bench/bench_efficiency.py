@@ -3,12 +3,17 @@ for the next-item top-10 at batch 1 and 256, and peak memory, at max_len 200 on 
 length 1,000 and 2,000. Ratios are against the SASRec baseline of the same run.
 
     python bench/bench_efficiency.py --data-root ../shared/data --out docs/bench_efficiency.json
+    python bench/bench_efficiency.py --smoke    # tiny synthetic data, no memory children: checks that it runs
 
 Models: M2Rec (the full model: causal FFT, gate, 1024-d text buffer as with bge-large), plain Mamba (M2Rec with FFT
 and text off, the Mamba4Rec stand-in) and SASRec (2 layers, 2 heads, the comparison model of bench/sasrec.py), all
 of width 64. Training: one epoch of every ML-1M user at every position (batch 256, AdamW, full-catalogue softmax);
 at L = 1,000 and 2,000 the same number of tokens (256·200 per step, 24 steps) of random histories over the ML-1M
 catalogue. Inference: `model.recommend(histories, k=10)` in eval mode; latency per user = time per call / batch.
+The models of one length are timed in interleaved rounds (bench/timing.py), so that the machine's drift over minutes
+does not enter the ratios: training in 5 rounds, round r training every model in turn on the epoch's steps r,
+r + 5, r + 10, ... (the epoch time is the sum of the rounds, the ratio the median of the per-round ratios with its
+range); inference in 5 rounds of `recommend` calls (latency the median over the rounds).
 Memory: peak growth of resident memory during one training step and one inference call of batch 256, each after a
 warm-up call, measured in a child process per model and length whose allocator returns every block above 1 MiB to the
 OS (the method of bench/bench_scan.py); the timings come from the parent, with the default allocator.
@@ -28,10 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_scan import warm_peak_memory_mb  # noqa: E402
 from bench.sasrec import SASRec, SASRecConfig  # noqa: E402
+from bench.timing import ROUNDS, interleaved_seconds, ratio  # noqa: E402
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation  # noqa: E402
 from m2rec.training.data import DataArguments, TrainDataset, collate_train, prepare_dataset  # noqa: E402
 
-TOKENS_PER_STEP = 256 * 200
+BATCH = 256
 MODELS = ("SASRec", "M2Rec", "Mamba (M2Rec w/o FFT, text)")
 STEPS_SYNTHETIC = 24  # an ML-1M epoch at batch 256 is 24 steps
 
@@ -55,14 +61,15 @@ def recommend(model, histories):
         return model(histories, last_position_only=True).logits.topk(10)
 
 
-def training_batches(data, length, batch_size, generator):
-    """ML-1M's own training batches at L = 200; random histories of the same tokens per step beyond."""
+def training_batches(data, length, batch_size, generator, steps=STEPS_SYNTHETIC):
+    """ML-1M's own training batches at L = 200; `steps` batches of random histories of the same tokens per step
+    beyond."""
     if length == 200:
         loader = torch.utils.data.DataLoader(TrainDataset(data, 200), batch_size=batch_size, shuffle=True,
                                              collate_fn=collate_train, generator=generator)
         return [(b["input_ids"], b["labels"]) for b in loader]
-    batch = TOKENS_PER_STEP // length
-    ids = torch.randint(1, data.num_items + 1, (STEPS_SYNTHETIC, batch, length + 1), generator=generator)
+    batch = batch_size * 200 // length
+    ids = torch.randint(1, data.num_items + 1, (steps, batch, length + 1), generator=generator)
     return [(step[:, :-1], step[:, 1:]) for step in ids]
 
 
@@ -72,8 +79,8 @@ def train_step(model, input_ids, labels):
     model(input_ids, labels=labels, return_logits=False).loss.backward()
 
 
-def train_epoch_seconds(model, batches):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def train_seconds(model, optimizer, batches):
+    """Seconds to train on `batches`, one AdamW step each."""
     model.train()
     start = time.perf_counter()
     for input_ids, labels in batches:
@@ -83,61 +90,118 @@ def train_epoch_seconds(model, batches):
     return time.perf_counter() - start
 
 
-def latency_per_user(model, histories, repeats):
-    model.eval()
-    recommend(model, histories)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        recommend(model, histories)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / len(histories)
+def interleaved_epoch(models, batches, rounds):
+    """{name: [seconds of each round]}: the epoch's batches dealt into `rounds` slices (round r trains batches r,
+    r + rounds, ...: every slice a like mix of the epoch), each slice trained by every model in turn before the
+    next."""
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in models.items()}
+    seconds = {name: [] for name in models}
+    for batch_slice in (batches[r::rounds] for r in range(rounds)):
+        for name, model in models.items():
+            seconds[name].append(train_seconds(model, optimizers[name], batch_slice))
+    return seconds
 
 
-def main():
+def interleaved_latency(models, histories, rounds):
+    """{name: [seconds per user in each round]} of `recommend` on the (B, L) histories, the models in turn."""
+    for model in models.values():
+        model.eval()
+    calls = {name: (lambda model=model: recommend(model, histories)) for name, model in models.items()}
+    return {name: [t / len(histories) for t in times]
+            for name, times in interleaved_seconds(calls, rounds=rounds).items()}
+
+
+def evaluation_histories(data, length, batch, generator):
+    """(batch, length) histories to score: real ML-1M test histories, right-padded, at L = 200; random ones beyond."""
+    if length != 200:
+        return torch.randint(1, data.num_items + 1, (batch, length), generator=generator)
+    test_inputs = [history[-200:] for history, _ in data.eval_examples("test")]
+    chosen = torch.randperm(len(test_inputs), generator=generator)[:batch].tolist()
+    return collate_train([{"input_ids": test_inputs[i], "labels": test_inputs[i]} for i in chosen])["input_ids"]
+
+
+COLUMNS = (("epoch s", "epoch_seconds", 1), ("latency/user ms, batch 1", "latency_ms_batch1", 2),
+           ("latency/user ms, batch {batch}", "latency_ms_batch", 3), ("train-step peak MB", "train_step_peak_mb", 0),
+           ("inference peak MB", "inference_peak_mb", 0))
+# The timed columns' per-round lists, from which their ratios to SASRec come.
+ROUND_KEYS = {"epoch_seconds": "epoch_rounds", "latency_ms_batch1": "latency_rounds_batch1",
+              "latency_ms_batch": "latency_rounds_batch"}
+
+
+def markdown(results):
+    titles = [title.format(batch=results[0]["batch"]) for title, _, _ in COLUMNS]
+    lines = ["| model | L | " + " | ".join(f"{title} | ×SASRec" for title in titles) + " |",
+             "|---|---:|" + "---:|---:|" * len(COLUMNS)]
+    for row in results:
+        base = next(r for r in results if r["length"] == row["length"] and r["model"] == "SASRec")
+        cells = []
+        for _, key, digits in COLUMNS:
+            if row.get(key) is None:
+                cells += ["-", "-"]
+                continue
+            relative = (ratio(row[ROUND_KEYS[key]], base[ROUND_KEYS[key]]) if key in ROUND_KEYS
+                        else f"{row[key] / base[key]:.2f}")
+            cells += [f"{row[key]:,.{digits}f}", str(relative)]
+        lines.append(f"| {row['model']} | {row['length']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 1000, 2000])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny synthetic data and batches, no memory children: checks that the script runs")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    data = prepare_dataset(DataArguments(format="sequence", data_path=f"{args.data_root}/ml-1m/ml-1m_seq_5core.txt.gz",
-                                         item_path=f"{args.data_root}/ml-1m/movies.dat", max_len=200))
-    test_inputs = [history[-200:] for history, _ in data.eval_examples("test")]
+    if args.smoke:
+        data_args = DataArguments(format="synthetic", synthetic_users=40, synthetic_items=30, max_len=200,
+                                  cache_dir=None)
+        args.lengths, args.rounds, batch, steps = [100], 2, 4, 2
+    else:
+        data_args = DataArguments(format="sequence", data_path=f"{args.data_root}/ml-1m/ml-1m_seq_5core.txt.gz",
+                                  item_path=f"{args.data_root}/ml-1m/movies.dat", max_len=200)
+        batch, steps = BATCH, STEPS_SYNTHETIC
+    data = prepare_dataset(data_args)
 
     results = []
     for length in args.lengths:
         generator = torch.Generator().manual_seed(0)
-        if length == 200:  # real ML-1M test histories, right-padded
-            chosen = torch.randperm(len(test_inputs), generator=generator)[:256].tolist()
-            histories = collate_train([{"input_ids": test_inputs[i], "labels": test_inputs[i]} for i in chosen])
-            histories = histories["input_ids"]
-        else:
-            histories = torch.randint(1, data.num_items + 1, (256, length), generator=generator)
-        batches = training_batches(data, length, 256, generator)
+        histories = evaluation_histories(data, length, batch, generator)
+        batches = training_batches(data, length, batch, generator, steps)
+        models = {}
         for name in args.models:
             torch.manual_seed(0)
-            model = build(name, data.num_items, max(length, 200))
-            row = {"model": name, "length": length}
-            if args.memory_child:
+            models[name] = build(name, data.num_items, max(length, 200))
+        if args.memory_child:
+            for name, model in models.items():
                 input_ids, labels = batches[0]
                 model.train()
-                row["train_step_peak_mb"] = warm_peak_memory_mb(lambda: train_step(model, input_ids, labels))
+                row = {"model": name, "length": length,
+                       "train_step_peak_mb": warm_peak_memory_mb(lambda: train_step(model, input_ids, labels))}
                 model.eval()
                 row["inference_peak_mb"] = warm_peak_memory_mb(lambda: recommend(model, histories))
                 print(json.dumps(row), flush=True)
-                continue
-            row.update(epoch_seconds=train_epoch_seconds(model, batches),
-                       latency_ms_batch1=1e3 * latency_per_user(model, histories[:1], repeats=20),
-                       latency_ms_batch256=1e3 * latency_per_user(model, histories, repeats=3))
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            continue
+        epoch = interleaved_epoch(models, batches, args.rounds)
+        latency_batch1 = interleaved_latency(models, histories[:1], args.rounds)
+        latency_batch = interleaved_latency(models, histories, args.rounds)
+        for name in models:
+            results.append({"model": name, "length": length, "batch": batch,
+                            "epoch_seconds": sum(epoch[name]), "epoch_rounds": epoch[name],
+                            "latency_ms_batch1": 1e3 * statistics.median(latency_batch1[name]),
+                            "latency_rounds_batch1": latency_batch1[name],
+                            "latency_ms_batch": 1e3 * statistics.median(latency_batch[name]),
+                            "latency_rounds_batch": latency_batch[name]})
+            print(json.dumps(results[-1]), flush=True)
     if args.memory_child:
         return
     # After the timings, so that the two never share the cores.
-    for row in results:
+    for row in results if not args.smoke else []:
         command = [sys.executable, __file__, "--memory-child", "--data-root", args.data_root,
                    "--lengths", str(row["length"]), "--models", row["model"]]
         child = subprocess.run(command, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}, check=True,
@@ -145,19 +209,12 @@ def main():
         peaks = json.loads(child.stdout)
         row.update(train_step_peak_mb=peaks["train_step_peak_mb"], inference_peak_mb=peaks["inference_peak_mb"])
 
-    print("\n| model | L | epoch s | ×SASRec | latency/user ms, batch 1 | ×SASRec | latency/user ms, batch 256 | ×SASRec "
-          "| train-step peak MB | ×SASRec | inference peak MB | ×SASRec |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:"
-          "|---:|---:|")
-    for row in results:
-        base = next(r for r in results if r["length"] == row["length"] and r["model"] == "SASRec")
-        cells = []
-        for key, digits in (("epoch_seconds", 1), ("latency_ms_batch1", 2), ("latency_ms_batch256", 3),
-                            ("train_step_peak_mb", 0), ("inference_peak_mb", 0)):
-            cells += [f"{row[key]:,.{digits}f}", f"{row[key] / base[key]:.2f}"]
-        print(f"| {row['model']} | {row['length']} | " + " | ".join(cells) + " |")
+    table = markdown(results)
+    print("\n" + table)
     if args.out:
         args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                        "results": results}, indent=2) + "\n")
+                                        "rounds": args.rounds, "results": results}, indent=2) + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ B = 256, L = 200 (B = 51,200 // L), so every row does the same work per column a
 show how each implementation scales with L. Each row is timed on the forward alone (under
 no_grad) and on forward + backward (with every input requiring a gradient).
 
-Time: median wall time of 5 calls after one warm-up call (1 call when the warm-up took over 2 s, to keep the whole
-run to minutes), with whatever memory allocator the process has: glibc's by default, which hands blocks above its mmap
-threshold back to the OS and page-faults them in again on every call. The environment block of the output records
-any MALLOC_* setting; `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` keeps freed memory in
-the process, as caching allocators (jemalloc, tcmalloc) do, and so times the arithmetic without the page faults.
+Time: the rows of one length run in 5 interleaved rounds (bench/timing.py: row A, B, C, ..., A, B, C, ...; each
+timing one call, or the mean of enough calls to last 50 ms, after a warm-up call); a row's time is the median over
+the rounds, and each ratio between rows ("vs loop", "× transformer") the median of the per-round ratios with their
+range (min–max), so that the machine's drift over minutes does not enter the ratios. Whatever memory allocator the
+process has is used: glibc's by default, which hands blocks above its mmap threshold back to the OS and page-faults
+them in again on every call. The environment block of the output records any MALLOC_* setting;
+`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` keeps freed memory in the process, as caching
+allocators (jemalloc, tcmalloc) do, and so times the arithmetic without the page faults.
 
 Memory: peak growth of resident memory during one call, each row and length in its own child process (Linux only;
 "-" elsewhere), after one warm-up call, so that one-time costs (FFT plans, thread pools, the extension's load) and
@@ -32,6 +35,7 @@ Rows are (name, make) pairs: make(batch, length) returns the two callables to me
 
     python bench/bench_scan.py --out bench/scan.json
     python bench/bench_scan.py --rows layer encoder --lengths 1000 2000    # a subset of the rows
+    python bench/bench_scan.py --smoke                                      # tiny sizes: checks that it runs
 """
 
 import argparse
@@ -43,13 +47,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sasrec import SASRec, SASRecBlock, SASRecConfig  # noqa: E402
+from bench.timing import ROUNDS, interleaved_seconds, ratio  # noqa: E402
 from m2rec import M2RecConfig, M2RecModel, cpu_scan, kernels  # noqa: E402
 
 TOKENS = 256 * 200
@@ -198,20 +202,7 @@ def warm_peak_memory_mb(fn):
     return peak_memory_mb(fn)
 
 
-def median_seconds(fn):
-    """(median seconds, number of timed calls) of fn after one warm-up call."""
-    start = time.perf_counter()
-    fn()
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(5 if warmup < 2.0 else 1):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times)
-
-
-def measure_memory(rows, lengths):
+def measure_memory(rows, lengths, tokens):
     """{(name, length): (forward MB, forward+backward MB)}, each pair from its own child process (Linux)."""
     if not sys.platform.startswith("linux"):
         return {}
@@ -219,40 +210,48 @@ def measure_memory(rows, lengths):
     peaks = {}
     for name, _ in rows:
         for length in lengths:
-            command = [sys.executable, __file__, "--memory-child", "--rows", name, "--lengths", str(length)]
+            command = [sys.executable, __file__, "--memory-child", "--rows", name, "--lengths", str(length),
+                       "--tokens", str(tokens)]
             child = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
             peaks[name, length] = tuple(json.loads(child.stdout))
     return peaks
 
 
-def memory_child(make, length):
+def memory_child(make, length, tokens):
     """Prints [forward MB, forward+backward MB] of one row at one length, each after a warm-up call."""
     kernels.resolve_backend("cpu")  # loads the fused extension before anything is measured
-    print(json.dumps([warm_peak_memory_mb(fn) for fn in make(TOKENS // length, length)]))
+    print(json.dumps([warm_peak_memory_mb(fn) for fn in make(tokens // length, length)]))
 
 
 def _fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _speedup(row, base, key):
-    return "-" if base is None else f"{base[key] / row[key]:.1f}x"
+def _time_ratios(numerator, denominator):
+    """'forward / fwd+bwd': the per-round time ratios numerator over denominator, median (min–max); '-' without
+    either row."""
+    if numerator is None or denominator is None:
+        return "-"
+    return " / ".join(str(ratio(numerator[key], denominator[key])) for key in ("forward_seconds",
+                                                                               "forward_backward_seconds"))
 
 
-def _ratios(row, base, keys):
-    """'a / b': row over base for each key, '-' where either is missing."""
+def _memory_ratios(row, base):
+    """'forward / fwd+bwd': row's peak memory over base's, '-' where either is missing."""
     if base is None:
         return "-"
+    keys = ("forward_peak_mb", "forward_backward_peak_mb")
     return " / ".join("-" if row[k] is None or not base[k] else f"{row[k] / base[k]:.2f}" for k in keys)
 
 
 def markdown(results):
     """The table of docs/BENCHMARKS.md: "vs loop" is the loop's time over the row's (higher is faster); "×
-    transformer" is the row's time or memory over the transformer layer's (lower is better), forward / fwd+bwd."""
+    transformer" is the row's time or memory over the transformer layer's (lower is better), forward / fwd+bwd;
+    time ratios are per-round medians with their range."""
     lines = [
         "| implementation | L | B | forward ms | fwd+bwd ms | forward peak MB | fwd+bwd peak MB "
-        "| forward vs loop | fwd+bwd vs loop | time × transformer | memory × transformer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs loop, forward / fwd+bwd | time × transformer, forward / fwd+bwd | memory × transformer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     loop = {r["length"]: r for r in results if r["name"] == LOOP}
     transformer = {r["length"]: r for r in results if r["name"] == TRANSFORMER}
@@ -262,24 +261,29 @@ def markdown(results):
             f"| {r['name']} | {r['length']} | {r['batch']} | {_fmt(r['forward_s'] * 1e3)} "
             f"| {_fmt(r['forward_backward_s'] * 1e3)} | {_fmt(r['forward_peak_mb'])} "
             f"| {_fmt(r['forward_backward_peak_mb'])} "
-            f"| {_speedup(r, base, 'forward_s')} | {_speedup(r, base, 'forward_backward_s')} "
-            f"| {_ratios(r, transformer.get(r['length']), ('forward_s', 'forward_backward_s'))} "
-            f"| {_ratios(r, transformer.get(r['length']), ('forward_peak_mb', 'forward_backward_peak_mb'))} |"
+            f"| {_time_ratios(base, r)} | {_time_ratios(r, transformer.get(r['length']))} "
+            f"| {_memory_ratios(r, transformer.get(r['length']))} |"
         )
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     parser.add_argument("--rows", nargs="+", help="run only the rows whose name contains one of these strings")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per batch (B = tokens // L)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, 2 rounds, no memory children: checks that the script runs")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = [(name, make) for name, make in ROWS if not args.rows or any(part in name for part in args.rows)]
     if args.memory_child:
-        memory_child(dict(ROWS)[args.rows[0]], args.lengths[0])
+        memory_child(dict(ROWS)[args.rows[0]], args.lengths[0], args.tokens)
         return
+    if args.smoke:
+        args.lengths, args.tokens, args.rounds = [8], 32, 2
 
     environment = {
         "torch": torch.__version__,
@@ -288,39 +292,35 @@ def main():
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.resolve_backend("cpu"),
         "cpu_scan_avx512": cpu_scan.avx512_enabled(),
-        "tokens_per_batch": TOKENS,
+        "tokens_per_batch": args.tokens,
+        "rounds": args.rounds,
         "D": DIM,
         "N": STATE,
         "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
     }
     print(json.dumps(environment), flush=True)
     results = []
-    for name, make in rows:
-        for length in args.lengths:
-            batch = TOKENS // length
-            forward, forward_backward = make(batch, length)
-            fwd_s, fwd_n = median_seconds(forward)
-            fb_s, fb_n = median_seconds(forward_backward)
-            results.append(
-                {
-                    "name": name,
-                    "length": length,
-                    "batch": batch,
-                    "forward_s": fwd_s,
-                    "forward_calls": fwd_n,
-                    "forward_backward_s": fb_s,
-                    "forward_backward_calls": fb_n,
-                }
-            )
+    for length in args.lengths:
+        batch = args.tokens // length
+        cases = {name: make(batch, length) for name, make in rows}  # name: (forward, forward_and_backward)
+        forward = interleaved_seconds({name: case[0] for name, case in cases.items()}, rounds=args.rounds)
+        forward_backward = interleaved_seconds({name: case[1] for name, case in cases.items()}, rounds=args.rounds)
+        for name in cases:
+            results.append({"name": name, "length": length, "batch": batch,
+                            "forward_s": statistics.median(forward[name]), "forward_seconds": forward[name],
+                            "forward_backward_s": statistics.median(forward_backward[name]),
+                            "forward_backward_seconds": forward_backward[name]})
             print(json.dumps(results[-1]), flush=True)
-    memory = measure_memory(rows, args.lengths)
+    results.sort(key=lambda r: [name for name, _ in rows].index(r["name"]))  # the table lists each row's lengths
+    memory = {} if args.smoke else measure_memory(rows, args.lengths, args.tokens)
     for r in results:
         peaks = memory.get((r["name"], r["length"]), (None, None))
         r["forward_peak_mb"], r["forward_backward_peak_mb"] = peaks
-    print()
-    print(markdown(results))
+    table = markdown(results)
+    print("\n" + table)
     if args.out is not None:
         args.out.write_text(json.dumps({"environment": environment, "results": results}, indent=2) + "\n")
+    return table
 
 
 if __name__ == "__main__":

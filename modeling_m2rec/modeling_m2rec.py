@@ -15,6 +15,7 @@ Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F freq
 E text-embedding width.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,10 @@ def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_of
     return logits + seen * seen_offset
 
 
+STEP_LAGS_PER_BLOCK = 64  # lags of a cached step's window summed at once: 4 MB at B = 256, D = 64 (cache-sized)
+STEP_CATALOGUE_USERS = 64  # a step embeds the whole catalogue when it is at most this many users' windows
+
+
 class M2RecFrequencyFilter(nn.Module):
     """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
 
@@ -255,22 +260,34 @@ class M2RecFrequencyFilter(nn.Module):
             filtered = causal_fft_convolution(x, kernel)  # (B, D, L)
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
-    def forward(self, hidden_states: torch.Tensor, newest_only: bool = False) -> torch.Tensor:
-        """(B, L, D) → (B, L, D); with `newest_only`, the causal filter's output at the last position only (see
-        `step`), (B, max_len, D) → (B, 1, D). One entry point, so that hooks on this module see every use of W."""
-        if newest_only:
-            return self.step(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, window_ids: torch.Tensor | None = None,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D); with `window_ids` and `embed`, one cached step (see `step`): the new events'
+        embeddings (B, 1, D) → the filter's output at them (B, 1, D). One entry point, so that hooks on this module
+        see every use of W."""
+        if window_ids is not None:
+            return self.step(hidden_states, window_ids, embed)
         filtered = self.filter(hidden_states).to(hidden_states.dtype)
         return self.layer_norm(hidden_states + self.dropout(filtered))
 
-    def step(self, window: torch.Tensor) -> torch.Tensor:
-        """The causal filter's output at the newest event only: window (B, max_len, D), the embedded most recent
-        events, oldest first, zeros before the first → (B, 1, D). A direct sum over the lags: one position does
-        not pay for FFTs. Called through `forward(window, newest_only=True)`."""
-        kernel = self.causal_kernel(window.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
-        filtered = (window.float() * kernel).sum(dim=1, keepdim=True)  # (B, 1, D)
-        newest = window[:, -1:]
-        return self.layer_norm(newest + self.dropout(filtered.to(window.dtype)))
+    def step(self, newest: torch.Tensor, window_ids: torch.Tensor,
+             embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The causal filter's output at the newest event only: newest (B, 1, D), the embedded new events;
+        window_ids (B, max_len), the most recent events' ids, oldest first (the newest last), 0 before the first;
+        embed maps ids (B, lags) to their embeddings (B, lags, D), zeros for the padding id 0 → (B, 1, D). Called
+        through `forward(newest, window_ids, embed)`.
+
+        A direct sum over the lags: one position does not pay for FFTs. The window is embedded and summed
+        `STEP_LAGS_PER_BLOCK` lags at a time: a whole batch's (B, max_len, D) window, 131 MB at B = 256 and
+        max_len = 2,000, falls out of cache and is page-faulted in afresh at every step, which made that step 4.1×
+        slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by max_len
+        and an exported step keeps a dynamic batch."""
+        kernel = self.causal_kernel(newest.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
+        filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
+        for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
+            block = embed(window_ids[:, start:start + STEP_LAGS_PER_BLOCK])  # (B, lags, D)
+            filtered += (block.float() * kernel[start:start + STEP_LAGS_PER_BLOCK]).sum(dim=1, keepdim=True)
+        return self.layer_norm(newest + self.dropout(filtered.to(newest.dtype)))
 
 
 class _HalfProjection(nn.Linear):
@@ -699,6 +716,18 @@ class M2RecModel(M2RecPreTrainedModel):
         # Zero the padding so that the filter's spectrum and window only contain real items.
         return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
 
+    def _window_embedder(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`embed` for a cached step's item window. A catalogue of at most `STEP_CATALOGUE_USERS` users' windows
+        (I ≤ that × max_len) is embedded whole, once per step, and the window looks its rows up: one LayerNorm per
+        item instead of one per window position (the step at B = 256, max_len = 2,000 took 1.64× as long without
+        it); a larger catalogue would cost more than the windows it saves, so their positions are embedded instead.
+        A rule on the config, not on the batch, so that an exported step keeps a dynamic batch. The same values as
+        `embed` in eval mode, the only mode a cache is for."""
+        if self.config.vocab_size > STEP_CATALOGUE_USERS * self.config.max_len:
+            return self.embed
+        catalogue = self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), on the ids' device
+        return lambda ids: F.embedding(ids, catalogue)  # (..., D) rows of the (I, D) catalogue, row 0 zero
+
     def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        cache_params: M2RecCache) -> None:
         """Checks one new event per user of the cache's batch."""
@@ -759,8 +788,10 @@ class M2RecModel(M2RecPreTrainedModel):
             mask, cache = None, cache_params  # no mask: the layers continue the cache instead of filling it
             cache.record_events(input_ids)
             embedded = self.embed(input_ids)  # (B, 1, D)
-            hidden = embedded if self.frequency_filter is None else self.frequency_filter(
-                self.embed(cache.item_ids), newest_only=True)
+            if self.frequency_filter is None:
+                hidden = embedded
+            else:  # the filter reads the window of recent items
+                hidden = self.frequency_filter(embedded, cache.item_ids, self._window_embedder(input_ids.device))
         all_hidden = (embedded, hidden)
 
         selection = embedded if self.config.selection_source == "unfiltered" else None

@@ -4,7 +4,7 @@ forward on the same history, on the PyTorch path and on the fused CPU kernels.""
 import pytest
 import torch
 
-from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation
+from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation, modeling_m2rec
 
 NUM_ITEMS = 30
 MAX_LEN = 10
@@ -190,3 +190,33 @@ def test_streamed_scores_equal_the_full_forward_on_cuda():
                      last_position_only=True)
         lengths = lengths + 1
         assert relative_error(step.logits, full_scores(model, items, lengths)) < 1e-5
+
+
+@torch.no_grad()
+def test_a_step_sums_the_window_in_blocks_of_lags_as_in_one_block(monkeypatch):
+    """The cached step sums its item window `STEP_LAGS_PER_BLOCK` lags at a time: blocks of one lag and of three
+    (which leave a short last block) score as one block of all max_len lags, and as the full forward."""
+    model = tiny_model()
+    items = histories(5, MAX_LEN)
+    expected = full_scores(model, items, [MAX_LEN] * 5)
+    one_block = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params,
+                      last_position_only=True).logits
+    for lags in (1, 3):
+        monkeypatch.setattr(modeling_m2rec, "STEP_LAGS_PER_BLOCK", lags)
+        cache = model(items[:, :-1], use_cache=True).cache_params
+        blocked = model(items[:, -1:], cache_params=cache, last_position_only=True).logits
+        assert relative_error(blocked, one_block) < 1e-6 and relative_error(blocked, expected) < 1e-5
+
+
+
+@torch.no_grad()
+def test_a_step_embeds_the_window_where_it_is_when_the_catalogue_is_large(monkeypatch):
+    """Past `STEP_CATALOGUE_USERS` users' windows of items, the step embeds its window's positions instead of the
+    whole catalogue: the same scores."""
+    model = tiny_model()
+    items = histories(3, MAX_LEN)
+    expected = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params).logits
+    monkeypatch.setattr(modeling_m2rec, "STEP_CATALOGUE_USERS", 0)
+    assert model.m2rec._window_embedder(items.device) == model.m2rec.embed
+    cache = model(items[:, :-1], use_cache=True).cache_params
+    torch.testing.assert_close(model(items[:, -1:], cache_params=cache).logits, expected, rtol=0, atol=0)

@@ -1,0 +1,75 @@
+"""The benchmarks' own code: SASRec's key/value cache scores as its full forward, the interleaved timing helper, and
+each benchmark script's main path at tiny sizes (`--smoke`)."""
+
+import importlib
+
+import pytest
+import torch
+
+from bench.sasrec import SASRec, SASRecConfig, SASRecKVCache
+from bench.timing import Ratio, interleaved_seconds, ratio
+
+NUM_ITEMS, MAX_LEN = 30, 12
+
+
+def sasrec():
+    torch.manual_seed(0)
+    config = SASRecConfig(num_items=NUM_ITEMS, max_len=MAX_LEN, hidden_size=16, num_hidden_layers=2,
+                          num_attention_heads=2, hidden_dropout_prob=0.0)
+    return SASRec(config).eval()
+
+
+def last_position_logits(model, items, lengths):
+    """The full forward's scores (B, I) at each user's last item, over their first lengths[b] items."""
+    width = int(lengths.max())
+    prefix = torch.where(torch.arange(width)[None, :] < lengths[:, None], items[:, :width], 0)
+    return model(prefix, last_position_only=True).logits
+
+
+@pytest.mark.parametrize("filled", [True, False], ids=["filled-from-histories", "from-empty"])
+@torch.no_grad()
+def test_sasrec_kv_step_equals_the_full_forward_at_the_last_position(filled):
+    """Users of different lengths, cached from one right-padded batch (or from nothing), then one event each per
+    call up to max_len: every step's scores are the full forward's at that prefix's last position."""
+    model = sasrec()
+    items = torch.randint(1, NUM_ITEMS + 1, (3, MAX_LEN), generator=torch.Generator().manual_seed(1))
+    if filled:
+        lengths = torch.tensor([1, 4, 2])
+        out = model(torch.where(torch.arange(4)[None, :] < lengths[:, None], items[:, :4], 0), use_cache=True)
+        cache = out.cache_params
+        assert cache.lengths.tolist() == lengths.tolist()
+    else:
+        lengths, cache = torch.zeros(3, dtype=torch.long), SASRecKVCache(model.config, batch_size=3)
+    while lengths.max() < MAX_LEN:
+        step = model(items[torch.arange(3), lengths][:, None], cache_params=cache, last_position_only=True)
+        lengths = lengths + 1
+        torch.testing.assert_close(step.logits[:, 1:], last_position_logits(model, items, lengths)[:, 1:],
+                                   rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == lengths.tolist()
+    with pytest.raises(ValueError, match="already has max_len"):
+        model(items[:, :1], cache_params=cache)
+
+
+def test_sasrec_kv_step_refuses_the_seen_item_offset():
+    """The offset scores every seen item, which the key/value cache does not keep."""
+    model = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=MAX_LEN, hidden_size=16, seen_item_bias=True)).eval()
+    cache = model(torch.tensor([[3, 4]]), use_cache=True).cache_params
+    with pytest.raises(ValueError, match="re-encode the history"):
+        model(torch.tensor([[5]]), cache_params=cache)
+
+
+def test_interleaved_rounds_alternate_the_rows_and_ratios_are_per_round():
+    calls = []
+    interleaved_seconds({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, rounds=3,
+                        min_seconds=0.0)
+    assert calls == ["A", "B"] + ["A", "B"] * 3  # one warm-up call each, then A, B per round
+    value = ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0])
+    assert value == Ratio(median=3.0, low=2.0, high=4.0)
+    assert value.within(4.0) and not value.within(3.5) and value.within(2.0, at_most=False)
+
+
+@pytest.mark.parametrize("script", ["bench_streaming", "bench_scan", "bench_efficiency"])
+def test_each_benchmark_runs_at_tiny_sizes(script, capsys):
+    table = importlib.import_module(f"bench.{script}").main(["--smoke"])
+    assert "(" in table and "–" in table  # ratios come with their range
+    assert table in capsys.readouterr().out
