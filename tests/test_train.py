@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from m2rec import M2RecForSequentialRecommendation
 from m2rec.training.arguments import TrainArguments
 from m2rec.training.data import DataArguments, prepare_dataset
 from m2rec.training.metrics import MetricAccumulator, rank_targets
@@ -21,12 +23,14 @@ SMALL_RUN = ["--format", "synthetic", "--synthetic_users", "300", "--synthetic_i
              "--learning_rate", "0.003", "--seed", "0"]
 
 
-def run_cli(module, args, tmp_path, processes=1, check=True, **popen):
+def run_cli(module, args, tmp_path, processes=1, check=True, fsdp=False, **popen):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     if processes == 1:
         command = [sys.executable, "-m", module, *args]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        engine = (["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"] if fsdp
+                  else ["--multi_gpu"])
+        command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "-m", module, *args]
     if popen:
@@ -198,4 +202,46 @@ def test_last_position_training_with_a_capped_epoch(tmp_path, variant):
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["optimizer_step"] for r in records] == [2, 4]
     info = json.loads((tmp_path / "run" / "best" / "training_info.json").read_text())
+    assert info["metrics"]["test"]["num_users"] == 300
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_cpu_processes_trains_as_one_process_and_resumes_exactly(tmp_path):
+    """FSDP2 over two CPU processes with half the batch each against one process with the whole batch. Equal losses
+    need the same global batch, as many targets on each process (one per sample: last-position training) and no
+    dropout (each process draws its own masks)."""
+    recipe = ["--last_position_training", "true", "--train_samples_per_epoch", "256", "--hidden_dropout_prob", "0",
+              "--seen_item_bias", "true", "--max_grad_norm", "1.0"]
+    run_cli("m2rec.training.train", small_args(tmp_path, "single", epochs=2) + recipe + ["--train_batch_size", "128"],
+            tmp_path)
+
+    def sharded(output, epochs, *extra):
+        return run_cli("m2rec.training.train", small_args(tmp_path, output, epochs) + recipe + [
+            "--train_batch_size", "64", "--cpu", "true", *extra], tmp_path, processes=2, fsdp=True)
+
+    straight = sharded("fsdp", 2)
+    # The item table (120 items and the padding row) is split between the processes, not replicated.
+    held, rows = map(int, re.search(r"holds (\d+) of the item table's (\d+) rows", straight.stderr).groups())
+    assert (held, rows) == (61, 121)
+    sharded("fsdp_resumed", 1)
+    sharded("fsdp_resumed", 2, "--resume", "true")
+
+    single, fsdp, resumed = (read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("single", "fsdp", "fsdp_resumed"))
+    assert [r["optimizer_step"] for r in fsdp] == [r["optimizer_step"] for r in single] == [2, 4]
+    for one, two in zip(single, fsdp):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+        assert two["valid"]["NDCG@10"] == pytest.approx(one["valid"]["NDCG@10"], rel=1e-5)
+    # Resuming a sharded checkpoint (model and AdamW states as shards, one RNG state per process) is exact.
+    assert [(r["train_loss"], r["valid"]) for r in resumed] == [(r["train_loss"], r["valid"]) for r in fsdp]
+
+    # best/ holds the gathered weights in the model's own format: it loads like a one-process run's, ties intact.
+    models = {run: M2RecForSequentialRecommendation.from_pretrained(tmp_path / run / "best") for run in ("single", "fsdp")}
+    loaded = models["fsdp"]
+    assert loaded.item_scorer.weight is loaded.m2rec.item_embeddings.weight
+    assert loaded.m2rec.fusion.text_weight.shape == loaded.seen_item_offset.shape == ()
+    reference = models["single"].state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+    info = json.loads((tmp_path / "fsdp" / "best" / "training_info.json").read_text())
     assert info["metrics"]["test"]["num_users"] == 300

@@ -201,7 +201,9 @@ def save_checkpoint(accelerator, output_dir: Path, record: dict) -> None:
         accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every process's random_states_<i>.pkl is written
     if accelerator.is_main_process:
-        manifest = {path.name: file_identity(path) for path in sorted(staging.iterdir()) if path.is_file()}
+        # Recursive: FSDP saves its sharded model and optimizer states as folders of files.
+        manifest = {path.relative_to(staging).as_posix(): file_identity(path) for path in sorted(staging.rglob("*"))
+                    if path.is_file()}
         (staging / COMPLETION_MARK).write_text(json.dumps({**record, "files": manifest}))
         replace_directory(staging, output_dir / CHECKPOINT)
     accelerator.wait_for_everyone()
@@ -346,13 +348,15 @@ class _DropRecords(logging.Filter):
         return not (record.levelno < self.below_level or any(phrase in message for phrase in self.phrases))
 
 
-# Accelerate logs every saved and loaded file at INFO, and a WARNING about the tied item embedding at every save;
+# Accelerate logs every saved and loaded file (and FSDP state) at INFO, and a WARNING about the tied item embedding at every save;
 # both repeat each epoch and say nothing the run's own lines do not.
 _CHECKPOINT_CHATTER = {
     "accelerate.checkpointing": _DropRecords(below_level=logging.WARNING),
     "accelerate.accelerator": _DropRecords(phrases=("Saving current state to", "Loading states from",
-                                                          "custom states")),
+                                                          "custom states", "FSDP model", "FSDP Model",
+                                                          "FSDP Optimizer")),
     "accelerate.utils.other": _DropRecords(phrases=("Removed shared tensor",)),
+    "accelerate.utils.fsdp_utils": _DropRecords(below_level=logging.WARNING),  # a line per sharded state saved
 }
 
 

@@ -51,6 +51,7 @@ from .data import (DataArguments, EpochSubsetSampler, PreparedDataset, TrainData
                    prepare_dataset)
 from .evaluate import (end_run, evaluate, eval_loader, format_history_statistics, format_metrics,
                        load_trained_model, save_model_folder)
+from .fsdp import enable_fsdp, full_model, make_shardable, shard_summary
 from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_problems, checkpoint_state,
                          claim_run_folder, find_checkpoint, inexact_resume_possible, promote_checkpoint,
                          quiet_checkpointing, recover_best, refuse_unapproved_changes, replace_directory,
@@ -113,11 +114,13 @@ def adam_step(optimizer) -> int:
     return 0
 
 
-def save_best(accelerator: Accelerator, model, output_dir: Path, data: PreparedDataset, info: dict) -> None:
+def save_best(accelerator: Accelerator, model, model_class: type, output_dir: Path, data: PreparedDataset,
+              info: dict) -> None:
+    unsharded = full_model(accelerator, model, model_class)  # every process takes part in gathering FSDP's shards
     if accelerator.is_main_process:
         staging = output_dir / "best.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        save_model_folder(accelerator.unwrap_model(model), data.item_id_map, staging)
+        save_model_folder(unsharded, data.item_id_map, staging)
         (staging / "training_info.json").write_text(json.dumps(info, indent=2))
         replace_directory(staging, output_dir / "best")
     accelerator.wait_for_everyone()
@@ -149,6 +152,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         log_with="tensorboard", project_dir=str(output_dir),
         # Shuffling seeded by (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    enable_fsdp(accelerator)  # `accelerate launch --use_fsdp`, on GPUs and on CPU processes alike
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lock = RunLock(output_dir / ".lock")  # taken by the main process for all of them
@@ -180,6 +184,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    if accelerator.is_fsdp2:
+        make_shardable(model, accelerator.state.fsdp_plugin)
 
     # The global filter sees the whole sequence, so it trains on one target per prefix (RecBole style).
     last_position_only = model_args.fft_mode == "global" or train_args.last_position_training
@@ -195,12 +201,17 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     scheduler = make_scheduler(optimizer, train_args, batches_per_epoch=len(train_loader))
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+    if accelerator.is_fsdp2:
+        logger.info("FSDP2 over %d processes: parameters, gradients and AdamW states sharded; the main process holds "
+                    "%s", accelerator.num_processes, shard_summary(model))
     if scheduler is not None:  # prepared, it is saved and restored with the checkpoint
         scheduler = accelerator.prepare(scheduler)
 
     settings = to_dict(model_args, data_args, train_args)
-    # What a checkpoint fixes: the settings, and the process count (each process has its own RNG state and batch).
-    checkpointed_settings = {**settings, "num_processes": accelerator.num_processes}
+    # What a checkpoint fixes: the settings, the process count (each process has its own RNG state and batch) and,
+    # when sharded, the engine (FSDP saves its model and optimizer states in another format than DDP's).
+    checkpointed_settings = {**settings, "num_processes": accelerator.num_processes,
+                             **({"fsdp_version": 2} if accelerator.is_fsdp2 else {})}
     data_fingerprint = data.fingerprint
     if resuming:
         state = resume(accelerator, optimizer, scheduler, output_dir, checkpointed_settings, data_fingerprint,
@@ -237,7 +248,7 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
         improved = valid["NDCG@10"] > state.best_ndcg
         if improved:
             state.best_ndcg, state.best_epoch, state.epochs_without_improvement = valid["NDCG@10"], epoch + 1, 0
-            save_best(accelerator, model, output_dir, data,
+            save_best(accelerator, model, model_class, output_dir, data,
                       {**info, "best_epoch": state.best_epoch, "metrics": {"validation": valid}})
         else:
             state.epochs_without_improvement += 1
