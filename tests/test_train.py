@@ -16,6 +16,7 @@ from m2rec import M2RecForSequentialRecommendation
 from m2rec.training.arguments import TrainArguments
 from m2rec.training.data import DataArguments, prepare_dataset
 from m2rec.training.metrics import MetricAccumulator, rank_targets
+from m2rec.training.run_folder import checkpoint_problems
 from m2rec.training.train import make_train_loader
 
 SMALL_RUN = ["--format", "synthetic", "--synthetic_users", "300", "--synthetic_items", "120", "--max_len", "30",
@@ -223,6 +224,7 @@ def test_fsdp_over_two_cpu_processes_trains_as_one_process_and_resumes_exactly(t
     # The item table (120 items and the padding row) is split between the processes, not replicated.
     held, rows = map(int, re.search(r"holds (\d+) of the item table's (\d+) rows", straight.stderr).groups())
     assert (held, rows) == (61, 121)
+    assert "FSDP Model saved" not in straight.stderr and "Saving model to" not in straight.stderr  # quiet checkpoints
     sharded("fsdp_resumed", 1)
     sharded("fsdp_resumed", 2, "--resume", "true")
 
@@ -235,7 +237,8 @@ def test_fsdp_over_two_cpu_processes_trains_as_one_process_and_resumes_exactly(t
     assert [(r["train_loss"], r["valid"]) for r in resumed] == [(r["train_loss"], r["valid"]) for r in fsdp]
 
     # best/ holds the gathered weights in the model's own format: it loads like a one-process run's, ties intact.
-    models = {run: M2RecForSequentialRecommendation.from_pretrained(tmp_path / run / "best") for run in ("single", "fsdp")}
+    models = {run: M2RecForSequentialRecommendation.from_pretrained(tmp_path / run / "best")
+              for run in ("single", "fsdp")}
     loaded = models["fsdp"]
     assert loaded.item_scorer.weight is loaded.m2rec.item_embeddings.weight
     assert loaded.m2rec.fusion.text_weight.shape == loaded.seen_item_offset.shape == ()
@@ -245,3 +248,11 @@ def test_fsdp_over_two_cpu_processes_trains_as_one_process_and_resumes_exactly(t
         torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
     info = json.loads((tmp_path / "fsdp" / "best" / "training_info.json").read_text())
     assert info["metrics"]["test"]["num_users"] == 300
+
+    # The sharded states are folders of files; every file is in the checkpoint's manifest, so damage is found.
+    checkpoint = tmp_path / "fsdp" / "checkpoint"
+    record = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert checkpoint_problems(checkpoint, record, num_processes=2) == {}
+    shard = next((checkpoint / "optimizer_0").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    assert list(checkpoint_problems(checkpoint, record, num_processes=2)) == [f"optimizer_0/{shard.name}"]

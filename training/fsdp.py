@@ -15,6 +15,7 @@ FSDP shards parameters only, and gathering a frozen table for every step would c
 
 import os
 import re
+import warnings
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -22,6 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch import nn
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.nn.utils import parametrize
 
 # A parametrized parameter's key in state_dict(): <module>.parametrizations.<name>.original
@@ -46,6 +48,13 @@ def enable_fsdp(accelerator: Accelerator) -> None:
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(f"FSDP version {accelerator.state.fsdp_plugin.fsdp_version}: m2rec-train shards with FSDP2; "
                          f"launch with --fsdp_version 2 (or fsdp_version: 2 in the accelerate config file)")
+    if accelerator.is_fsdp2:
+        # torch warns, for every unit whose output is a view, that an in-place change of that output before backward
+        # would skip the unit's all-gather. Training changes no unit's output in place (the scorer's in-place padding
+        # column is written at inference only; the loss reads the item table directly), and the sharded losses are
+        # tested equal to one process's: the warnings would only bury the log.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                category=UserWarning)
 
 
 def _fsdp_asked() -> bool:
@@ -77,7 +86,7 @@ def make_shardable(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> 
     item_table = model.get_input_embeddings().weight
     holds_table = {module for module in model.modules()
                    if module is not model and any(p is item_table for p in module.parameters())}
-    if plugin.auto_wrap_policy is not None and _is_layer_policy(plugin) and plugin.transformer_cls_names_to_wrap is None:
+    if _is_layer_policy(plugin) and plugin.transformer_cls_names_to_wrap is None:
         # Accelerate's default is the model's `_no_split_modules`, which name M2RecModel for device maps; the layers
         # are the units here.
         plugin.transformer_cls_names_to_wrap = [
@@ -97,8 +106,6 @@ def make_shardable(model: nn.Module, plugin: FullyShardedDataParallelPlugin) -> 
 
 
 def _is_layer_policy(plugin: FullyShardedDataParallelPlugin) -> bool:
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
     return getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy) is transformer_auto_wrap_policy
 
 
