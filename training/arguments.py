@@ -88,7 +88,8 @@ class TrainArguments:
         default=False, metadata={"help": "Remove each user's earlier items from the ranking (the paper's tables "
                                          "keep them)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present (also sharded: "
+                                                       "accelerate launch --use_fsdp runs FSDP2 over CPU processes)."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh in an output_dir that holds a run; its files are moved to "

@@ -1,4 +1,5 @@
-"""Train M2Rec with Accelerate: one script for CPU, one GPU, many GPUs (`accelerate launch -m m2rec.training.train ...`).
+"""Train M2Rec with Accelerate: one script for CPU, one GPU, many GPUs (`accelerate launch -m m2rec.training.train ...`),
+and sharded with FSDP2 for large catalogues (`accelerate launch --use_fsdp --fsdp_version 2 ...`, see fsdp.py).
 
     m2rec-train                                   # the embedded synthetic default, offline, a couple of minutes
     m2rec-train --config training/configs/ml-1m.yaml --output_dir runs/ml-1m
