@@ -13,14 +13,13 @@ AdamW moments; each unit is gathered whole while it computes. The frozen text ta
 FSDP shards parameters only, and gathering a frozen table for every step would cost traffic and save no peak memory.
 """
 
-import os
 import re
 import warnings
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch import nn
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -34,7 +33,7 @@ def enable_fsdp(accelerator: Accelerator) -> None:
     """Shard this run with FSDP when `accelerate launch --use_fsdp` (or its config file) asked for it, on CPU
     processes too; then `accelerator.is_fsdp2`. Only FSDP2 is taken (FSDP1 is refused: m2rec's model is adapted and
     tested for FSDP2 only)."""
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and _fsdp_asked():
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
         # Accelerate picks FSDP for accelerator devices only, and on CPU processes (gloo) silently trains with DDP
         # instead, although torch's FSDP2 (`fully_shard`) runs on CPU. Set the state it would set on GPUs, with the
         # plugin read from the same FSDP_* settings: `prepare` then shards the model over gloo. This is what lets the
@@ -55,10 +54,6 @@ def enable_fsdp(accelerator: Accelerator) -> None:
         # tested equal to one process's: the warnings would only bury the log.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
                                 category=UserWarning)
-
-
-def _fsdp_asked() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 class _ScalarAsVector(nn.Module):

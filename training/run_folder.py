@@ -348,8 +348,8 @@ class _DropRecords(logging.Filter):
         return not (record.levelno < self.below_level or any(phrase in message for phrase in self.phrases))
 
 
-# Accelerate logs every saved and loaded file (and FSDP state) at INFO, and a WARNING about the tied item embedding at every save;
-# both repeat each epoch and say nothing the run's own lines do not.
+# Accelerate logs every saved and loaded file (and FSDP state) at INFO, and a WARNING about the tied item embedding at
+# every save; both repeat each epoch and say nothing the run's own lines do not.
 _CHECKPOINT_CHATTER = {
     "accelerate.checkpointing": _DropRecords(below_level=logging.WARNING),
     "accelerate.accelerator": _DropRecords(phrases=("Saving current state to", "Loading states from",
