@@ -13,8 +13,9 @@ need the time sort. Parquet (row groups of 10^6, integer columns) and CSV. Prepa
 5-core, stable per-user time sort, ids remapped, written to a fresh cache (Arrow).
 
 Each measurement runs in a child process (a fresh interpreter: nothing cached in memory, no allocator state from
-earlier runs); its peak RSS is the kernel's (`os.wait4`'s ru_maxrss, which covers the whole child, imports included)
-and its time the child's own wall time of the call. `--baseline` also runs, at the smallest size, the pipeline as it
+earlier runs); its peak RSS is the kernel's (`os.wait4`'s ru_maxrss, which covers the whole child, imports included:
+torch and transformers come with the package; the floor, a child that only imports, is reported beside) and its
+time the child's own wall time of the `prepare_dataset` call (hashing the input for the cache key included). `--baseline` also runs, at the smallest size, the pipeline as it
 was before the columnar rewrite (training/data.py of `--baseline-commit`, loaded from git: Python lists, to_pylist,
 JSON cache), interleaved with the new one round by round, for the ratio on the same machine.
 """
@@ -82,6 +83,9 @@ def child(path: str, pipeline: str, cache_dir: str, load: bool) -> None:
         spec.loader.exec_module(data)
     else:
         from m2rec.training import data
+    if path == "-":  # the floor: what importing the package costs, before any data
+        print(json.dumps({"seconds": 0.0}))
+        return
     args = data.DataArguments(format="table", data_path=path, cache_dir=cache_dir)
     start = time.perf_counter()
     prepared = data.prepare_dataset(args)
@@ -166,6 +170,8 @@ def main() -> None:
     if args.smoke:
         args.sizes, args.repeats = [1e5], 1
     data_dir = Path(args.data_dir)
+    floor = run_child(Path("-"), "arrow", data_dir)["peak_rss_mib"]
+    print(f"peak RSS of a child that only imports m2rec.training.data: {floor:.0f} MiB", flush=True)
     results = []
     for n in sorted(int(size) for size in args.sizes):
         for fmt in args.formats:
@@ -183,6 +189,7 @@ def main() -> None:
     report = {"machine": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                           "nice": os.nice(0)},
+              "import_floor_peak_rss_mib": floor,
               "settings": {"chunk_rows": CHUNK, "baseline_commit": BASELINE_COMMIT, "user_core": 5, "item_core": 5},
               "results": results}
     if args.out:

@@ -50,7 +50,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -554,13 +554,16 @@ def _read_table_columns(files: dict[str, Path], args: DataArguments) -> RawData:
     text_from_rows = "items" not in files and bool(args.text_columns)
     numbers = [c for c in (args.time_column, args.rating_column if use_ratings else None) if c is not None]
     try:
-        table = _arrow_table(path, args, [args.user_column, args.item_column], numbers, all_columns=text_from_rows)
-        users, user_names = _encode_ids(table.column(args.user_column), args.user_column)
-        items, item_names = _encode_ids(table.column(args.item_column), args.item_column)
-        timestamps = None if args.time_column is None else _column_numbers(table.column(args.time_column), "time", path)
-        ratings = _column_numbers(table.column(args.rating_column), "rating", path) if use_ratings else None
-        if not text_from_rows:
-            del table  # the columns live on as codes and numbers
+        column, table = _arrow_columns(path, args, [args.user_column, args.item_column], numbers, text_from_rows)
+        # One column at a time, its Arrow buffers handed back to the OS before the next (the peak of a large file).
+        users, user_names = _encode_ids(column(args.user_column), args.user_column)
+        _release_arrow_memory()
+        items, item_names = _encode_ids(column(args.item_column), args.item_column)
+        _release_arrow_memory()
+        timestamps = None if args.time_column is None else _column_numbers(column(args.time_column), "time", path)
+        ratings = _column_numbers(column(args.rating_column), "rating", path) if use_ratings else None
+        del column
+        _release_arrow_memory()
     except (pa.ArrowException, UnicodeDecodeError) as e:
         raise _ReadRowByRow(f"Arrow cannot read it: {e}") from None
     if "items" in files:
@@ -570,6 +573,26 @@ def _read_table_columns(files: dict[str, Path], args: DataArguments) -> RawData:
     else:
         item_text = {}
     return RawData(users, user_names, items, item_names, timestamps, ratings, item_text)
+
+
+def _release_arrow_memory() -> None:
+    pa.default_memory_pool().release_unused()
+
+
+def _arrow_columns(path: Path, args: DataArguments, id_columns: list[str], number_columns: list[str],
+                   all_columns: bool) -> tuple[Callable[[str], pa.ChunkedArray], Optional[pa.Table]]:
+    """(column(name), the whole table when all_columns else None). A Parquet file's columns are read from the file
+    one by one, when asked for; other files are read once (`_arrow_table`)."""
+    if _table_kind(path) == "parquet" and path.suffix != ".gz" and not all_columns:
+        parquet = pq.ParquetFile(path, read_dictionary=id_columns)
+        _check_columns(parquet.schema_arrow.names, id_columns + number_columns)
+
+        def column(name: str) -> pa.ChunkedArray:  # batch by batch: no whole-column read buffers beside the column
+            chunks = [batch.column(0) for batch in parquet.iter_batches(batch_size=1 << 20, columns=[name])]
+            return pa.chunked_array(chunks) if chunks else pa.chunked_array([], parquet.schema_arrow.field(name).type)
+        return column, None
+    table = _arrow_table(path, args, id_columns, number_columns, all_columns)
+    return table.column, table if all_columns else None
 
 
 def _arrow_table(path: Path, args: DataArguments, id_columns: list[str], number_columns: list[str],
@@ -636,13 +659,18 @@ def _encode_ids(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[st
     chunks = [chunk for chunk in column.chunks if len(chunk)]
     if not chunks:
         return np.zeros(0, dtype=np.int32), []
+    del column
     names = []
     for value in chunks[-1].dictionary.to_pylist():  # a chunk's dictionary covers the chunks before it
         text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
         if not text:
             raise _ReadRowByRow(f"an empty {name!r}")
         names.append(normalise_id(text))
-    codes = np.concatenate([chunk.indices.to_numpy() for chunk in chunks]).astype(np.int32, copy=False)
+    codes, position = np.empty(sum(map(len, chunks)), dtype=np.int32), 0
+    while chunks:  # each chunk's indices are freed as they are copied
+        indices = chunks.pop(0).indices.to_numpy()
+        codes[position:position + len(indices)] = indices
+        position += len(indices)
     merged, unique_names = _first_appearance_codes(names)
     if len(unique_names) < len(names):
         codes = merged.astype(np.int32)[codes]
@@ -651,17 +679,14 @@ def _encode_ids(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[st
 
 def _column_numbers(column: pa.ChunkedArray, what: str, path: Path) -> np.ndarray:
     """(R,) float64 seconds (what="time": numbers, Arrow timestamps and dates, or text parsed as `_parse_time`
-    does, once per distinct value) or ratings; an empty, unreadable or non-finite value is _ReadRowByRow."""
+    does, once per distinct value) or ratings; an empty, unreadable or non-finite value is _ReadRowByRow.
+    Converted chunk by chunk into the result, so that only one chunk's copy exists besides the column."""
+    if column.null_count:
+        raise _ReadRowByRow(f"an empty {what}")
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
-    if pa.types.is_timestamp(kind):  # stored as UTC; a naive time counts as UTC, as in _parse_time
-        column = pc.divide(column.cast(pa.timestamp("us", tz=kind.tz)).cast(pa.int64()).cast(pa.float64()), 1e6)
-    elif pa.types.is_date(kind):
-        column = pc.multiply(column.cast(pa.date32()).cast(pa.int32()).cast(pa.float64()), 86_400.0)
-    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        column = column.cast(pa.float64())
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
             column = column.cast(pa.float64())
         except pa.ArrowInvalid:
@@ -672,11 +697,24 @@ def _column_numbers(column: pa.ChunkedArray, what: str, path: Path) -> np.ndarra
             except (ValueError, TypeError):
                 raise _ReadRowByRow(f"a {what} that is not a number{' or an ISO date' * (what == 'time')}") from None
             column = pa.chunked_array([values[chunk.indices.to_numpy()] for chunk in encoded.chunks], pa.float64())
+        kind = pa.float64()
+    if pa.types.is_timestamp(kind):  # stored as UTC; a naive time counts as UTC, as in _parse_time
+        def convert(chunk):
+            return chunk.cast(pa.timestamp("us", tz=kind.tz)).cast(pa.int64()).to_numpy() / 1e6
+    elif pa.types.is_date(kind):
+        def convert(chunk):
+            return chunk.cast(pa.date32()).cast(pa.int32()).to_numpy() * 86_400.0
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        def convert(chunk):
+            return chunk.cast(pa.float64()).to_numpy()
     else:
         raise _ReadRowByRow(f"a {what} column of type {kind}")
-    if column.null_count:
-        raise _ReadRowByRow(f"an empty {what}")
-    numbers = np.concatenate([chunk.to_numpy() for chunk in column.chunks]) if column.num_chunks else np.zeros(0)
+    numbers, position, chunks = np.empty(len(column), dtype=np.float64), 0, list(column.chunks)
+    del column
+    while chunks:
+        converted = convert(chunks.pop(0))
+        numbers[position:position + len(converted)] = converted
+        position += len(converted)
     if not np.isfinite(numbers).all():
         raise _ReadRowByRow(f"a {what} that is not a finite number")
     return numbers
@@ -972,8 +1010,10 @@ def k_core(users: np.ndarray, items: np.ndarray, keep: np.ndarray, user_core: in
 
 
 def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
-    """Rating threshold, k-core, per-user stable time sort and id remapping (see module docstring). Vectorised:
-    besides the raw columns, the peak holds their kept copies and one int64 sort index per interaction."""
+    """Rating threshold, k-core, per-user stable time sort and id remapping (see module docstring).
+
+    Vectorised, and without copies of the kept rows: the sort runs over every row with the dropped ones keyed
+    after all users, so the peak holds the raw columns, a user key and one int64 sort index per row."""
     keep = np.ones(len(raw), dtype=bool)
     if args.rating_threshold is not None:
         if raw.ratings is None:
@@ -981,27 +1021,29 @@ def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
         keep &= raw.ratings >= args.rating_threshold
     # Leave-one-out needs a training item, a validation target and a test target per user.
     keep = k_core(raw.users, raw.items, keep, max(args.user_core, 3), args.item_core)
-    if not keep.any():
+    kept = int(keep.sum())
+    if not kept:
         raise ValueError(f"no interactions left after filtering {args.data_path or args.format!r} "
                          f"(rating_threshold={args.rating_threshold}, user_core={args.user_core}, "
                          f"item_core={args.item_core}, {len(keep)} interactions before)")
-    everything = bool(keep.all())
-    users, items = (raw.users, raw.items) if everything else (raw.users[keep], raw.items[keep])
-    times = raw.timestamps if everything or raw.timestamps is None else raw.timestamps[keep]
-    del keep
 
     # Item ids 1..N in order of first appearance among kept interactions (Arrow's hash-based unique keeps it).
-    item_codes = pc.unique(pa.array(items)).to_numpy()
+    item_codes = pc.unique(pa.array(raw.items if kept == len(raw) else raw.items[keep])).to_numpy()
     new_id = np.zeros(len(raw.item_names), dtype=np.int32)
     new_id[item_codes] = np.arange(1, len(item_codes) + 1, dtype=np.int32)
 
-    # Group by user (codes are in first-appearance order), then by time; both sorts are stable, so
-    # equal timestamps keep file order.
-    order = np.argsort(users, kind="stable") if times is None else np.lexsort((times, users))
-    sorted_items = new_id[items[order]]
-    sorted_times = None if times is None else times[order]
+    # Group by user (codes are in first-appearance order), then by time; both sorts are stable, so equal timestamps
+    # keep file order. Dropped rows get the user key len(user_names): they sort last and are cut off.
+    num_users = len(raw.user_names)
+    user_key = raw.users if kept == len(raw) else np.where(keep, raw.users, np.int32(num_users))
+    del keep
+    counts = np.bincount(user_key, minlength=num_users + 1)[:num_users]
+    order = (np.argsort(user_key, kind="stable") if raw.timestamps is None
+             else np.lexsort((raw.timestamps, user_key)))[:kept]
+    del user_key
+    sorted_items = new_id[raw.items[order]]
+    sorted_times = None if raw.timestamps is None else raw.timestamps[order]
     del order
-    counts = np.bincount(users, minlength=len(raw.user_names))
     present = np.flatnonzero(counts)
     offsets = np.zeros(len(present) + 1, dtype=np.int64)
     np.cumsum(counts[present], out=offsets[1:])
