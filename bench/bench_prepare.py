@@ -112,6 +112,7 @@ def run_child(path: Path, pipeline: str, cache_dir: Path, load: bool = False) ->
             raise RuntimeError(f"{' '.join(command)} failed:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+    result["child_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)  # the whole child, imports included
     return result
 
 
@@ -141,6 +142,7 @@ def bench_size(n: int, fmt: str, data_dir: Path, repeats: int, baseline: bool) -
     for name, measured in runs.items():
         result[name] = {"seconds": summary([m["seconds"] for m in measured]),
                         "peak_rss_mib": summary([m["peak_rss_mib"] for m in measured]),
+                        "child_cpu_seconds": summary([m.get("child_cpu_seconds", 0.0) for m in measured]),
                         **{key: measured[0][key] for key in ("users", "items", "interactions", "cache_bytes")}}
     result["arrow_load_from_cache"] = {"seconds": summary([m["seconds"] for m in loads]),
                                        "peak_rss_mib": summary([m["peak_rss_mib"] for m in loads])}
