@@ -16,7 +16,7 @@ Each measurement runs in a child process (a fresh interpreter: nothing cached in
 earlier runs); its peak RSS is the kernel's (`os.wait4`'s ru_maxrss, which covers the whole child, imports included:
 torch and transformers come with the package; the floor, a child that only imports, is reported beside) and its
 time the child's own wall time of the `prepare_dataset` call (hashing the input for the cache key included). `--baseline` also runs, at the smallest size, the pipeline as it
-was before the columnar rewrite (training/data.py of `--baseline-commit`, loaded from git: Python lists, to_pylist,
+was before the columnar rewrite (training/data.py of BASELINE_COMMIT, loaded from git: Python lists, to_pylist,
 JSON cache), interleaved with the new one round by round, for the ratio on the same machine.
 """
 
