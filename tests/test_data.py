@@ -157,6 +157,20 @@ def test_columnar_table_reader_reads_as_the_row_reader_does(tmp_path, name, nume
     assert columnar.item_text["3"] == "Bar, Pub (4)"
 
 
+def test_ids_are_coded_in_order_of_first_appearance_across_chunks():
+    import pyarrow as pa
+
+    numbers = pa.chunked_array([[5.0, 3.0], [3.0, 7.0, 5.0], [3.5]])
+    codes, names = data._encode_ids(numbers, "item_id")
+    assert codes.tolist() == [0, 1, 1, 2, 0, 3] and names == ["5", "3", "7", "3.5"]
+    # Chunks with their own dictionaries (as Arrow's CSV reader gives them); "8" and " 8" are one id.
+    text = pa.chunked_array([pa.array(["b", "a"]).dictionary_encode(), pa.array(["c", "8", "a"]).dictionary_encode(),
+                             pa.array([" 8", "d"]).dictionary_encode()])
+    codes, names = data._encode_ids(text, "user_id")
+    assert codes.tolist() == [0, 1, 2, 3, 1, 3, 4] and names == ["b", "a", "c", "8", "d"]
+    assert codes.dtype == np.int32
+
+
 @pytest.mark.parametrize("name, text, options, expected", [
     ("ratings.dat", "1::2::3::4\n1::2::3\n", {"format": "movielens"}, "line 2"),
     ("ratings.dat", "1::2::3::4\n\n1::2::x::4\n", {"format": "movielens"}, "line 3: rating must be a number"),
