@@ -120,7 +120,8 @@ def evaluate_excluding_history(run_dir: Path, info: dict, variant: str) -> dict:
     settings = TrainArguments(eval_batch_size=info["train_config"]["eval_batch_size"], exclude_history=True)
     accelerator = Accelerator(cpu=True)
     return {"best_epoch": info["best_epoch"],
-            **{name: evaluate(model, eval_loader(data, split, data_args.max_len, settings), accelerator, True)
+            **{name: evaluate(model, eval_loader(data, split, data_args.max_len, settings, accelerator), accelerator,
+                              True)
                for name, split in (("validation", "valid"), ("test", "test"))}}
 
 

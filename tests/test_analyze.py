@@ -2,7 +2,6 @@
 model folder allow are written (one tiny finished run, as in test_run_folder.py)."""
 
 import json
-import logging
 import shutil
 import sys
 
@@ -66,22 +65,6 @@ def test_a_run_folder_gives_every_picture(finished_run, tmp_path):
     assert names(pictures) == ["activity_spectrum.png", *MODEL_PICTURES, "training_curves.png"]
     for picture in pictures:
         assert picture.parent == tmp_path / "pictures" and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_cache_entry_without_times_is_read_again_and_kept(finished_run, tmp_path, caplog):
-    # A run whose data was cached before times were kept: its entry has no timestamps.json.
-    caplog.set_level(logging.INFO, logger="m2rec.training.analyze")
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    shutil.copytree(finished_run.parent / "cache", tmp_path / "cache")
-    info = json.loads((run / "best" / "training_info.json").read_text())
-    info["train_config"]["cache_dir"] = str(tmp_path / "cache")
-    (run / "best" / "training_info.json").write_text(json.dumps(info))
-    (old_entry,) = [path.parent for path in (tmp_path / "cache").glob("synthetic-*/timestamps.json")]
-    (old_entry / "timestamps.json").unlink()
-    assert "activity_spectrum.png" in names(write_analysis_pictures(run, tmp_path / "pictures"))
-    assert "has no times; reading the input again" in caplog.text
-    assert not (old_entry / "timestamps.json").exists()  # the cache is left as it was
 
 
 def test_a_model_folder_gives_the_model_pictures_only(finished_run, tmp_path, caplog):

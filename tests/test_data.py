@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import HfArgumentParser
@@ -31,6 +32,12 @@ def write(path, text, encoding="utf-8"):
     return path
 
 
+def ids(raw, column):
+    """A reader's user or item column as raw ids, row by row."""
+    codes, names = (raw.users, raw.user_names) if column == "users" else (raw.items, raw.item_names)
+    return [names[code] for code in codes.tolist()]
+
+
 def args(tmp_path, **kwargs):
     kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
     return DataArguments(**kwargs)
@@ -43,8 +50,8 @@ def test_movielens_1m_files(tmp_path):
     write(tmp_path / "ratings.dat", "1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n")
     write(tmp_path / "movies.dat", "10::Café Society (1995)::Comedy|Romance\n20::Heat (1995)::Action\n", "latin-1")
     raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path)))
-    assert raw.users == ["1", "1", "2"] and raw.items == ["10", "20", "10"]
-    assert raw.ratings == [5.0, 3.0, 4.0] and raw.timestamps == [978300760.0, 978302109.0, 978301968.0]
+    assert ids(raw, "users") == ["1", "1", "2"] and ids(raw, "items") == ["10", "20", "10"]
+    assert raw.ratings.tolist() == [5.0, 3.0, 4.0] and raw.timestamps.tolist() == [978300760.0, 978302109.0, 978301968.0]
     assert raw.item_text == {"10": "Café Society (1995), Comedy, Romance", "20": "Heat (1995), Action"}
 
 
@@ -54,7 +61,7 @@ def test_movielens_100k_files(tmp_path):
     flags[1] = flags[16] = "1"  # Action, Thriller
     write(tmp_path / "u.item", "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags) + "\n", "latin-1")
     raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path / "u.data")))
-    assert raw.items == ["242", "302"] and raw.ratings == [3.0, 3.0]
+    assert ids(raw, "items") == ["242", "302"] and raw.ratings.tolist() == [3.0, 3.0]
     assert raw.item_text == {"242": "Kolya (1996), Action, Thriller"}
     raw = read_raw(args(tmp_path, format="movielens", data_path=str(tmp_path),
                         text_template="{title} ({release_date})"))
@@ -67,8 +74,8 @@ def test_recbole_atomic_files(tmp_path):
     write(tmp_path / "ml" / "ml.item",
           "item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni1\tHeat\tAction Crime\n")
     raw = read_raw(args(tmp_path, format="recbole", data_path=str(tmp_path / "ml"), rating_threshold=3))
-    assert raw.users == ["u1", "u1"] and raw.items == ["i1", "i2"]
-    assert raw.timestamps == [5.0, 6.0] and raw.ratings == [4.0, 2.0]
+    assert ids(raw, "users") == ["u1", "u1"] and ids(raw, "items") == ["i1", "i2"]
+    assert raw.timestamps.tolist() == [5.0, 6.0] and raw.ratings.tolist() == [4.0, 2.0]
     assert raw.item_text == {"i1": "Heat, Action Crime"}
 
 
@@ -77,7 +84,7 @@ def test_sequence_file_with_item_table(tmp_path):
     write(tmp_path / "titles.tsv", 'asin\ttitle\nx\t12" "Brush" set\nz\tLip balm\n')
     raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt.gz"),
                         item_path=str(tmp_path / "titles.tsv"), item_id_column="asin"))
-    assert raw.users == ["A", "A", "A", "B", "B"] and raw.items == ["x", "y", "z", "z", "x"]
+    assert ids(raw, "users") == ["A", "A", "A", "B", "B"] and ids(raw, "items") == ["x", "y", "z", "z", "x"]
     assert raw.timestamps is None
     assert raw.item_text == {"x": '12" "Brush" set', "z": "Lip balm"}
 
@@ -91,7 +98,7 @@ def test_table_with_text_from_interactions_and_lookup(tmp_path):
                         item_column="Pid", time_column="Time", text_columns=["Catname"],
                         text_lookup_path=str(tmp_path / "cat.csv"), text_lookup_column="Catname",
                         text_lookup_key="Mapped_Catname", text_lookup_value="Original_Catname"))
-    assert raw.items == ["p1", "p2", "p1"]
+    assert ids(raw, "items") == ["p1", "p2", "p1"]
     assert raw.timestamps[1] - raw.timestamps[0] == 90 * 60
     assert raw.item_text == {"p1": "Bar, Pub", "p2": "Food"}  # first value per item wins
 
@@ -106,7 +113,62 @@ def test_table_jsonl_and_parquet_agree(tmp_path):
     for name in ("x.jsonl", "x.parquet"):
         raw = read_raw(args(tmp_path, format="table", data_path=str(tmp_path / name), user_column="u",
                             item_column="i", time_column="t"))
-        assert (raw.users, raw.items, raw.timestamps) == (["a", "a"], ["1", "2"], [3.0, 1.0])
+        assert (ids(raw, "users"), ids(raw, "items"), raw.timestamps.tolist()) == (["a", "a"], ["1", "2"], [3.0, 1.0])
+
+
+TABLE_ROWS = [("007", "3.0", "2012-04-03 14:00", "4", "Bar, Pub"), ("8", " 3", "2012-04-03T15:30+02:00", "5", "x"),
+              ("007", "Käse", "2012-04-04", "1", "Food"), ("9", "4.00", "2012-04-05 10:00:30", "2.5", "Food")]
+
+
+@pytest.mark.parametrize("name, numeric_time", [("t.csv", False), ("t.csv.gz", True), ("t.tsv", False),
+                                                ("ml.inter", True), ("t.parquet", True), ("t.parquet", False),
+                                                ("t.jsonl", True), ("t.jsonl.gz", False)])
+def test_columnar_table_reader_reads_as_the_row_reader_does(tmp_path, name, numeric_time):
+    """The columnar reader takes valid files itself (never the row-by-row reader) and gives what the row-by-row
+    reader gives: codes, raw ids ("007" kept, "3.0" and " 3" one item), times (ISO dates too), text from rows."""
+    columns = ["user_id", "item_id", "timestamp", "rating", "category"]
+    rows = [dict(zip(columns, row)) for row in TABLE_ROWS]
+    if numeric_time:
+        for number, row in enumerate(rows):
+            row["timestamp"] = 1e9 + 0.5 * number
+    path = tmp_path / name
+    if ".parquet" in name:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif ".jsonl" in name:
+        write(path, "".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        separator = "," if ".csv" in name else "\t"
+        header = [f"{c}:token" for c in columns] if name.endswith(".inter") else columns
+        quote = (lambda v: f'"{v}"' if "," in str(v) else str(v)) if separator == "," else str
+        write(path, "\n".join(separator.join(quote(v) for v in line)
+                              for line in [header] + [list(r.values()) for r in rows]) + "\n")
+    options = args(tmp_path, format="recbole" if name.endswith(".inter") else "table", data_path=str(path),
+                   rating_threshold=2, text_columns=["category"], text_template="{category} ({rating})")
+    files = data._input_files(options)
+    columnar, by_rows = data._read_table_columns(files, options), data._read_table_rows(files, options)
+    assert ids(columnar, "users") == ["007", "8", "007", "9"] and ids(columnar, "items") == ["3", "3", "Käse", "4"]
+    for field in ("users", "user_names", "items", "item_names", "timestamps", "ratings", "item_text"):
+        assert (getattr(columnar, field) == getattr(by_rows, field)).all() if field in (
+            "users", "items", "timestamps", "ratings") else getattr(columnar, field) == getattr(by_rows, field), field
+    assert columnar.users.dtype == by_rows.users.dtype == np.int32
+    assert columnar.item_text["3"] == "Bar, Pub (4)"
+
+
+def test_ids_are_coded_in_order_of_first_appearance_across_chunks():
+    import pyarrow as pa
+
+    numbers = pa.chunked_array([[5.0, 3.0], [3.0, 7.0, 5.0], [3.5]])
+    codes, names = data._encode_ids(numbers, "item_id")
+    assert codes.tolist() == [0, 1, 1, 2, 0, 3] and names == ["5", "3", "7", "3.5"]
+    # Chunks with their own dictionaries (as Arrow's CSV reader gives them); "8" and " 8" are one id.
+    text = pa.chunked_array([pa.array(["b", "a"]).dictionary_encode(), pa.array(["c", "8", "a"]).dictionary_encode(),
+                             pa.array([" 8", "d"]).dictionary_encode()])
+    codes, names = data._encode_ids(text, "user_id")
+    assert codes.tolist() == [0, 1, 2, 3, 1, 3, 4] and names == ["b", "a", "c", "8", "d"]
+    assert codes.dtype == np.int32
 
 
 @pytest.mark.parametrize("name, text, options, expected", [
@@ -146,9 +208,9 @@ def test_non_utf8_with_an_explicit_encoding_names_the_file(tmp_path):
 def test_utf8_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
     table = write(tmp_path / "t.csv", "\ufeffuser_id,item_id,timestamp\n1,2,3\n")
     raw = read_raw(args(tmp_path, format="table", data_path=str(table)))
-    assert raw.users == ["1"]
+    assert ids(raw, "users") == ["1"]
     sequences = write(tmp_path / "seq.txt", "\ufeff1 a b\n")
-    assert read_raw(args(tmp_path, format="sequence", data_path=str(sequences))).users == ["1", "1"]
+    assert ids(read_raw(args(tmp_path, format="sequence", data_path=str(sequences))), "users") == ["1", "1"]
 
 
 def test_encoding_reads_utf8_and_falls_back_to_latin1(tmp_path, caplog):
@@ -181,13 +243,13 @@ def test_integral_float_ids_are_the_integer_ids(tmp_path):
     for name in ("x.parquet", "x.jsonl", "x.csv"):
         raw = read_raw(args(tmp_path, format="table", data_path=str(tmp_path / name),
                             item_path=str(tmp_path / "items.csv")))
-        assert raw.users == ["1", "1", "2"] and raw.items == ["3", "4", "3.5"], name
+        assert ids(raw, "users") == ["1", "1", "2"] and ids(raw, "items") == ["3", "4", "3.5"], name
         assert raw.item_text == {"3": "Three", "4": "Four"}
     write(tmp_path / "items.jsonl", '{"item_id": 3.0, "title": "Three"}\n')
     write(tmp_path / "seq.txt", "u 3 4.0 3\n")
     raw = read_raw(args(tmp_path, format="sequence", data_path=str(tmp_path / "seq.txt"),
                         item_path=str(tmp_path / "items.jsonl")))
-    assert raw.items == ["3", "4", "3"] and raw.item_text == {"3": "Three"}
+    assert ids(raw, "items") == ["3", "4", "3"] and raw.item_text == {"3": "Three"}
 
 
 def test_conflicting_texts_for_one_item_are_reported(tmp_path, caplog):
@@ -293,7 +355,7 @@ def test_cache_hit_and_miss(tmp_path, monkeypatch):
     path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
     first = prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
     assert (first.path / "meta.json").exists()
-    assert first.timestamps is None and not (first.path / "timestamps.json").exists()  # sequence files have no times
+    assert first.timestamps is None and PreparedDataset.load(first.path).times is None  # sequence files have no times
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
     def no_reading(_):
@@ -310,7 +372,7 @@ def test_cache_hit_and_miss(tmp_path, monkeypatch):
         prepare_dataset(args(tmp_path, format="sequence", data_path=path, item_core=2))
 
 
-@pytest.mark.parametrize("damage", ["truncate sequences.json", "empty item_texts.json", "delete meta.json",
+@pytest.mark.parametrize("damage", ["truncate sequences.arrow", "empty item_texts.json", "delete meta.json",
                                     "edit meta.json"])
 def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     path = sequence_file(tmp_path, ["u1 a b c d e", "u2 a b c d e"])
@@ -345,8 +407,8 @@ def test_prepared_dataset_carries_its_fingerprint(tmp_path):
 
 
 def hand_dataset():
-    return PreparedDataset(sequences=[[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 1, 2]], user_ids=["a", "b"],
-                           item_id_map={str(i): i for i in range(1, 8)}, item_texts=[""] + [None] * 7)
+    return PreparedDataset.from_sequences(sequences=[[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 1, 2]], user_ids=["a", "b"],
+                                          item_id_map={str(i): i for i in range(1, 8)}, item_texts=[""] + [None] * 7)
 
 
 def test_leave_one_out_split():
@@ -438,15 +500,44 @@ def test_epoch_subset_sampler_draws_a_new_subset_each_epoch():
 
 
 def test_eval_dataset_and_collate():
-    dataset = EvalDataset(hand_dataset().eval_examples("test"), max_len=3, include_history=True)
+    dataset = EvalDataset(hand_dataset().leave_one_out("test"), max_len=3, include_history=True)
     batch = collate_eval([dataset[0], dataset[1]])
     assert batch["input_ids"].tolist() == [[2, 3, 4], [6, 7, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert batch["target"].tolist() == [5, 2] and batch["user_index"].tolist() == [0, 1]
     assert batch["history"].tolist() == [[1, 2, 3, 4, 0, 0], [3, 4, 5, 6, 7, 1]]
-    batch = collate_eval([EvalDataset(hand_dataset().eval_examples("valid"), max_len=10)[0]], pad_to=5)
+    batch = collate_eval([EvalDataset(hand_dataset().leave_one_out("valid"), max_len=10)[0]], pad_to=5)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0]] and "history" not in batch
     assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("num_users, processes", [(7, 2), (7, 3), (2, 3), (300, 2)])
+def test_eval_shards_cover_every_user_once_and_padding_never_counts(num_users, processes):
+    from m2rec.training.metrics import MetricAccumulator
+
+    prepared = PreparedDataset.from_sequences([[1 + u % 5, 2, 3 + u % 3, 4] for u in range(num_users)],
+                                              [f"u{u}" for u in range(num_users)], {str(i): i for i in range(1, 6)},
+                                              [""] + [None] * 5)
+    examples = prepared.leave_one_out("test")
+    shards = [examples.shard(index, processes) for index in range(processes)]
+    assert sorted(u for shard in shards for u in shard.user_index.tolist()) == list(range(num_users))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    longest = max(map(len, shards))
+    accumulator, expected = MetricAccumulator(), MetricAccumulator()
+    for shard in shards:
+        # A share is a contiguous range of users, and reads only their items.
+        assert (np.diff(shard.user_index) == 1).all()
+        dataset = EvalDataset(shard, max_len=2, length=longest)
+        rows = [dataset[k] for k in range(len(dataset))]
+        assert [row["user_index"] for row in rows[len(shard):]] == [-1] * (longest - len(shard))
+        for row in rows[:len(shard)]:
+            user = row["user_index"]
+            assert row["input_ids"] == prepared.sequences[user][1:3] and row["target"] == prepared.sequences[user][3]
+        batch = collate_eval(rows)
+        # A per-user number stands in for the rank; padding rows would count as hits at rank 0.
+        accumulator.add((batch["user_index"].clamp(min=0) * 7 % 23).float(), batch["user_index"])
+    expected.add((torch.arange(num_users) * 7 % 23).float())
+    assert accumulator.compute() == pytest.approx(expected.compute())
 
 
 def test_data_arguments_parse_and_validate():

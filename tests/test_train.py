@@ -166,8 +166,11 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
     assert extended[-1]["optimizer_step"] == steps_per_epoch * (epochs + 1)
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_counts_each_user_once(tmp_path):
-    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=1), tmp_path)
+    """Two CPU processes, each reading its share of the users: training's own test evaluation and m2rec-evaluate
+    under two processes give the metrics of one process, over every user once."""
+    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=1) + ["--cpu", "true"], tmp_path, processes=2)
     best = tmp_path / "run" / "best"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     # 300 users in batches of 128 over 2 processes: the last batch is uneven, so padding rows must not count.
@@ -176,9 +179,13 @@ def test_two_process_evaluation_counts_each_user_once(tmp_path):
     run_cli("m2rec.training.evaluate", ["--model", str(best), "--cpu", "true", "--eval_batch_size", "128",
                                   "--output", str(two)], tmp_path, processes=2)
     single, double = json.loads(one.read_text()), json.loads(two.read_text())
-    assert single["num_users"] == double["num_users"] == 300
+    trained = json.loads((best / "training_info.json").read_text())
+    assert trained["num_processes"] == 2
+    in_training = trained["metrics"]["test"]
+    assert single["num_users"] == double["num_users"] == in_training["num_users"] == 300
     for name in ("HR@10", "NDCG@10", "MRR@10", "HR@20"):
         assert double[name] == pytest.approx(single[name], abs=1e-6)
+        assert in_training[name] == pytest.approx(single[name], abs=1e-6)
 
 
 def test_capped_epochs_draw_new_samples_through_the_prepared_loader():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -218,14 +218,8 @@ def _resolve(run_or_model_dir: Path) -> tuple[Path, Optional[Path]]:
 
 
 def _run_data(model_dir: Path) -> PreparedDataset:
-    """The run's data as it was trained on, with its times: a cache entry written before times were kept is read
-    again from the input files (without touching the cache)."""
-    data_args = run_data_arguments(read_training_info(model_dir))
-    data = prepare_dataset(data_args)
-    if data.timestamps is None and data.path is not None:
-        logger.info("the cached data in %s has no times; reading the input again", data.path)
-        data = prepare_dataset(replace(data_args, cache_dir=None))
-    return data
+    """The run's data as it was trained on, with its times (every cache entry keeps them since PIPELINE_VERSION 3)."""
+    return prepare_dataset(run_data_arguments(read_training_info(model_dir)))
 
 
 def write_analysis_pictures(run_or_model_dir: str | Path, output_dir: str | Path) -> list[Path]:
@@ -359,8 +353,9 @@ def _plot_gate(pyplot, model, model_dir: Path, data: Optional[PreparedDataset], 
         logger.warning("no gate picture: fusion='context_gate' varies with the input, and a model folder has no "
                        "validation inputs (pass the run folder)")
         return None
-    examples, _ = examples_in_model_ids(data, "valid", read_item_id_map(model_dir, model.config.num_items))
-    inputs = [history for history, _ in examples[:MAX_GATE_USERS]]
+    examples, _ = examples_in_model_ids(data.leave_one_out("valid"), data,
+                                        read_item_id_map(model_dir, model.config.num_items))
+    inputs = [examples.history(k).tolist() for k in range(min(len(examples), MAX_GATE_USERS))]
     values = context_gate_values(model, inputs)
     figure, axis = pyplot.subplots(figsize=(7, 4))
     axis.hist(values, bins=50, range=(0, 1), color="tab:orange")

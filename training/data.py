@@ -2,8 +2,9 @@
 
     read_raw(args)            one reader per format -> RawData: interactions in file order + item text
     preprocess(raw, args)     rating threshold, iterative k-core, stable per-user time sort, item ids 1..N
-    prepare_dataset(args)     read + preprocess, cached on disk -> PreparedDataset (full sequences)
+    prepare_dataset(args)     read + preprocess, cached on disk -> PreparedDataset (full sequences, memory-mapped)
     TrainDataset, EvalDataset leave-one-out views, truncated to the most recent `max_len` items
+    EvalExamples.shard        one process's share of the users for evaluation
     collate_train/eval        right-padded LongTensor batches (real items first, 0 after)
 
 Ids: items are 1..num_items in order of first appearance in the (filtered) input file, 0 is
@@ -15,11 +16,20 @@ as integers ("3.0" is "3", as a float column of Parquet or JSONL gives them).
 Text files are read as UTF-8 (a byte-order mark dropped) or, when they are not valid UTF-8, as
 latin-1, logged (`DataArguments.encoding` chooses another codec).
 
-The cache is plain JSON files, not `datasets`: a prepared dataset is a few MB of integer lists that
-load in well under a second, stay readable with any tool, and need no second cache layer (datasets
-keeps its own fingerprints and cache files) beside ours. The cache holds full sequences; truncation
-to `max_len` happens in the views, because all-prefix training and `exclude_history` need the whole
-history.
+Everything per interaction is columnar, never a Python object per row: the table reader parses with
+pyarrow (ids dictionary-encoded, numbers in C++; a file it does not take, or a bad value, sends it to the
+row-by-row reader, which reads it the same way or names the file and line), the line readers keep codes in
+typed arrays, and preprocessing is numpy (k-core by bincount, one stable sort, ids by Arrow's unique).
+
+The cache is an Arrow IPC file (sequences.arrow: per user its id and its item ids and times as lists) beside
+small JSON files (item_id_map.json, item_texts.json, meta.json), loaded memory-mapped: a process reads only
+the pages of the users it touches, and processes on one machine share them. It is pyarrow directly, not
+`datasets`: our cache key must cover the input files' bytes and the settings anyway (datasets fingerprints the
+transforms applied to a dataset, not the files a custom reader parsed), so datasets would add a second cache
+layer and its own cache files beside ours for nothing that pyarrow's memory map does not give, and its
+`split_dataset_by_node` shards by rows, while evaluation needs whole users (`EvalExamples.shard`). The cache
+holds full sequences; truncation to `max_len` happens in the views, because all-prefix training and
+`exclude_history` need the whole history.
 """
 
 from __future__ import annotations
@@ -36,12 +46,18 @@ import re
 import shutil
 import tempfile
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 import torch
 
 from . import synthetic
@@ -50,8 +66,8 @@ from .text import format_item_text
 logger = logging.getLogger(__name__)
 
 # Bump when preprocessing changes what a cache directory holds, so old caches miss.
-# 2: integral numeric ids normalised ("3.0" is "3"), a UTF-8 BOM stripped.
-PIPELINE_VERSION = 2
+# 2: integral numeric ids normalised ("3.0" is "3"), a UTF-8 BOM stripped. 3: sequences in Arrow, not JSON.
+PIPELINE_VERSION = 3
 FORMATS = ("synthetic", "movielens", "recbole", "sequence", "table")
 MOVIELENS_100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -154,17 +170,48 @@ class DataArguments:
 
 @dataclass
 class RawData:
-    """What every reader returns: interactions in file order, and item text by raw item id.
+    """What every reader returns: interactions in file order, as integer codes, and item text by raw item id.
 
-    timestamps is None when file order is time order (sequence files); ratings is None when the
+    users[r], items[r] (int32): the codes of row r's user and item, numbered 0.. in order of first appearance;
+    user_names[code], item_names[code]: their raw ids (text; integral decimals as integers, see `normalise_id`).
+    timestamps (float64) is None when file order is time order (sequence files); ratings (float64) is None when the
     format has none or they were not asked for.
     """
 
-    users: list[str]
-    items: list[str]
-    timestamps: Optional[list[float]]
-    ratings: Optional[list[float]]
+    users: np.ndarray
+    user_names: list[str]
+    items: np.ndarray
+    item_names: list[str]
+    timestamps: Optional[np.ndarray]
+    ratings: Optional[np.ndarray]
     item_text: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+class _RowsBuilder:
+    """Interactions added one row at a time by the readers that parse lines, kept as codes in typed arrays
+    (8 bytes a value) rather than a Python string per value."""
+
+    def __init__(self):
+        self.user_codes: dict[str, int] = {}
+        self.item_codes: dict[str, int] = {}
+        self.users, self.items, self.timestamps, self.ratings = array("q"), array("q"), array("d"), array("d")
+
+    def add(self, user: str, item: str, timestamp: Optional[float] = None, rating: Optional[float] = None) -> None:
+        self.users.append(self.user_codes.setdefault(user, len(self.user_codes)))
+        self.items.append(self.item_codes.setdefault(item, len(self.item_codes)))
+        if timestamp is not None:
+            self.timestamps.append(timestamp)
+        if rating is not None:
+            self.ratings.append(rating)
+
+    def build(self, item_text: dict[str, str], timestamps: bool, ratings: bool) -> RawData:
+        return RawData(np.asarray(self.users, dtype=np.int32), list(self.user_codes),
+                       np.asarray(self.items, dtype=np.int32), list(self.item_codes),
+                       np.asarray(self.timestamps, dtype=np.float64) if timestamps else None,
+                       np.asarray(self.ratings, dtype=np.float64) if ratings else None, item_text)
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -239,14 +286,17 @@ def _table_kind(path: Path) -> str:
     return "unknown"
 
 
+# TSV has no quoting convention (titles contain bare quotes), so quotes are plain text there.
+_CSV_OPTIONS = {"csv": {"delimiter": ","}, "tsv": {"delimiter": "\t", "quoting": csv.QUOTE_NONE}}
+
+
 def _iter_rows(path: Path, encoding: str, recbole: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a table as (line number, or row number for Parquet; {column: value})."""
     kind = _table_kind(path)
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
         with _open_binary(path) as f:
-            yield from enumerate(pq.read_table(f).to_pylist(), start=1)
+            rows = (row for batch in pq.ParquetFile(f).iter_batches() for row in batch.to_pylist())
+            yield from enumerate(rows, start=1)
     elif kind == "jsonl":
         for number, line in _iter_lines(path, encoding):
             try:
@@ -257,10 +307,8 @@ def _iter_rows(path: Path, encoding: str, recbole: bool = False) -> Iterator[tup
                 raise _error(path, number, f"expected a JSON object, got {type(row).__name__}")
             yield number, row
     elif kind in ("csv", "tsv"):
-        # TSV has no quoting convention (titles contain bare quotes), so quotes are plain text there.
-        options = {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
         with _open_text(path, _file_encoding(path, encoding)) as f:
-            reader = csv.reader(f, **options)
+            reader = csv.reader(f, **_CSV_OPTIONS[kind])
             header = next(reader, None)
             if header is None:
                 raise ValueError(f"{path} is empty")
@@ -445,48 +493,248 @@ def _read_movielens(files: dict[str, Path], args: DataArguments) -> RawData:
     path = files["data"]
     double_colon = path.name.lower().removesuffix(".gz").endswith(".dat")  # ratings.dat; u.data is tab-separated
     form = "user::item::rating::timestamp" if double_colon else "user<TAB>item<TAB>rating<TAB>timestamp"
-    users, items, timestamps, ratings = [], [], [], []
+    rows = _RowsBuilder()
     for number, line in _iter_lines(path, args.encoding):
         parts = line.split("::") if double_colon else line.split()
         if len(parts) != 4 or not parts[0].strip() or not parts[1].strip():
             raise _error(path, number, f"expected {form}, got {line!r}")
-        users.append(normalise_id(parts[0].strip()))
-        items.append(normalise_id(parts[1].strip()))
-        ratings.append(_number(parts[2], "rating", path, number))
-        timestamps.append(_number(parts[3], "timestamp", path, number))
+        rating = _number(parts[2], "rating", path, number)
+        rows.add(normalise_id(parts[0].strip()), normalise_id(parts[1].strip()),
+                 _number(parts[3], "timestamp", path, number), rating)
     item_text = _read_item_file(files["items"], args) if "items" in files else {}
-    return RawData(users, items, timestamps, ratings, item_text)
+    return rows.build(item_text, timestamps=True, ratings=True)
+
+
+class _ReadRowByRow(Exception):
+    """The columnar reader does not take this file as it is: a value that is empty, not a number or not finite, a
+    missing column, a line Arrow cannot split or type, an encoding Arrow does not decode. The row-by-row reader
+    then reads it, or names the file and line of the problem."""
 
 
 def _read_table(files: dict[str, Path], args: DataArguments) -> RawData:
-    """Generic tables and RecBole .inter files (their headers read as field names)."""
+    """Generic tables and RecBole .inter files (their headers read as field names).
+
+    Columnar first (pyarrow: the id columns dictionary-encoded, numbers parsed in C++, no Python object per row);
+    a file it does not take is read row by row, which gives the same result, or the file and line of a bad value.
+    """
+    try:
+        return _read_table_columns(files, args)
+    except _ReadRowByRow as reason:
+        logger.info("%s: reading it row by row (%s)", files["data"], reason)
+    return _read_table_rows(files, args)
+
+
+def _read_table_rows(files: dict[str, Path], args: DataArguments) -> RawData:
     path = files["data"]
-    recbole = args.format == "recbole"
     use_ratings = args.rating_threshold is not None
     text_from_rows = "items" not in files and bool(args.text_columns)
-    users, items, timestamps, ratings = [], [], [], []
+    rows = _RowsBuilder()
     first_rows: dict[str, tuple[int, dict[str, Any]]] = {}
-    for number, row in _iter_rows(path, args.encoding, recbole=recbole):
+    for number, row in _iter_rows(path, args.encoding, recbole=args.format == "recbole"):
         user = _id(row, args.user_column, path, number)
         item = _id(row, args.item_column, path, number)
-        users.append(user)
-        items.append(item)
+        timestamp = rating = None
         if args.time_column is not None:
-            timestamps.append(_parse_time(_value(row, args.time_column, path, number), path, number))
+            timestamp = _parse_time(_value(row, args.time_column, path, number), path, number)
         if use_ratings:
-            ratings.append(_number(_value(row, args.rating_column, path, number), "rating", path, number))
+            rating = _number(_value(row, args.rating_column, path, number), "rating", path, number)
+        rows.add(user, item, timestamp, rating)
         if text_from_rows and item not in first_rows:
             first_rows[item] = (number, row)
     if "items" in files:
         item_text = _read_item_file(files["items"], args)
     else:
         item_text = _item_texts(((n, item, row) for item, (n, row) in first_rows.items()), path, args)
-    return RawData(users, items, timestamps if args.time_column else None, ratings if use_ratings else None, item_text)
+    return rows.build(item_text, timestamps=args.time_column is not None, ratings=use_ratings)
+
+
+def _read_table_columns(files: dict[str, Path], args: DataArguments) -> RawData:
+    path = files["data"]
+    use_ratings = args.rating_threshold is not None
+    text_from_rows = "items" not in files and bool(args.text_columns)
+    numbers = [c for c in (args.time_column, args.rating_column if use_ratings else None) if c is not None]
+    try:
+        column, table = _arrow_columns(path, args, [args.user_column, args.item_column], numbers, text_from_rows)
+        # One column at a time, its Arrow buffers handed back to the OS before the next (the peak of a large file).
+        users, user_names = _encode_ids(column(args.user_column), args.user_column)
+        _release_arrow_memory()
+        items, item_names = _encode_ids(column(args.item_column), args.item_column)
+        _release_arrow_memory()
+        timestamps = None if args.time_column is None else _column_numbers(column(args.time_column), "time", path)
+        ratings = _column_numbers(column(args.rating_column), "rating", path) if use_ratings else None
+        del column
+        _release_arrow_memory()
+    except (pa.ArrowException, UnicodeDecodeError) as e:
+        raise _ReadRowByRow(f"Arrow cannot read it: {e}") from None
+    if "items" in files:
+        item_text = _read_item_file(files["items"], args)
+    elif text_from_rows:
+        item_text = _first_row_texts(table, items, item_names, path, args)
+    else:
+        item_text = {}
+    return RawData(users, user_names, items, item_names, timestamps, ratings, item_text)
+
+
+def _release_arrow_memory() -> None:
+    pa.default_memory_pool().release_unused()
+
+
+def _arrow_columns(path: Path, args: DataArguments, id_columns: list[str], number_columns: list[str],
+                   all_columns: bool) -> tuple[Callable[[str], pa.ChunkedArray], Optional[pa.Table]]:
+    """(column(name), the whole table when all_columns else None). A Parquet file's columns are read from the file
+    one by one, when asked for; other files are read once (`_arrow_table`)."""
+    if _table_kind(path) == "parquet" and path.suffix != ".gz" and not all_columns:
+        parquet = pq.ParquetFile(path, read_dictionary=id_columns)
+        _check_columns(parquet.schema_arrow.names, id_columns + number_columns)
+
+        def column(name: str) -> pa.ChunkedArray:  # batch by batch: no whole-column read buffers beside the column
+            chunks = [batch.column(0) for batch in parquet.iter_batches(batch_size=1 << 20, columns=[name])]
+            return pa.chunked_array(chunks) if chunks else pa.chunked_array([], parquet.schema_arrow.field(name).type)
+        return column, None
+    table = _arrow_table(path, args, id_columns, number_columns, all_columns)
+    return table.column, table if all_columns else None
+
+
+def _arrow_table(path: Path, args: DataArguments, id_columns: list[str], number_columns: list[str],
+                 all_columns: bool) -> pa.Table:
+    """The columns a table reader needs, read by pyarrow: CSV/TSV ids as dictionary-encoded text (so "007" stays
+    "007"), numbers as float64 where they parse so; Parquet and JSONL columns as the file types them."""
+    kind, wanted = _table_kind(path), id_columns + number_columns
+    if kind == "parquet":
+        with _open_binary(path) as f:
+            parquet = pq.ParquetFile(f, read_dictionary=id_columns)
+            _check_columns(parquet.schema_arrow.names, wanted)
+            return parquet.read(columns=None if all_columns else wanted)
+    encoding = _file_encoding(path, args.encoding)
+    if kind == "jsonl":
+        if encoding != "utf-8-sig":
+            raise _ReadRowByRow(f"Arrow reads JSON as UTF-8 only, the file is {encoding}")
+        with _open_binary(path) as f:
+            table = pajson.read_json(f)
+        _check_columns(table.column_names, wanted)
+        return table
+    if kind not in ("csv", "tsv"):
+        raise ValueError(f"{path}: unknown table type; use .csv, .tsv, .jsonl or .parquet (optionally .gz)")
+    with _open_text(path, encoding) as f:
+        header = next(csv.reader(f, **_CSV_OPTIONS[kind]), None)
+    if not header:
+        raise _ReadRowByRow("no header")
+    if args.format == "recbole":  # RecBole headers are "name:type"
+        header = [h.split(":")[0] for h in header]
+    _check_columns(header, wanted)
+    # Arrow skips a UTF-8 byte-order mark itself; other codecs it transcodes through Python's.
+    read = pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24,
+                             encoding="utf8" if encoding == "utf-8-sig" else encoding)
+    parse = pacsv.ParseOptions(delimiter=",", quote_char='"') if kind == "csv" else \
+        pacsv.ParseOptions(delimiter="\t", quote_char=False)
+    text = pa.dictionary(pa.int32(), pa.string())
+    types = {name: pa.string() for name in header} if all_columns else {}
+    types.update({name: text for name in id_columns})
+    # Numbers as float64 where they parse so; else (ISO dates), and where item text may show them, as text, which
+    # _column_numbers parses.
+    for number_type in (pa.string(),) if all_columns else (pa.float64(), pa.string()):
+        types.update({name: number_type for name in number_columns})
+        convert = pacsv.ConvertOptions(column_types=types, include_columns=None if all_columns else wanted,
+                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
+        with _open_binary(path) as f:
+            try:
+                return pacsv.read_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+            except pa.ArrowInvalid:
+                if number_type == pa.string() or not number_columns:
+                    raise
+
+
+def _check_columns(names: list[str], wanted: list[str]) -> None:
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise _ReadRowByRow(f"no column {missing[0]!r}")
+
+
+def _encode_ids(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[str]]:
+    """(R,) int32 codes in order of first appearance, and the raw id (text, `normalise_id`) of each code; ids that
+    normalise to the same text ("3" and "3.0") share a code."""
+    column = column.unify_dictionaries() if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+    if column.null_count:
+        raise _ReadRowByRow(f"an empty {name!r}")
+    chunks = [chunk for chunk in column.chunks if len(chunk)]
+    if not chunks:
+        return np.zeros(0, dtype=np.int32), []
+    del column
+    names = []
+    for value in chunks[-1].dictionary.to_pylist():  # a chunk's dictionary covers the chunks before it
+        text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+        if not text:
+            raise _ReadRowByRow(f"an empty {name!r}")
+        names.append(normalise_id(text))
+    codes, position = np.empty(sum(map(len, chunks)), dtype=np.int32), 0
+    while chunks:  # each chunk's indices are freed as they are copied
+        indices = chunks.pop(0).indices.to_numpy()
+        codes[position:position + len(indices)] = indices
+        position += len(indices)
+    merged, unique_names = _first_appearance_codes(names)
+    if len(unique_names) < len(names):
+        codes = merged.astype(np.int32)[codes]
+    return codes, unique_names
+
+
+def _column_numbers(column: pa.ChunkedArray, what: str, path: Path) -> np.ndarray:
+    """(R,) float64 seconds (what="time": numbers, Arrow timestamps and dates, or text parsed as `_parse_time`
+    does, once per distinct value) or ratings; an empty, unreadable or non-finite value is _ReadRowByRow.
+    Converted chunk by chunk into the result, so that only one chunk's copy exists besides the column."""
+    if column.null_count:
+        raise _ReadRowByRow(f"an empty {what}")
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            column = column.cast(pa.float64())
+        except pa.ArrowInvalid:
+            encoded = column.dictionary_encode()
+            try:
+                values = np.array([_parse_time(v, path, 0) if what == "time" else float(v)
+                                   for v in encoded.chunks[-1].dictionary.to_pylist()] if encoded.chunks else [])
+            except (ValueError, TypeError):
+                raise _ReadRowByRow(f"a {what} that is not a number{' or an ISO date' * (what == 'time')}") from None
+            column = pa.chunked_array([values[chunk.indices.to_numpy()] for chunk in encoded.chunks], pa.float64())
+        kind = pa.float64()
+    if pa.types.is_timestamp(kind):  # stored as UTC; a naive time counts as UTC, as in _parse_time
+        def convert(chunk):
+            return chunk.cast(pa.timestamp("us", tz=kind.tz)).cast(pa.int64()).to_numpy() / 1e6
+    elif pa.types.is_date(kind):
+        def convert(chunk):
+            return chunk.cast(pa.date32()).cast(pa.int32()).to_numpy() * 86_400.0
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        def convert(chunk):
+            return chunk.cast(pa.float64()).to_numpy()
+    else:
+        raise _ReadRowByRow(f"a {what} column of type {kind}")
+    numbers, position, chunks = np.empty(len(column), dtype=np.float64), 0, list(column.chunks)
+    del column
+    while chunks:
+        converted = convert(chunks.pop(0))
+        numbers[position:position + len(converted)] = converted
+        position += len(converted)
+    if not np.isfinite(numbers).all():
+        raise _ReadRowByRow(f"a {what} that is not a finite number")
+    return numbers
+
+
+def _first_row_texts(table: pa.Table, items: np.ndarray, item_names: list[str], path: Path,
+                     args: DataArguments) -> dict[str, str]:
+    """Item text from the first row of each item in the interaction table (its line numbers are left to the
+    row-by-row reader, which reports any problem)."""
+    first_rows = pc.index_in(pa.array(np.arange(len(item_names), dtype=np.int32)), value_set=pa.array(items))
+    rows = table.take(first_rows).to_pylist()
+    try:
+        return _item_texts(((0, name, row) for name, row in zip(item_names, rows)), path, args)
+    except ValueError as e:
+        raise _ReadRowByRow(f"item text: {e}") from None
 
 
 def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
     path = files["data"]
-    users, items = [], []
+    rows = _RowsBuilder()
     first_line: dict[str, int] = {}
     for number, line in _iter_lines(path, args.encoding):
         tokens = [normalise_id(token) for token in line.split()]
@@ -495,15 +743,18 @@ def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
         if tokens[0] in first_line:
             raise _error(path, number, f"user {tokens[0]!r} already has a line ({first_line[tokens[0]]})")
         first_line[tokens[0]] = number
-        users += [tokens[0]] * (len(tokens) - 1)
-        items += tokens[1:]
+        for item in tokens[1:]:
+            rows.add(tokens[0], item)
     item_text = _read_item_file(files["items"], args) if "items" in files else {}
-    return RawData(users, items, None, None, item_text)
+    return rows.build(item_text, timestamps=False, ratings=False)
 
 
 def _read_synthetic(files: dict[str, Path], args: DataArguments) -> RawData:
     data = synthetic.generate_synthetic(args.synthetic_users, args.synthetic_items, seed=args.synthetic_seed)
-    return RawData(data.users, data.items, data.timestamps, None, data.item_text)
+    rows = _RowsBuilder()
+    for user, item, timestamp in zip(data.users, data.items, data.timestamps):
+        rows.add(user, item, timestamp)
+    return rows.build(data.item_text, timestamps=True, ratings=False)
 
 
 _READERS = {"synthetic": _read_synthetic, "movielens": _read_movielens, "recbole": _read_table,
@@ -514,7 +765,7 @@ def read_raw(args: DataArguments) -> RawData:
     """Read the interactions and item text that `args` points at (no filtering)."""
     files = _input_files(args)
     raw = _READERS[args.format](files, args)
-    if not raw.users:
+    if not len(raw):
         raise ValueError(f"{args.data_path}: no interactions")
     if "items" in files:
         _check_item_table_ids(raw, files)
@@ -524,7 +775,7 @@ def read_raw(args: DataArguments) -> RawData:
 def _check_item_table_ids(raw: RawData, files: dict[str, Path]) -> None:
     """An item table none of whose ids occurs in the interactions is an error (the ids are of another kind or
     column); one that covers only part of them is logged. Both name examples of each id set."""
-    interaction_items = list(dict.fromkeys(raw.items))
+    interaction_items = raw.item_names
     without_text = [item for item in interaction_items if item not in raw.item_text]
     if not without_text:
         return
@@ -540,25 +791,34 @@ def _check_item_table_ids(raw: RawData, files: dict[str, Path]) -> None:
 # --- preprocessing ------------------------------------------------------------------------------
 
 
-@dataclass
 class PreparedDataset:
     """Preprocessed interactions: one full sequence per user, oldest first, item ids 1..num_items.
 
-    sequences[u]: item ids of user u (user_ids[u] is the raw id); item_id_map: raw item id -> id;
-    item_texts[i]: text of item i, index 0 = "" (padding), None for items without text;
-    path: the cache directory it lives in (holds item_id_map.json), None when not cached;
-    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset);
-    timestamps[u][k]: time (seconds) of sequences[u][k], None when the input has no times (sequence files) or the
-    cache entry was written before times were kept (training never reads them; m2rec-analyze does).
+    offsets (U+1,) int64 and items (T,) int32: user u's item ids are items[offsets[u]:offsets[u+1]] (`sequence(u)`);
+    times (T,) float64: the time (seconds) of each of them, None when the input has no times (sequence files).
+    Loaded from the cache they are memory-mapped from its Arrow file, so a process touches only the users it reads.
+    user_ids[u]: user u's raw id; item_id_map: raw item id -> id; item_texts[i]: text of item i, index 0 = ""
+    (padding), None for items without text; path: the cache directory it lives in, None when not cached;
+    fingerprint: `fingerprint(args)` of the files and settings it was prepared from (set by prepare_dataset).
+    `sequences`, `timestamps`, `train_sequences` and `eval_examples` are the same data as Python lists, for small
+    data (tests, m2rec-analyze); training and evaluation read the arrays through TrainDataset and `leave_one_out`.
     """
 
-    sequences: list[list[int]]
-    user_ids: list[str]
-    item_id_map: dict[str, int]
-    item_texts: list[Optional[str]]
-    path: Optional[Path] = None
-    fingerprint: Optional[str] = None
-    timestamps: Optional[list[list[float]]] = None
+    def __init__(self, offsets: np.ndarray, items: np.ndarray, user_ids: list[str] | pa.Array,
+                 item_id_map: dict[str, int], item_texts: list[Optional[str]], times: Optional[np.ndarray] = None,
+                 path: Optional[Path] = None, fingerprint: Optional[str] = None):
+        self.offsets, self.items, self.times = offsets, items, times
+        self._user_ids = user_ids
+        self.item_id_map, self.item_texts, self.path, self.fingerprint = item_id_map, item_texts, path, fingerprint
+
+    @classmethod
+    def from_sequences(cls, sequences: list[list[int]], user_ids: list[str], item_id_map: dict[str, int],
+                       item_texts: list[Optional[str]], timestamps: Optional[list[list[float]]] = None):
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in sequences], out=offsets[1:])
+        flat = [item for s in sequences for item in s]
+        times = None if timestamps is None else np.array([t for ts in timestamps for t in ts], dtype=np.float64)
+        return cls(offsets, np.array(flat, dtype=np.int32), user_ids, item_id_map, item_texts, times)
 
     @property
     def num_items(self) -> int:
@@ -566,36 +826,70 @@ class PreparedDataset:
 
     @property
     def num_users(self) -> int:
-        return len(self.sequences)
+        return len(self.offsets) - 1
 
     @property
     def num_interactions(self) -> int:
-        return sum(len(s) for s in self.sequences)
+        return len(self.items)
+
+    @property
+    def user_ids(self) -> list[str]:
+        if isinstance(self._user_ids, pa.Array):
+            self._user_ids = self._user_ids.to_pylist()
+        return self._user_ids
+
+    def sequence(self, user: int) -> np.ndarray:
+        """(n,) item ids of `user`, oldest first (a view, no copy)."""
+        return self.items[self.offsets[user]:self.offsets[user + 1]]
+
+    def _lists(self, values: np.ndarray) -> list[list]:
+        return [values[a:b].tolist() for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist())]
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return self._lists(self.items)
+
+    @property
+    def timestamps(self) -> Optional[list[list[float]]]:
+        return None if self.times is None else self._lists(self.times)
 
     def train_sequences(self) -> list[list[int]]:
         """Per user, the history minus its last two items (validation and test targets)."""
         return [s[:-2] for s in self.sequences]
 
-    def eval_examples(self, split: str, max_len: Optional[int] = None) -> list[tuple[list[int], int]]:
-        """Per user, (input, target). valid: input = all but the last two items, target = second-to-last;
-        test: input = all but the last item, target = last. Inputs keep their most recent max_len items."""
+    def leave_one_out(self, split: str) -> "EvalExamples":
+        """Every user's leave-one-out example. valid: input = all but the last two items, target = second-to-last;
+        test: input = all but the last item, target = last."""
         if split not in ("valid", "test"):
             raise ValueError(f"split={split!r}; choose 'valid' or 'test'")
         cut = 2 if split == "valid" else 1
-        start = -max_len if max_len else None
-        return [(s[:-cut][start:], s[-cut]) for s in self.sequences]
+        return EvalExamples(self.items, self.offsets[:-1], self.offsets[1:] - cut,
+                            np.arange(self.num_users, dtype=np.int64))
+
+    def eval_examples(self, split: str, max_len: Optional[int] = None) -> list[tuple[list[int], int]]:
+        """`leave_one_out(split)` as (input, target) lists; inputs keep their most recent max_len items."""
+        examples = self.leave_one_out(split)
+        return [(history[-max_len:] if max_len else history, target)
+                for history, target in ((examples.history(k).tolist(), examples.target(k))
+                                        for k in range(len(examples)))]
 
     def save(self, directory: str | os.PathLike, meta: Optional[dict] = None) -> Path:
-        """Write the dataset to `directory` atomically (temporary folder, then rename)."""
+        """Write the dataset to `directory` atomically (temporary folder, then rename): sequences.arrow (Arrow IPC:
+        user_id, items and times as lists per user), item_id_map.json, item_texts.json, meta.json."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
         try:
-            _write_json(tmp / "sequences.json", {"user_ids": self.user_ids, "sequences": self.sequences})
+            offsets = pa.array(self.offsets, type=pa.int64())
+            columns = {"user_id": pa.array(self._user_ids, type=pa.string()),
+                       "items": pa.LargeListArray.from_arrays(offsets, pa.array(self.items, type=pa.int32()))}
+            if self.times is not None:
+                columns["times"] = pa.LargeListArray.from_arrays(offsets, pa.array(self.times, type=pa.float64()))
+            table = pa.table(columns)
+            with pa.OSFile(str(tmp / "sequences.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=len(table) or None)
             _write_json(tmp / "item_id_map.json", self.item_id_map)
             _write_json(tmp / "item_texts.json", self.item_texts)
-            if self.timestamps is not None:
-                _write_json(tmp / "timestamps.json", self.timestamps)
             _write_json(tmp / "meta.json", {"num_users": self.num_users, "num_items": self.num_items,
                                             "num_interactions": self.num_interactions, **(meta or {})})
             os.rename(tmp, directory)
@@ -609,26 +903,65 @@ class PreparedDataset:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PreparedDataset":
-        """Read a saved dataset; a missing, unreadable or inconsistent file is a ValueError naming it."""
+        """Memory-map a saved dataset; a missing, unreadable or inconsistent file is a ValueError naming it."""
         directory = Path(directory)
         meta = read_json_file(directory / "meta.json", dict)
-        sequences = read_json_file(directory / "sequences.json", dict)
         item_id_map = read_json_file(directory / "item_id_map.json", dict)
         item_texts = read_json_file(directory / "item_texts.json", list)
-        if not {"sequences", "user_ids"} <= set(sequences):
-            raise ValueError(f"{directory / 'sequences.json'}: expected keys 'sequences' and 'user_ids'")
-        # An entry written before times were kept has no timestamps.json; its other files are still valid.
-        timestamps = read_json_file(directory / "timestamps.json", list) if (directory / "timestamps.json").exists() \
-            else None
-        prepared = cls(sequences["sequences"], sequences["user_ids"], item_id_map, item_texts, directory,
-                       meta.get("fingerprint"), timestamps)
+        file = directory / "sequences.arrow"
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(file))).read_all()
+            table.validate()
+            if not {"user_id", "items"} <= set(table.column_names):
+                raise ValueError(f"columns {table.column_names}, expected user_id, items[, times]")
+            # One chunk as written: taken as it is, a view of the memory map (combining would copy it).
+            columns = {name: column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+                       for name, column in zip(table.column_names, table.columns)}
+            items = columns["items"]
+            offsets = items.offsets.to_numpy()
+            times = columns["times"].values.to_numpy() if "times" in columns else None
+            prepared = cls(offsets, items.values.to_numpy(), columns["user_id"], item_id_map, item_texts, times,
+                           directory, meta.get("fingerprint"))
+        except FileNotFoundError:
+            raise ValueError(f"{file} is missing") from None
+        except (pa.ArrowException, ValueError) as e:
+            raise ValueError(f"{file} is not a readable Arrow file (truncated or corrupt?): {e}") from None
         counts = {"num_users": prepared.num_users, "num_items": prepared.num_items,
                   "num_interactions": prepared.num_interactions}
         recorded = {name: meta.get(name) for name in counts}
-        if recorded != counts or len(item_id_map) != prepared.num_items or len(prepared.user_ids) != prepared.num_users:
+        if (recorded != counts or len(item_id_map) != prepared.num_items or offsets[0] != 0
+                or offsets[-1] != len(prepared.items) or (times is not None and len(times) != len(prepared.items))):
             raise ValueError(f"{directory}: the files disagree: meta.json says {recorded}, the data has {counts}, "
-                             f"{len(item_id_map)} ids in item_id_map.json, {len(prepared.user_ids)} user ids")
+                             f"{len(item_id_map)} ids in item_id_map.json")
         return prepared
+
+
+@dataclass
+class EvalExamples:
+    """Leave-one-out examples as slices of one item array (no copy): example k is user user_index[k] (an index
+    into the prepared data's users), input items[starts[k]:ends[k]], target items[ends[k]]."""
+
+    items: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    user_index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def history(self, k: int) -> np.ndarray:
+        return self.items[self.starts[k]:self.ends[k]]
+
+    def target(self, k: int) -> int:
+        return int(self.items[self.ends[k]])
+
+    def shard(self, index: int, count: int) -> "EvalExamples":
+        """Process `index` of `count`'s share: a contiguous range of the examples, the first len % count ranges one
+        longer, so that the shares cover every example exactly once."""
+        size, extra = divmod(len(self), count)
+        start = index * size + min(index, extra)
+        part = slice(start, start + size + (index < extra))
+        return EvalExamples(self.items, self.starts[part], self.ends[part], self.user_index[part])
 
 
 def read_json_file(path: Path, kind: type) -> Any:
@@ -660,58 +993,65 @@ def _first_appearance_codes(values: list[str]) -> tuple[np.ndarray, list[str]]:
 
 def k_core(users: np.ndarray, items: np.ndarray, keep: np.ndarray, user_core: int, item_core: int) -> np.ndarray:
     """Iterative k-core: drop interactions of users with < user_core or items with < item_core kept
-    interactions (repeats count), recount, repeat until nothing changes. Returns the new keep mask."""
+    interactions (repeats count), recount, repeat until nothing changes. Returns the new keep mask.
+
+    Memory: per pass a compressed copy of the kept codes and boolean masks, never an int64 array per row."""
     keep = keep.copy()
+    num_users, num_items = int(users.max()) + 1, int(items.max()) + 1
     while True:
-        user_counts = np.bincount(users[keep], minlength=users.max() + 1)
-        item_counts = np.bincount(items[keep], minlength=items.max() + 1)
-        drop = keep & ((user_counts[users] < user_core) | (item_counts[items] < item_core))
+        rare_users = np.bincount(users[keep], minlength=num_users) < user_core
+        rare_items = np.bincount(items[keep], minlength=num_items) < item_core
+        drop = rare_users[users]
+        drop |= rare_items[items]
+        drop &= keep
         if not drop.any():
             return keep
         keep &= ~drop
 
 
 def preprocess(raw: RawData, args: DataArguments) -> PreparedDataset:
-    """Rating threshold, k-core, per-user stable time sort and id remapping (see module docstring)."""
-    keep = np.ones(len(raw.users), dtype=bool)
+    """Rating threshold, k-core, per-user stable time sort and id remapping (see module docstring).
+
+    Vectorised, and without copies of the kept rows: the sort runs over every row with the dropped ones keyed
+    after all users, so the peak holds the raw columns, a user key and one int64 sort index per row."""
+    keep = np.ones(len(raw), dtype=bool)
     if args.rating_threshold is not None:
         if raw.ratings is None:
             raise ValueError(f"rating_threshold={args.rating_threshold} but format {args.format!r} gave no ratings")
-        keep &= np.asarray(raw.ratings) >= args.rating_threshold
-    users, user_names = _first_appearance_codes(raw.users)
-    items, item_names = _first_appearance_codes(raw.items)
+        keep &= raw.ratings >= args.rating_threshold
     # Leave-one-out needs a training item, a validation target and a test target per user.
-    keep = k_core(users, items, keep, max(args.user_core, 3), args.item_core)
-    if not keep.any():
+    keep = k_core(raw.users, raw.items, keep, max(args.user_core, 3), args.item_core)
+    kept = int(keep.sum())
+    if not kept:
         raise ValueError(f"no interactions left after filtering {args.data_path or args.format!r} "
                          f"(rating_threshold={args.rating_threshold}, user_core={args.user_core}, "
                          f"item_core={args.item_core}, {len(keep)} interactions before)")
-    rows = np.flatnonzero(keep)  # kept interactions in file order
-    users, items = users[rows], items[rows]
 
-    # Item ids 1..N in order of first appearance among kept interactions.
-    kept_items, first_row = np.unique(items, return_index=True)
-    new_id = np.zeros(len(item_names), dtype=np.int64)
-    new_id[kept_items[np.argsort(first_row)]] = np.arange(1, len(kept_items) + 1)
+    # Item ids 1..N in order of first appearance among kept interactions (Arrow's hash-based unique keeps it).
+    item_codes = pc.unique(pa.array(raw.items if kept == len(raw) else raw.items[keep])).to_numpy()
+    new_id = np.zeros(len(raw.item_names), dtype=np.int32)
+    new_id[item_codes] = np.arange(1, len(item_codes) + 1, dtype=np.int32)
 
-    # Group by user (codes are in first-appearance order), then by time; both sorts are stable, so
-    # equal timestamps keep file order.
-    if raw.timestamps is None:
-        order = np.argsort(users, kind="stable")
-    else:
-        order = np.lexsort((np.asarray(raw.timestamps)[rows], users))
-    user_codes, lengths = np.unique(users[order], return_counts=True)
-    user_starts = np.cumsum(lengths)[:-1]
-    sequences = [s.tolist() for s in np.split(new_id[items[order]], user_starts)]
-    timestamps = None if raw.timestamps is None else [
-        s.tolist() for s in np.split(np.asarray(raw.timestamps, dtype=np.float64)[rows][order], user_starts)]
+    # Group by user (codes are in first-appearance order), then by time; both sorts are stable, so equal timestamps
+    # keep file order. Dropped rows get the user key len(user_names): they sort last and are cut off.
+    num_users = len(raw.user_names)
+    user_key = raw.users if kept == len(raw) else np.where(keep, raw.users, np.int32(num_users))
+    del keep
+    counts = np.bincount(user_key, minlength=num_users + 1)[:num_users]
+    order = (np.argsort(user_key, kind="stable") if raw.timestamps is None
+             else np.lexsort((raw.timestamps, user_key)))[:kept]
+    del user_key
+    sorted_items = new_id[raw.items[order]]
+    sorted_times = None if raw.timestamps is None else raw.timestamps[order]
+    del order
+    present = np.flatnonzero(counts)
+    offsets = np.zeros(len(present) + 1, dtype=np.int64)
+    np.cumsum(counts[present], out=offsets[1:])
 
-    item_id_map = {item_names[code]: int(new_id[code]) for code in kept_items}
-    item_texts: list[Optional[str]] = [""] + [None] * len(item_id_map)
-    for name, item_id in item_id_map.items():
-        item_texts[item_id] = raw.item_text.get(name) or None
-    return PreparedDataset(sequences, [user_names[u] for u in user_codes], item_id_map, item_texts,
-                           timestamps=timestamps)
+    item_id_map = {raw.item_names[code]: item for item, code in enumerate(item_codes.tolist(), start=1)}
+    item_texts = [""] + [raw.item_text.get(name) or None for name in item_id_map]
+    return PreparedDataset(offsets, sorted_items, [raw.user_names[u] for u in present.tolist()], item_id_map,
+                           item_texts, times=sorted_times)
 
 
 # --- cache --------------------------------------------------------------------------------------
@@ -744,8 +1084,10 @@ def fingerprint(args: DataArguments) -> str:
 def prepare_dataset(args: DataArguments) -> PreparedDataset:
     """Read and preprocess the data `args` describes, or load it from the cache.
 
-    Cache entry: <cache_dir>/<format>-<fingerprint[:16]>/ with sequences.json, item_id_map.json,
-    item_texts.json and meta.json. Concurrent processes may all build it; the first rename wins.
+    Cache entry: <cache_dir>/<format>-<fingerprint[:16]>/ with sequences.arrow, item_id_map.json,
+    item_texts.json and meta.json (`PreparedDataset.save`), written under a temporary name and renamed; the key
+    covers the input files' bytes and the settings, so a changed file is never served from an older entry.
+    Concurrent processes may all build it; the first rename wins.
     """
     key = fingerprint(args)
     directory = Path(args.cache_dir).expanduser() / f"{args.format}-{key[:16]}" if args.cache_dir else None
@@ -763,11 +1105,13 @@ def prepare_dataset(args: DataArguments) -> PreparedDataset:
 
     start = time.perf_counter()
     raw = read_raw(args)
+    rows_read = len(raw)
     prepared = preprocess(raw, args)
+    del raw  # its columns are the largest arrays of the preparation
     missing_text = sum(t is None for t in prepared.item_texts[1:])
     logger.info("prepared %s in %.1fs: %d users, %d items, %d interactions (%d read); %d items without text",
                 args.data_path or args.format, time.perf_counter() - start, prepared.num_users, prepared.num_items,
-                prepared.num_interactions, len(raw.users), missing_text)
+                prepared.num_interactions, rows_read, missing_text)
     if directory is not None:
         prepared.save(directory, meta={"fingerprint": key, "settings": asdict(args)})
     prepared.fingerprint = key
@@ -802,15 +1146,16 @@ class TrainDataset(torch.utils.data.Dataset):
         self.stride = max_len if stride is None else stride
         if not 1 <= self.stride <= max_len:
             raise ValueError(f"train_window_stride={stride} must be between 1 and max_len={max_len}")
-        self.sequences, self.max_len, self.mode = prepared.train_sequences(), max_len, mode
-        users, ends = [], []  # sample k predicts sequences[users[k]][ends[k]]
-        for user, sequence in enumerate(self.sequences):
-            if len(sequence) >= 2:
-                last = len(sequence) - 1
-                positions = range(last, 0, -self.stride) if mode == "all" else range(1, len(sequence))
-                users += [user] * len(positions)
-                ends += positions
-        self.users, self.ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+        self.items, self.starts, self.max_len, self.mode = prepared.items, prepared.offsets[:-1], max_len, mode
+        self.lengths = np.diff(prepared.offsets) - 2  # training items per user
+        # Sample k predicts items[starts[users[k]] + ends[k]]; computed from the lengths alone, no item is read.
+        # A user's samples: ends last, last - stride, ... > 0 (mode="all"), or 1 .. last (mode="last").
+        trained = np.maximum(self.lengths - 1, 0)  # labels per user
+        per_user = -(-trained // self.stride) if mode == "all" else trained
+        self.users = np.repeat(np.arange(len(per_user), dtype=np.int64), per_user)
+        rank = np.arange(len(self.users), dtype=np.int64) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        last = self.lengths[self.users] - 1
+        self.ends = last - rank * self.stride if mode == "all" else rank + 1
 
     def __len__(self) -> int:
         return len(self.users)
@@ -818,19 +1163,20 @@ class TrainDataset(torch.utils.data.Dataset):
     @property
     def num_targets(self) -> int:
         """Labelled positions over all samples: each training item after a user's first, in either mode."""
-        return sum(len(sequence) - 1 for sequence in self.sequences if len(sequence) >= 2)
+        return int(np.maximum(self.lengths - 1, 0).sum())
 
     def __getitem__(self, k: int) -> dict[str, list[int]]:
-        sequence, end = self.sequences[self.users[k]], int(self.ends[k])
+        user, end = int(self.users[k]), int(self.ends[k])
         start = max(0, end - self.max_len)
-        input_ids = sequence[start:end]
+        window = self.items[self.starts[user] + start:self.starts[user] + end + 1].tolist()  # inputs and the label
+        input_ids = window[:-1]
         if self.mode == "all":
-            labels = sequence[start + 1:end + 1]
+            labels = window[1:]
             # Earlier labels belong to the window that ends `stride` items before this one.
             seen = max(0, len(labels) - self.stride)
             labels = [-100] * seen + labels[seen:]
         else:
-            labels = [-100] * (len(input_ids) - 1) + [sequence[end]]
+            labels = [-100] * (len(input_ids) - 1) + [window[-1]]
         return {"input_ids": input_ids, "labels": labels}
 
 
@@ -858,19 +1204,29 @@ class EpochSubsetSampler(torch.utils.data.Sampler):
 class EvalDataset(torch.utils.data.Dataset):
     """One example per user: the leave-one-out input (most recent max_len items) and target.
 
-    examples: (full history, target) per user, as `PreparedDataset.eval_examples` gives them; histories are
+    examples: `PreparedDataset.leave_one_out(split)` or a share of it (`EvalExamples.shard`); histories are
     truncated per item. With include_history=True an example also carries the user's full history before the
-    target, for `exclude_history` metrics (the input alone is truncated to max_len).
+    target, for `exclude_history` metrics (the input alone is truncated to max_len). length > len(examples) adds
+    padding examples (item 1 as input and target, user_index -1, which metrics never count), so that processes
+    with shares of different sizes run the same number of equal batches.
     """
 
-    def __init__(self, examples: list[tuple[list[int], int]], max_len: int, include_history: bool = False):
+    def __init__(self, examples: EvalExamples, max_len: int, include_history: bool = False,
+                 length: Optional[int] = None):
         self.examples, self.max_len, self.include_history = examples, max_len, include_history
+        self.length = len(examples) if length is None else length
+        if self.length < len(examples):
+            raise ValueError(f"length={length} is shorter than the {len(examples)} examples")
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return self.length
 
-    def __getitem__(self, user: int) -> dict[str, Any]:
-        history, target = self.examples[user]
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        if k >= len(self.examples):
+            history, target, user = [1], 1, -1
+        else:
+            history, target, user = self.examples.history(k).tolist(), self.examples.target(k), \
+                int(self.examples.user_index[k])
         example = {"input_ids": history[-self.max_len:], "target": target, "user_index": user}
         if self.include_history:
             example["history"] = history

@@ -8,8 +8,9 @@ The model is loaded strictly (`load_trained_model`). The data settings are read 
 training_info.json (any of them can be overridden, e.g. `--data_path`), the data is prepared as for training, and
 its items are translated into the model's own ids through the folder's item_id_map.json: the row order of the data
 file, or another file's numbering, cannot change which item a score belongs to. Items the model does not know are
-counted and reported (see `examples_in_model_ids`). Under `accelerate launch` each process ranks its share of the
-users and `gather_for_metrics` brings the ranks together; each user is counted exactly once.
+counted and reported (see `examples_in_model_ids`). Under `accelerate launch` each process reads and ranks only its
+share of the users (a contiguous range, `EvalExamples.shard`, read from the memory-mapped data) and the ranks are
+gathered with each row's user index; each user is counted exactly once.
 """
 
 import json
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
@@ -27,41 +29,46 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
 from .. import M2RecConfig, M2RecForSequentialRecommendation, M2RecItemTokenizer, SequentialRecommendationPipeline
-from .data import DataArguments, EvalDataset, PreparedDataset, collate_eval, prepare_dataset, read_json_file
+from .data import (DataArguments, EvalDataset, EvalExamples, PreparedDataset, collate_eval, prepare_dataset,
+                   read_json_file)
 from .metrics import MetricAccumulator, history_statistics, rank_targets
 
 logger = logging.getLogger(__name__)
 
-Example = tuple[list[int], int]  # (full history, target), item ids
+def eval_loader(data: PreparedDataset, split: str, max_len: int, train_args, accelerator: Accelerator) -> DataLoader:
+    """This process's share of the users of `split` (see `examples_loader`)."""
+    examples = data.leave_one_out(split).shard(accelerator.process_index, accelerator.num_processes)
+    return examples_loader(examples, max_len, train_args, accelerator)
 
 
-def eval_loader(data: PreparedDataset, split: str, max_len: int, train_args) -> DataLoader:
-    return examples_loader(data.eval_examples(split), max_len, train_args)
-
-
-def examples_loader(examples: list[Example], max_len: int, train_args) -> DataLoader:
+def examples_loader(examples: EvalExamples, max_len: int, train_args, accelerator: Accelerator) -> DataLoader:
+    """A loader over this process's examples, not prepared by Accelerate (which would split them again): padded
+    to the largest share with examples that no metric counts (user_index -1), so that every process runs the same
+    number of equal batches and `evaluate`'s gathers match up."""
+    longest = int(accelerator.gather(torch.tensor([len(examples)], device=accelerator.device)).max())
     # Every example carries its full history: the statistics of both protocols need it (history_statistics).
-    dataset = EvalDataset(examples, max_len, include_history=True)
+    dataset = EvalDataset(examples, max_len, include_history=True, length=longest)
     return DataLoader(dataset, batch_size=train_args.eval_batch_size, shuffle=False, collate_fn=collate_eval,
                       num_workers=train_args.num_workers)
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = False) -> dict:
-    """Mean metrics over the users in `loader` (a prepared eval loader), plus "num_users".
+    """Mean metrics over the users in every process's `loader` (`examples_loader`), plus "num_users".
 
     HR/NDCG/MRR@{5,10,20} follow `exclude_history`; `history_statistics`'s values (both protocols @10, the
     user's own items in the top 10, the rank of the last input item) come with them."""
     model.eval()
     accumulator = MetricAccumulator()
     for batch in loader:
+        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        last_position_only=True).logits.float()  # (B, I)
         ranks_kept = rank_targets(scores, batch["target"])
         ranks_excluded = rank_targets(scores, batch["target"], batch["history"])
         ranks = ranks_excluded if exclude_history else ranks_kept
         extras = history_statistics(scores, ranks_kept, ranks_excluded, batch["input_ids"], batch["history"])
-        ranks, user_index, extras = accelerator.gather_for_metrics((ranks, batch["user_index"], extras))
+        ranks, user_index, extras = accelerator.gather((ranks, batch["user_index"], extras))
         accumulator.add(ranks, user_index, extras)
     return accumulator.compute()
 
@@ -121,13 +128,16 @@ def main(argv=None):
     data_args = evaluation_data_arguments(info, args)
     with accelerator.main_process_first():
         data = prepare_dataset(data_args)
-    examples, coverage = examples_in_model_ids(data, args.split, model_item_ids)
+    share = data.leave_one_out(args.split).shard(accelerator.process_index, accelerator.num_processes)
+    examples, counts = examples_in_model_ids(share, data, model_item_ids)
+    coverage = coverage_report(data, model_item_ids, accelerator.reduce(
+        torch.tensor(counts, device=accelerator.device), reduction="sum").tolist())
     same_data = None if info.get("data_fingerprint") is None else data.fingerprint == info["data_fingerprint"]
     if same_data is False:
         logger.warning("the data (%s) is not the data the model was trained on (its fingerprint differs); its items "
                        "are matched to the model's through %s", data_args.data_path or data_args.format,
                        folder / "item_id_map.json")
-    loader = accelerator.prepare(examples_loader(examples, model.config.max_len, args))
+    loader = examples_loader(examples, model.config.max_len, args, accelerator)
     metrics = evaluate(model, loader, accelerator, args.exclude_history)
     if accelerator.is_main_process:
         data_path = str(Path(data_args.data_path).expanduser().resolve()) if data_args.data_path else None
@@ -238,41 +248,49 @@ def evaluation_data_arguments(info: dict, args: EvaluateArguments) -> DataArgume
     return DataArguments(**settings)
 
 
-def examples_in_model_ids(data: PreparedDataset, split: str, model_item_ids: dict[str, int]) -> tuple[
-        list[Example], dict]:
-    """The leave-one-out examples of `data` with items translated, by raw id, into the model's ids.
+def examples_in_model_ids(examples: EvalExamples, data: PreparedDataset, model_item_ids: dict[str, int]) -> tuple[
+        EvalExamples, list[int]]:
+    """`examples` (of `data`) with items translated, by raw id, into the model's ids, vectorised over their items.
 
     Items the model does not know (it has no embedding for them) are dropped from the inputs; a user whose target
     is unknown cannot be ranked and is skipped, as is a user with no known item left in the input. Returns the
-    examples and a report: unknown_items (distinct raw ids, with examples), unknown_inputs_dropped (positions,
-    over evaluated users), users_skipped_unknown_target, users_skipped_no_known_input.
+    examples and the counts [unknown inputs dropped (positions, over evaluated users), users skipped for an unknown
+    target, users skipped for no known input] (`coverage_report` turns the counts of all processes into the report).
     """
-    to_model = [0] * (data.num_items + 1)  # the data's item id -> the model's, 0 = unknown
-    unknown = []
+    to_model = np.zeros(data.num_items + 1, dtype=np.int32)  # the data's item id -> the model's, 0 = unknown
     for raw_id, item in data.item_id_map.items():
         to_model[item] = model_item_ids.get(raw_id, 0)
-        if not to_model[item]:
-            unknown.append(raw_id)
-    examples, unknown_target, no_known_input, dropped = [], 0, 0, 0
-    for history, target in data.eval_examples(split):
-        if not to_model[target]:
-            unknown_target += 1
-            continue
-        known = [to_model[item] for item in history if to_model[item]]
-        if not known:
-            no_known_input += 1
-            continue
-        dropped += len(history) - len(known)
-        examples.append((known, to_model[target]))
+    if not len(examples):
+        return examples, [0, 0, 0]
+    # The examples' items lie in one range of the data (a share is a range of users): translate it, then drop
+    # the unknown items and move every example's bounds to the compacted range.
+    first, last = int(examples.starts.min()), int(examples.ends.max()) + 1
+    items = to_model[examples.items[first:last]]
+    known_before = np.concatenate([[0], np.cumsum(items != 0)])  # known items before each position
+    starts, ends = known_before[examples.starts - first], known_before[examples.ends - first]
+    known_target = items[examples.ends - first] != 0
+    known_input = ends > starts
+    kept = known_target & known_input
+    dropped = int(((examples.ends - examples.starts) - (ends - starts))[kept].sum())
+    counts = [dropped, int((~known_target).sum()), int((known_target & ~known_input).sum())]
+    return EvalExamples(items[items != 0], starts[kept], ends[kept], examples.user_index[kept]), counts
+
+
+def coverage_report(data: PreparedDataset, model_item_ids: dict[str, int], counts: list[int]) -> dict:
+    """unknown_items (distinct raw ids of the data the model does not know, with examples), and the summed counts of
+    `examples_in_model_ids`: unknown_inputs_dropped, users_skipped_unknown_target, users_skipped_no_known_input.
+    Raises when no user can be evaluated."""
+    unknown = [raw_id for raw_id in data.item_id_map if raw_id not in model_item_ids]
+    dropped, unknown_target, no_known_input = counts
     report = {"unknown_items": len(unknown), "unknown_item_examples": unknown[:5], "unknown_inputs_dropped": dropped,
               "users_skipped_unknown_target": unknown_target, "users_skipped_no_known_input": no_known_input}
     if unknown:
         logger.warning("%d of %d items of the data are unknown to the model (e.g. %s): dropped from %d inputs; %d "
                        "users with an unknown target and %d with no known input item are not evaluated",
                        len(unknown), data.num_items, unknown[:5], dropped, unknown_target, no_known_input)
-    if not examples:
+    if unknown_target + no_known_input == data.num_users:
         raise ValueError(f"no user of the data can be evaluated: {report}")
-    return examples, report
+    return report
 
 
 def end_run(accelerator: Accelerator) -> None:

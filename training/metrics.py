@@ -1,11 +1,11 @@
 """Full-ranking metrics: HR@K, NDCG@K, MRR@K over every item except padding (no sampled negatives).
 
 Evaluation reduces each user to one number, the 0-based rank of their target; every metric follows
-from it. In a distributed evaluation each process ranks its users, gathers (ranks, user_index) with
-`accelerator.gather_for_metrics`, and feeds them to a `MetricAccumulator`:
+from it. In a distributed evaluation each process ranks its share of the users, gathers (ranks, user_index) with
+`accelerator.gather`, and feeds them to a `MetricAccumulator`:
 
     ranks = rank_targets(scores, batch["target"], batch.get("history") if exclude_history else None)
-    accumulator.add(*accelerator.gather_for_metrics((ranks, batch["user_index"])))
+    accumulator.add(*accelerator.gather((ranks, batch["user_index"])))
     results = accumulator.compute()   # {"HR@10": ..., "NDCG@10": ..., "MRR@10": ..., "num_users": ...}
 
 Ties are pessimistic: an item with the same score as the target ranks above it. A model that gives
@@ -93,7 +93,8 @@ class MetricAccumulator:
 
     `add` takes ranks (B,), optionally each row's user index (B,), and optionally other per-user
     values {name: (B,)} to average alongside (`history_statistics`'s). A user already counted is
-    skipped, so rows duplicated by distributed padding or an uneven last batch count once.
+    skipped, so rows duplicated by distributed padding or an uneven last batch count once, and a row whose user
+    index is negative (the padding of a process's share, `EvalDataset`) never counts.
     """
 
     def __init__(self, ks: Sequence[int] = KS):
@@ -108,7 +109,7 @@ class MetricAccumulator:
         if user_index is not None:
             rows = []
             for row, user in enumerate(user_index.tolist()):
-                if user not in self.seen:
+                if user >= 0 and user not in self.seen:
                     self.seen.add(user)
                     rows.append(row)
         ranks = ranks.detach().cpu()[rows]

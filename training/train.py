@@ -198,10 +198,11 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
                 "about %d targets per step", step_sequences, train_args.train_batch_size, accelerator.num_processes,
                 train_args.gradient_accumulation_steps, step_sequences * train_data.num_targets / len(train_data))
     train_loader = make_train_loader(train_data, train_args)
-    valid_loader = eval_loader(data, "valid", data_args.max_len, train_args)
+    # Each process reads only its share of the users, not split again by Accelerate (see examples_loader).
+    valid_loader = eval_loader(data, "valid", data_args.max_len, train_args, accelerator)
     optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     scheduler = make_scheduler(optimizer, train_args, batches_per_epoch=len(train_loader))
-    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if accelerator.is_fsdp2:
         logger.info("FSDP2 over %d processes: parameters, gradients and AdamW states sharded; the main process holds "
                     "%s", accelerator.num_processes, shard_summary(model))
@@ -417,7 +418,7 @@ def test_best_model(accelerator, model_class, output_dir: Path, data, data_args:
     model = (load_trained_model(best_dir) if model_class is M2RecForSequentialRecommendation
              else model_class.from_pretrained(best_dir))
     model = model.to(accelerator.device)  # inference only: no DDP wrapper
-    test_loader = accelerator.prepare(eval_loader(data, "test", data_args.max_len, train_args))
+    test_loader = eval_loader(data, "test", data_args.max_len, train_args, accelerator)
     test = evaluate(model, test_loader, accelerator, train_args.exclude_history)
     info = json.loads((best_dir / "training_info.json").read_text())
     info["metrics"]["test"] = test
