@@ -29,7 +29,8 @@ from transformers.utils import ModelOutput
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
 from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, causal_fft_kernel_spectrum,
-                      first_occurrences, full_softmax_cross_entropy, resolve_backend, selective_scan, selective_state_update)
+                      first_occurrences, full_softmax_cross_entropy, resolve_backend, selective_scan,
+                      selective_state_update)
 
 
 class M2RecCache:
@@ -222,8 +223,8 @@ class M2RecFrequencyFilter(nn.Module):
     max_len (the paper's circular filter: every position sees the whole sequence).
 
     Without gradient (inference), the causal kernel and its spectrum are computed once and kept until W changes
-    (`causal_kernel`); recomputing them, an inverse FFT over 2·max_len and a forward one, cost about as much as the
-    filter itself at batch 1.
+    (`causal_kernel`); recomputing them, an inverse FFT over 2·max_len and a forward one, took about half of the
+    filter's time at batch 1 and L = 200.
     """
 
     def __init__(self, config: M2RecConfig):
@@ -240,7 +241,8 @@ class M2RecFrequencyFilter(nn.Module):
         self.num_bins = config.fft_num_bins
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        # (key, kernel, length, spectrum) of the last no-grad call; a plain attribute: not state, never saved
+        # (key, kernel, length, spectrum, W) of the last no-grad call (see causal_kernel); a plain attribute: not
+        # state, never saved
         self._kernel_cache = None
 
     def masked_response(self, device) -> torch.Tensor:
@@ -329,7 +331,7 @@ class M2RecFrequencyFilter(nn.Module):
         max_len = 2,000, falls out of cache and is page-faulted in afresh at every step, which made that step 4.1×
         slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by max_len
         and an exported step keeps a dynamic batch."""
-        kernel = self.causal_kernel(newest.device)[0].flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
+        kernel = self.causal_kernel(newest.device)[0].flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 1st
         filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
         for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
             block = embed(window_ids[:, start:start + STEP_LAGS_PER_BLOCK])  # (B, lags, D)
