@@ -314,6 +314,13 @@ def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, 
     return tuple(grad if wanted else None for grad, wanted in zip(grads, asked))
 
 
+def _needs_op():
+    """Whether a forward kernel runs as its custom op: for autograd (gradients enabled) and for compile and export,
+    which trace the op. Without either the extension's function is called directly, the same C++ without the op's
+    Python dispatch (autograd wrapper, redispatch): 20–40 µs a call, as much as a batch-1 convolution's own loop."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
     return_last_state=False
@@ -338,7 +345,11 @@ def selective_scan_cpu(
         return None if t is None else t.to(compute_dtype)
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-    out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, avx512_enabled())
+    if _needs_op():
+        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, avx512_enabled())
+    else:
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
+        last_state = last_state.contiguous() if return_last_state else None  # as the op returns it
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
 
@@ -355,8 +366,9 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None):
     if not fused_kernels_available():
         raise RuntimeError("the fused CPU kernels could not be built; see the log")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = kernel_ops.conv_fwd(x.to(compute_dtype), weight.to(compute_dtype),
-                              None if bias is None else bias.to(compute_dtype), activation is not None)
+    conv_fwd = kernel_ops.conv_fwd if _needs_op() else load_cpu_scan().conv_fwd
+    out = conv_fwd(x.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype),
+                   activation is not None)
     return out.to(x.dtype)
 
 

@@ -492,9 +492,17 @@ __all__ = [
 # ------------------------------------------------------------------------------------ causal FFT convolution
 
 
+def causal_fft_kernel_spectrum(kernel, length):
+    """The kernel's spectrum that the causal FFT convolution of an input of `length` steps multiplies by: kernel
+    (D, ≥ L) or (1, ≥ L), its first L lags zero-padded to 2L → (D, L + 1) or (1, L + 1), complex. Computed once, it
+    can be passed to the convolutions as `kernel_spectrum` for as long as the kernel does not change."""
+    return torch.fft.rfft(kernel[..., :length], n=2 * length)
+
+
 class _CausalFFTConvolution(torch.autograd.Function):
     """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag] through FFTs zero-padded to 2L (no wrap-around):
-    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L).
+    x (B, D, L), kernel (D, L) (or (1, L), one kernel for every channel, without a gradient) → (B, D, L); with
+    `kernel_spectrum`, the kernel's transform given (`causal_fft_kernel_spectrum`), which gets no gradient.
 
     The backward keeps only x and the kernel: autograd through the FFTs would keep the zero-padded input and its
     spectrum, 2 × (B, D, 2L) floats. The gradients are causal correlations through the same FFTs, with x's spectrum
@@ -502,10 +510,12 @@ class _CausalFFTConvolution(torch.autograd.Function):
     size, that would otherwise be allocated (and page-faulted in) anew."""
 
     @staticmethod
-    def forward(ctx, x, kernel):
+    def forward(ctx, x, kernel, kernel_spectrum=None):
         ctx.save_for_backward(x, kernel)
         length, n = x.shape[-1], 2 * x.shape[-1]
-        spectrum = torch.fft.rfft(x, n=n).mul_(torch.fft.rfft(kernel, n=n))  # (B, D, n//2+1)
+        if kernel_spectrum is None:
+            kernel_spectrum = causal_fft_kernel_spectrum(kernel, length)
+        spectrum = torch.fft.rfft(x, n=n).mul_(kernel_spectrum)  # (B, D, n//2+1)
         return torch.fft.irfft(spectrum, n=n)[..., :length]
 
     @staticmethod
@@ -521,23 +531,27 @@ class _CausalFFTConvolution(torch.autograd.Function):
             grad_kernel = torch.fft.irfft(cross, n=n)[..., :length]
         if ctx.needs_input_grad[0]:
             grad_x = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(kernel, n=n).conj()), n=n)[..., :length]
-        return grad_x, grad_kernel
+        return grad_x, grad_kernel, None
 
 
-def causal_fft_convolution(x, kernel):
+def causal_fft_convolution(x, kernel, kernel_spectrum=None):
     """y[..., t] = Σ_{lag ≤ t} kernel[..., lag] x[..., t − lag]: x (B, D, L), kernel (D, L) or (1, L) → (B, D, L),
-    through FFTs, with the memory-lean backward of `_CausalFFTConvolution` (every backend)."""
-    return _CausalFFTConvolution.apply(x, kernel)
+    through FFTs, with the memory-lean backward of `_CausalFFTConvolution` (every backend). kernel_spectrum: the
+    kernel's `causal_fft_kernel_spectrum` for L, to skip its transform (it gets no gradient; the kernel does)."""
+    return _CausalFFTConvolution.apply(x, kernel, kernel_spectrum)
 
 
-def causal_fft_convolution_torch(x, kernel):
+def causal_fft_convolution_torch(x, kernel, kernel_spectrum=None):
     """`causal_fft_convolution` with autograd through the FFTs: same signature and result."""
     length, n = x.shape[-1], 2 * x.shape[-1]
-    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]
+    if kernel_spectrum is None:
+        kernel_spectrum = causal_fft_kernel_spectrum(kernel, length)
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * kernel_spectrum, n=n)[..., :length]
 
 
-def causal_fft_convolution_ref(x, kernel):
-    """The definition, a sum over lags in float64: same signature, result in float64."""
+def causal_fft_convolution_ref(x, kernel, kernel_spectrum=None):
+    """The definition, a sum over lags in float64: same signature (the kernel defines it; `kernel_spectrum` is not
+    read), result in float64."""
     x, kernel = x.double(), kernel.double()
     length = x.shape[-1]
     windows = F.pad(x, (length - 1, 0)).unfold(-1, length, 1)  # (B, D, L, L): window t holds x[t − L + 1 .. t]

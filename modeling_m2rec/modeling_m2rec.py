@@ -28,8 +28,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, first_occurrences,
-                      full_softmax_cross_entropy, resolve_backend, selective_scan, selective_state_update)
+from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, causal_fft_kernel_spectrum,
+                      first_occurrences, full_softmax_cross_entropy, resolve_backend, selective_scan,
+                      selective_state_update)
 
 
 class M2RecCache:
@@ -119,6 +120,12 @@ def _trailing_window(sequences: torch.Tensor, lengths: torch.Tensor, size: int) 
     padded = torch.cat([sequences.new_zeros(batch, size, *sequences.shape[2:]), sequences], dim=1)  # (B, size + L, ...)
     positions = lengths[:, None] + torch.arange(size, device=sequences.device)  # in padded coordinates
     return padded[torch.arange(batch, device=sequences.device)[:, None], positions]
+
+
+def _at_positions(sequences: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One position per sequence: sequences (B, L, ...), positions (B,) → (B, 1, ...)."""
+    rows = torch.arange(sequences.shape[0], device=sequences.device)
+    return sequences[rows, positions].unsqueeze(1)
 
 
 @dataclass
@@ -214,6 +221,10 @@ class M2RecFrequencyFilter(nn.Module):
     half (lags 0..max_len−1) is kept, and it is applied as a linear convolution through zero-padded FFTs, so output t
     depends on inputs ≤ t only. In `"global"` mode W ⊙ M multiplies the spectrum of the sequence zero-padded to
     max_len (the paper's circular filter: every position sees the whole sequence).
+
+    Without gradient (inference), the causal kernel and its spectrum are computed once and kept until W changes
+    (`causal_kernel`); recomputing them, an inverse FFT over 2·max_len and a forward one, took about half of the
+    filter's time at batch 1 and L = 200.
     """
 
     def __init__(self, config: M2RecConfig):
@@ -230,6 +241,9 @@ class M2RecFrequencyFilter(nn.Module):
         self.num_bins = config.fft_num_bins
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # (key, kernel, length, spectrum, W) of the last no-grad call (see causal_kernel); a plain attribute: not
+        # state, never saved
+        self._kernel_cache = None
 
     def masked_response(self, device) -> torch.Tensor:
         """W ⊙ M as a complex (F, D) tensor, or a real (F, 1) mask when W is not learned."""
@@ -238,9 +252,44 @@ class M2RecFrequencyFilter(nn.Module):
             return low_pass[:, None]
         return torch.view_as_complex(self.frequency_response.float()) * low_pass[:, None]
 
-    def causal_kernel(self, device) -> torch.Tensor:
+    def causal_kernel(self, device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The causal filter's time-domain kernel, lags 0..max_len−1: (D, max_len), or (1, max_len) when W is not
-        learned. Longer inputs than max_len see no further lags."""
+        learned (longer inputs than max_len see no further lags); and, for inputs of `length` steps, the kernel's
+        spectrum for `causal_fft_convolution` ((D, length + 1) complex), or None without `length` or where W
+        takes a gradient (the convolution then transforms the kernel itself, inside autograd's graph).
+
+        Without gradient, both are kept from one call to the next, keyed on W's identity, storage, version counter,
+        dtype and device, so that an optimizer step, `load_state_dict`, `.to()` or a new parameter invalidates them
+        (the version counter counts every in-place write that autograd sees). Not detected: writes through
+        `W.data` (e.g. `frequency_response.data.mul_(2)`), which autograd does not see either; call
+        `clear_kernel_cache()` after such a write. Under torch.compile and torch.export nothing is kept: the graph
+        computes the kernel from W."""
+        response = self.frequency_response
+        keep = not torch.compiler.is_compiling() and (
+            response is None or not (torch.is_grad_enabled() and response.requires_grad))
+        if not keep:
+            kernel = self._kernel_from_response(device)
+            return kernel, None
+        # inference mode too: a kernel made there is an inference tensor, which autograd may not save later
+        key = (None if response is None else (response._version, response.data_ptr(), response.dtype),
+               torch.device(device), torch.is_inference_mode_enabled())
+        cached = self._kernel_cache
+        if cached is not None and cached[0] == key and cached[4] is response:
+            kernel, spectrum = cached[1], cached[3] if cached[2] == length else None
+        else:
+            kernel, spectrum = self._kernel_from_response(device), None
+        if length is not None and spectrum is None:
+            spectrum = causal_fft_kernel_spectrum(kernel, length)
+        # one spectrum, of the last length asked for: a dict of every length seen would grow to max_len entries
+        self._kernel_cache = (key, kernel, length if spectrum is not None else None, spectrum, response)
+        return kernel, spectrum
+
+    def clear_kernel_cache(self) -> None:
+        """Forgets the kept kernel (see `causal_kernel`), after a write to W that its key cannot see."""
+        self._kernel_cache = None
+
+    def _kernel_from_response(self, device) -> torch.Tensor:
+        """The causal kernel computed from W: (D, max_len), or (1, max_len) when W is not learned."""
         response = self.masked_response(device).t()  # (D, F), or (1, F)
         return torch.fft.irfft(response, n=self.fft_size)[..., :self.max_len]
 
@@ -256,8 +305,8 @@ class M2RecFrequencyFilter(nn.Module):
             spectrum = torch.fft.rfft(x, n=self.fft_size)  # (B, D, F)
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
-            kernel = self.causal_kernel(x.device)[..., :seq_len]  # (D, L): causal lags 0..L-1
-            filtered = causal_fft_convolution(x, kernel)  # (B, D, L)
+            kernel, spectrum = self.causal_kernel(x.device, seq_len)
+            filtered = causal_fft_convolution(x, kernel[..., :seq_len], spectrum)  # (B, D, L): causal lags 0..L-1
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor, window_ids: torch.Tensor | None = None,
@@ -282,7 +331,7 @@ class M2RecFrequencyFilter(nn.Module):
         max_len = 2,000, falls out of cache and is page-faulted in afresh at every step, which made that step 4.1×
         slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by max_len
         and an exported step keeps a dynamic batch."""
-        kernel = self.causal_kernel(newest.device).flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 first
+        kernel = self.causal_kernel(newest.device)[0].flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 1st
         filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
         for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
             block = embed(window_ids[:, start:start + STEP_LAGS_PER_BLOCK])  # (B, lags, D)
@@ -374,22 +423,25 @@ class M2RecMixer(nn.Module):
         return dt, B, C, dt_bias
 
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
-                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) → (B, L, D). A training step on the fused CPU kernels runs through `MixerCPUFn`, which keeps
-        only the inputs for the backward (the same function and gradients as `compose`, to float32 rounding);
-        everything else runs `compose`. With `cache`: a call with `mask` (B, L) encodes whole sequences and stores
-        each one's state after its last real item there (`compose`); a call without continues it by one event
-        (`step`, L = 1). The kernels' backend is resolved here, once per call, from `config.kernel_backend`."""
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None,
+                output_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D), or (B, 1, D) at `output_positions` (B,), one position per sequence. A training
+        step on the fused CPU kernels runs through `MixerCPUFn`, which keeps only the inputs for the backward (the
+        same function and gradients as `compose`, to float32 rounding); everything else runs `compose`. With
+        `cache`: a call with `mask` (B, L) encodes whole sequences and stores each one's state after its last real
+        item there (`compose`); a call without continues it by one event (`step`, L = 1). The kernels' backend is
+        resolved here, once per call, from `config.kernel_backend`."""
         backend = resolve_backend(hidden_states.device, self.config.kernel_backend)
         if cache is not None and mask is None:
             return self.step(hidden_states, selection_states, cache, backend)
         if cache is None and self._fused_cpu_training(hidden_states, backend):
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
-            return MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
-                                    self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
-                                    self.A_log, self.D, self.out_proj.weight)
-        return self.compose(hidden_states, selection_states, cache, mask, backend)
+            mixed = MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
+                                     self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                                     self.A_log, self.D, self.out_proj.weight)
+            return mixed if output_positions is None else _at_positions(mixed, output_positions)
+        return self.compose(hidden_states, selection_states, cache, mask, backend, output_positions)
 
     def _fused_cpu_training(self, hidden_states: torch.Tensor, backend: str) -> bool:
         """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the backend is the fused CPU kernels, and
@@ -401,22 +453,27 @@ class M2RecMixer(nn.Module):
 
     def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
                 cache: M2RecCache | None = None, mask: torch.Tensor | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, output_positions: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer as the composition of its kernels, each differentiated by autograd, on any device: (B, L, D) →
         (B, L, D). With `cache` and the (B, L) `mask` of real items, each sequence's convolution and SSM states after
         its last real item are stored in the cache's slots for this layer. `backend`: the kernels' (None resolves
-        `config.kernel_backend`)."""
+        `config.kernel_backend`). With `output_positions` (B,): the output at those positions only, (B, 1, D); the
+        scan still reads every position, but the gate z and out_proj run at one position per sequence (the same
+        values as the full output there, to float32 rounding)."""
         backend = resolve_backend(hidden_states.device, self.config.kernel_backend) if backend is None else backend
+        gate_source = hidden_states if selection_states is None else selection_states
+        # z only where the output is read: (B, L, Di), or (B, 1, Di) at output_positions
+        gate_input = gate_source if output_positions is None else _at_positions(gate_source, output_positions)
         # Everything stays channel-last, (B, L, ·), as the projections produce it; the kernels take mamba-ssm's
         # (B, Di, L) shapes as transposed views, which the fused CPU kernels read without copying.
         x_pre = self.in_proj(hidden_states, 0)  # (B, L, Di)
         x = self.conv1d(x_pre, backend)
         if selection_states is None:
-            selection, z = x, self.in_proj(hidden_states, 1)
+            selection = x
         else:
             selection_pre = self.in_proj(selection_states, 0)
             selection = self.conv1d(selection_pre, backend)
-            z = self.in_proj(selection_states, 1)  # (B, L, Di)
+        z = self.in_proj(gate_input, 1)
         dt, B, C, dt_bias = self._select(selection)
 
         # The recurrence runs in float32 whatever autocast chose for the projections: a long product of decays
@@ -433,7 +490,7 @@ class M2RecMixer(nn.Module):
             B.float().transpose(1, 2),  # (B, N, L)
             C.float().transpose(1, 2),  # (B, N, L)
             self.D.float(),
-            z=z.float().transpose(1, 2),
+            z=z.float().transpose(1, 2) if output_positions is None else None,  # else gated below
             delta_bias=delta_bias,
             delta_softplus=delta_bias is not None,
             return_last_state=True,
@@ -447,7 +504,10 @@ class M2RecMixer(nn.Module):
             if selection_states is not None:
                 cache.selection_conv_states[self.layer_idx].copy_(
                     _trailing_window(selection_pre.detach(), lengths, width).transpose(1, 2))
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, D)
+        y = y.transpose(1, 2)  # (B, L, Di)
+        if output_positions is not None:
+            y = _at_positions(y, output_positions) * F.silu(z.float())  # (B, 1, Di)
+        return self.out_proj(y.to(hidden_states.dtype))  # (B, L, D), or (B, 1, D)
 
     def step(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None,
              cache: M2RecCache, backend: str) -> torch.Tensor:
@@ -485,9 +545,14 @@ class M2RecLayer(GradientCheckpointingLayer):
         self.mixer_residual = config.mixer_residual
 
     def forward(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
-                cache: M2RecCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) → (B, L, D); `cache` and `mask` as in [`M2RecMixer.forward`]."""
-        mixed = self.dropout(self.mixer(hidden_states, selection_states, cache, mask))
+                cache: M2RecCache | None = None, mask: torch.Tensor | None = None,
+                output_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D); `cache` and `mask` as in [`M2RecMixer.forward`]. With `output_positions` (B,), one
+        position per sequence: (B, 1, D), the output there. The mixer still reads every position; everything after
+        it is position-wise and runs at those positions only."""
+        mixed = self.dropout(self.mixer(hidden_states, selection_states, cache, mask, output_positions))
+        if output_positions is not None:
+            hidden_states = _at_positions(hidden_states, output_positions)  # (B, 1, D)
         hidden_states = self.mixer_norm(hidden_states + mixed if self.mixer_residual else mixed)
         feed_forward = self.ffn_out(self.dropout(F.gelu(self.ffn_in(hidden_states))))
         return self.ffn_norm(hidden_states + self.dropout(feed_forward))
@@ -681,6 +746,21 @@ class M2RecModel(M2RecPreTrainedModel):
         # see, where such a check cannot branch: they skip them (eager mode, where errors are raised, always checks).
         if torch.compiler.is_compiling():
             return mask
+        # One flag for every problem, read with one sync (each check's own .any() would wait for its own); only a
+        # batch with a problem runs the checks one by one, to name the first. A row that is empty or not
+        # right-padded has a mask that rises somewhere (a real item after padding) or a padded first position.
+        problem = (input_ids < 0) | (input_ids > self.config.num_items)  # (B, L)
+        problem[:, 1:] |= mask[:, 1:] & ~mask[:, :-1]
+        problem[:, :1] |= ~mask[:, :1]
+        if attention_mask is not None:
+            problem |= mask & (input_ids == 0)
+        if input_ids.shape[1] == 0 or problem.any():  # no position at all: every row is empty
+            self._raise_input_error(input_ids, attention_mask, mask)
+        return mask
+
+    def _raise_input_error(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           mask: torch.Tensor) -> None:
+        """Raises the ValueError naming the first problem of inputs that `_validate_inputs` flagged."""
         out_of_range = (input_ids < 0) | (input_ids > self.config.num_items)
         if out_of_range.any():
             row, pos = out_of_range.nonzero()[0].tolist()
@@ -699,7 +779,7 @@ class M2RecModel(M2RecPreTrainedModel):
         if empty.any():
             raise ValueError(f"rows {empty.nonzero().flatten()[:10].tolist()} contain only padding; every sequence "
                              f"needs at least one item")
-        return mask
+        raise AssertionError("_validate_inputs flagged a problem that no check names")  # unreachable: a bug
 
     def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Projected text embeddings of the items in the sequence, (B, L) → (B, L, D)."""
@@ -795,16 +875,18 @@ class M2RecModel(M2RecPreTrainedModel):
         all_hidden = (embedded, hidden)
 
         selection = embedded if self.config.selection_source == "unfiltered" else None
-        for layer in self.layers:
-            hidden = layer(hidden, selection, cache, mask)  # (B, L, D)
+        # Inference at the last position only (a step's one position is the last): everything after the last
+        # layer's mixer is position-wise, so the last layer's feed-forward and the fusion run where it scores
+        # (skipping the text lookup and projection of B·L items), unless every layer's output is asked for.
+        last_index = mask.sum(dim=1) - 1 if last_position_only and cache_params is None else None  # (B,)
+        at_last = last_index is not None and not output_hidden_states and len(self.layers) > 0
+        for index, layer in enumerate(self.layers):
+            positions = last_index if at_last and index == len(self.layers) - 1 else None
+            hidden = layer(hidden, selection, cache, mask, positions)  # (B, L, D), or (B, 1, D) at positions
             all_hidden += (hidden,)
-
-        if last_position_only and cache_params is None:  # a step's one position is the last
-            # The fusion is position-wise, so inference only needs it where it scores: this skips the text lookup
-            # and projection of B·L items.
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            last_index = mask.sum(dim=1) - 1  # (B,)
-            hidden, input_ids = hidden[rows, last_index, None], input_ids[rows, last_index, None]  # (B, 1, D), (B, 1)
+        if last_index is not None:
+            input_ids = _at_positions(input_ids, last_index)  # (B, 1)
+            hidden = hidden if at_last else _at_positions(hidden, last_index)  # (B, 1, D)
         if self.config.fusion != "none":
             hidden = self.fusion(self.text_features(input_ids), hidden)
 

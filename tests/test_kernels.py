@@ -282,6 +282,30 @@ def test_fused_cpu_scan_reads_channel_last_views(implementation):
         torch.testing.assert_close(actual[name], value, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_fused_cpu_forward_without_grad_calls_the_extension_directly(monkeypatch):
+    """Without gradient the fused CPU scan and convolution skip the custom ops' dispatch and call the extension:
+    the same results (and the scan's last state laid out as the op gives it); with gradient the ops run."""
+    if not cpu_scan.fused_kernels_available():
+        pytest.skip("the fused CPU kernels are not built")
+    inputs = make_inputs(2, 20, 33, 8, use_D=True, use_z=True, use_bias=True, softplus=True)
+    inputs = {k: None if v is None else (channel_last(v) if v.dim() == 3 else v).float() for k, v in inputs.items()}
+    x, weight, bias = inputs["u"], torch.randn(20, 4), torch.randn(20)
+    with_op = (cpu_scan.selective_scan_cpu(**inputs, delta_softplus=True, return_last_state=True),
+               cpu_scan.causal_conv1d_cpu(x, weight, bias, activation="silu"))
+    calls = []
+    for name in ("scan_fwd", "conv_fwd"):  # a spy on the ops, which the no-grad path must not call
+        op = getattr(cpu_scan.kernel_ops, name)
+        monkeypatch.setattr(cpu_scan.kernel_ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+    with torch.no_grad():
+        (out, last_state), conv = (cpu_scan.selective_scan_cpu(**inputs, delta_softplus=True, return_last_state=True),
+                                   cpu_scan.causal_conv1d_cpu(x, weight, bias, activation="silu"))
+    assert calls == []
+    assert torch.equal(out, with_op[0][0]) and torch.equal(last_state, with_op[0][1]) and torch.equal(conv, with_op[1])
+    assert last_state.is_contiguous()
+    cpu_scan.causal_conv1d_cpu(x, weight, bias, activation="silu")
+    assert calls == ["conv_fwd"]
+
+
 @pytest.mark.parametrize("use_z", [False, True])
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
 def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx512, use_z):
@@ -604,10 +628,12 @@ def test_causal_fft_convolution_paths_equal_the_definition(kernel_channels):
     inputs = (x, kernel) if kernel.requires_grad else (x,)
     expected_grads = torch.autograd.grad(expected, inputs, cotangent)
     for path in (kernels.causal_fft_convolution, kernels.causal_fft_convolution_torch):
-        out = path(x, kernel)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-        for grad, reference in zip(torch.autograd.grad(out, inputs, cotangent), expected_grads):
-            torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
+        for give_spectrum in (False, True):  # a given spectrum gets no gradient; the kernel still does
+            longer = torch.cat([kernel, kernel], dim=-1)  # the spectrum reads its first 9 lags
+            out = path(x, kernel, kernels.causal_fft_kernel_spectrum(longer, 9) if give_spectrum else None)
+            torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+            for grad, reference in zip(torch.autograd.grad(out, inputs, cotangent), expected_grads):
+                torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(kernels.causal_fft_convolution, (x, kernel))
 
 

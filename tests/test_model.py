@@ -83,6 +83,95 @@ def test_loss_without_logits_matches_and_last_position_logits():
     assert (full.logits[..., 0] == torch.finfo(full.logits.dtype).min).all()
 
 
+@pytest.mark.parametrize("overrides", CAUSAL_VARIANTS + [dict(kernel_backend="torch")],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_last_position_inference_equals_the_full_forward_there(overrides):
+    """With last_position_only the last layer's out_proj, norms, feed-forward and the fusion run at the last real
+    positions only: the same scores as the full forward there, up to float32 rounding (a one-row product rounds
+    differently from the L-row one), with and without gradient, and with every layer's output asked for."""
+    model = tiny_model(**overrides)
+    input_ids = random_histories(4, 12)
+    input_ids[1, 7:] = 0
+    input_ids[2, 1:] = 0
+    last = (input_ids > 0).sum(dim=1) - 1
+    rows = torch.arange(4)
+    with torch.no_grad():
+        full = model(input_ids)
+        expected, expected_states = full.logits[rows, last], full.last_hidden_state[rows, last]
+        lean = model(input_ids, last_position_only=True)
+        hidden = model(input_ids, last_position_only=True, output_hidden_states=True)
+    for out in (lean, hidden, model(input_ids, last_position_only=True)):  # the last one with gradient
+        assert out.logits.shape == (4, NUM_ITEMS + 1) and out.last_hidden_state.shape == (4, 1, 16)
+        torch.testing.assert_close(out.logits[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.last_hidden_state[:, 0], expected_states, rtol=1e-5, atol=1e-6)
+    assert hidden.hidden_states[-1].shape == (4, 12, 16)  # every layer's output whole
+    torch.testing.assert_close(model.next_item_scores(input_ids)[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_last_position_layer_keeps_gradients():
+    """A layer's output at given positions differentiates like the full layer's output there (the mixer's fused CPU
+    training path included)."""
+    model = tiny_model().train()
+    layer, selection = model.m2rec.layers[0], torch.randn(3, 10, 16)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    positions = torch.tensor([9, 4, 0])
+    cotangent = torch.randn(3, 1, 16)
+    full = layer(hidden, selection)[torch.arange(3), positions].unsqueeze(1)
+    lean = layer(hidden, selection, output_positions=positions)
+    torch.testing.assert_close(lean, full, rtol=1e-5, atol=1e-6)
+    expected = torch.autograd.grad(full, [hidden, *layer.parameters()], cotangent)
+    for grad, reference in zip(torch.autograd.grad(lean, [hidden, *layer.parameters()], cotangent), expected):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_filter_kernel_is_kept_between_no_grad_calls_until_its_parameter_changes():
+    model = tiny_model()
+    filter_ = model.m2rec.frequency_filter
+    input_ids = random_histories(2, 12)
+
+    def fresh_scores():
+        filter_.clear_kernel_cache()
+        with torch.no_grad():
+            return model(input_ids, last_position_only=True).logits
+
+    with torch.no_grad():
+        first = model(input_ids, last_position_only=True).logits
+        kept = filter_._kernel_cache
+        assert kept is not None
+        second = model(input_ids, last_position_only=True).logits
+        assert filter_._kernel_cache[1] is kept[1] and filter_._kernel_cache[3] is kept[3]  # reused, not recomputed
+    assert torch.equal(first, second)
+    # A training step (gradient through W, which is never kept) and the optimizer's in-place update.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(input_ids, labels=torch.roll(input_ids, -1, dims=1)).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_step = model(input_ids, last_position_only=True).logits
+    assert not torch.allclose(after_step, first)
+    assert torch.equal(after_step, fresh_scores())
+    # load_state_dict writes W in place.
+    state = {name: value.clone() for name, value in tiny_model(seed=3).state_dict().items()}
+    with torch.no_grad():
+        model(input_ids, last_position_only=True)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        loaded = model(input_ids, last_position_only=True).logits
+    assert torch.equal(loaded, fresh_scores())
+    # Another length gets its own spectrum; a new dtype its own kernel.
+    with torch.no_grad():
+        model(input_ids[:, :5])
+        torch.testing.assert_close(model(input_ids, last_position_only=True).logits, loaded)
+        double = model.double()(input_ids, last_position_only=True).logits
+    torch.testing.assert_close(double.float()[:, 1:], loaded[:, 1:], rtol=1e-5, atol=1e-6)
+    # Documented as not detected: a write through .data, which autograd does not see either.
+    model.float()
+    with torch.no_grad():
+        before = model(input_ids, last_position_only=True).logits
+        filter_.frequency_response.data.mul_(2.0)
+        assert torch.equal(model(input_ids, last_position_only=True).logits, before)
+    assert not torch.allclose(fresh_scores(), before)
+
+
 def test_seen_item_bias_offsets_the_items_each_position_has_seen():
     plain = tiny_model()
     model = tiny_model(seen_item_bias=True)
@@ -329,6 +418,9 @@ def test_bad_text_embeddings_are_refused(bad, message):
         (torch.tensor([[1, -3, 0]]), "item id -3"),
         (torch.tensor([[1, 2], [0, 0]]), "rows \\[1\\] contain only padding"),
         (torch.tensor([[1, 0, 2]]), "not right-padded"),
+        (torch.tensor([[0, 0, 2]]), "row 0 is not right-padded"),
+        (torch.tensor([[3, 1], [2, 0], [0, 0], [0, 0]]), "rows \\[2, 3\\] contain only padding"),
+        (torch.zeros(2, 0, dtype=torch.long), "rows \\[0, 1\\] contain only padding"),
         (torch.ones(1, MAX_LEN + 1, dtype=torch.long), f"max_len is {MAX_LEN}"),
         (torch.ones(5, dtype=torch.long), "shape"),
         (torch.zeros(0, 4, dtype=torch.long), "input_ids has shape \\(0, 4\\): the batch holds no sequence"),
