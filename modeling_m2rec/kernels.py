@@ -35,6 +35,7 @@ their state in place, as mamba-ssm's and causal-conv1d's do.
 """
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -547,14 +548,14 @@ def causal_fft_convolution_ref(x, kernel):
 # ------------------------------------------------------------------------------------ full-softmax cross-entropy
 
 
-def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+def first_occurrences(item_ids: torch.Tensor) -> torch.Tensor:
     """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
-    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
-    batch, length = item_ids.shape
-    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
-    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
-    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
-    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`. A stable sort per row, so
+    its cost does not grow with the catalogue."""
+    sorted_items, order = item_ids.sort(dim=1, stable=True)  # equal items stay in position order
+    first_in_run = torch.ones_like(sorted_items, dtype=torch.bool)
+    first_in_run[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    return torch.where(torch.zeros_like(first_in_run).scatter_(1, order, first_in_run), item_ids, 0)
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -676,3 +677,107 @@ def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offse
     labelled = labels != -100
     target_logits = logits[labelled].gather(1, labels[labelled, None])[:, 0]
     return (logits[labelled].logsumexp(dim=1) - target_logits).mean()
+
+
+# ------------------------------------------------------------------------------------ sampled softmax
+
+
+def first_positions(first_items: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Where each of item_ids (B, X), nonzero ids, first occurs in its row of first_items (B, L) (from
+    `first_occurrences`, so each item once): (B, X) positions, L where the row never has it. A binary search per row:
+    no (B, I) table, whatever the catalogue size."""
+    length = first_items.shape[1]
+    sorted_items, order = first_items.sort(dim=1)  # (B, L)
+    index = torch.searchsorted(sorted_items, item_ids).clamp_(max=length - 1)  # (B, X)
+    found = sorted_items.gather(1, index) == item_ids
+    return torch.where(found, order.gather(1, index), length)
+
+
+def _count_in(item_ids: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
+    """How often each of item_ids (K,) occurs in population (M,): (K,)."""
+    values, counts = population.unique(return_counts=True)  # sorted
+    index = torch.searchsorted(values, item_ids).clamp_(max=len(values) - 1)
+    return torch.where(values[index] == item_ids, counts[index], 0)
+
+
+def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_items: int,
+                   item_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negatives a batch's sampled softmax shares: (K,) item ids in 1..num_items, and (K,) the log of each one's
+    expected count among the draws (the logQ correction, so that Σ exp(logit − log expected count) over the draws is
+    an unbiased estimate of Σ exp(logit) over the items the sampler can draw).
+
+    sampler:
+        "uniform"     K ids drawn uniformly from 1..num_items, with replacement: expected count K / num_items.
+        "popularity"  K ids drawn with probability q(i) ∝ item_counts[i] + 1 (add-one, so that items unseen in
+                      training can still be drawn), with replacement: expected count K·q(i).
+        "in_batch"    K of the batch's M labelled targets, drawn without replacement (all of them when M ≤ K):
+                      expected count min(K, M)·c(i)/M, c(i) the batch's targets equal to i. Popular items come as
+                      often as they are targets; items that no row of the batch targets are never negatives.
+        "mixed"       K // 2 in-batch and the rest uniform (Mixed Negative Sampling, Yi et al. 2020): expected count
+                      the sum of both, so the correction holds for the pooled draws.
+    labels: (M,) the batch's targets, −100 for a row without one. item_counts: (I,) each item's training count
+    (row 0, padding, is ignored); "popularity" only.
+    """
+    device = labels.device
+    if sampler == "popularity":
+        if item_counts is None:
+            raise ValueError("negative_sampler='popularity' needs each item's training count: call "
+                             "model.set_item_counts(counts) before computing the loss (m2rec-train does)")
+        if item_counts.shape != (num_items + 1,):
+            raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, the catalogue needs "
+                             f"({num_items + 1},) (row 0 for padding): set the counts again after resizing it")
+        weights = item_counts[1:].to(device, torch.float64) + 1.0  # (num_items,)
+        negatives = torch.multinomial(weights, num_negatives, replacement=True) + 1
+        return negatives, (num_negatives * weights[negatives - 1] / weights.sum()).log().float()
+    if sampler == "uniform":
+        negatives = torch.randint(1, num_items + 1, (num_negatives,), device=device)
+        return negatives, torch.full((num_negatives,), math.log(num_negatives / num_items), device=device)
+    if sampler not in ("in_batch", "mixed"):
+        raise ValueError(f"negative_sampler={sampler!r} is not supported; choose one of "
+                         f"('uniform', 'popularity', 'in_batch', 'mixed')")
+    targets = labels[labels != -100]  # (M,)
+    if len(targets) == 0:
+        raise ValueError("no labelled position in the batch: every label is -100")
+    from_batch = num_negatives if sampler == "in_batch" else num_negatives // 2
+    taken = min(from_batch, len(targets))
+    negatives = targets[torch.randperm(len(targets), device=device)[:taken]]
+    uniform = num_negatives - from_batch  # 0 for "in_batch"
+    negatives = torch.cat([negatives, torch.randint(1, num_items + 1, (uniform,), device=device)])
+    expected = taken * _count_in(negatives, targets).double() / len(targets) + uniform / num_items
+    return negatives, expected.log().float()
+
+
+def sampled_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
+                                  negatives: torch.Tensor, log_expected_counts: torch.Tensor,
+                                  seen_offset: torch.Tensor | None = None,
+                                  seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean sampled-softmax cross-entropy with logQ correction: for each row, the softmax over its target and the
+    K negatives shared by the batch, each negative's logit lowered by the log of its expected count
+    (`draw_negatives`). A negative equal to the row's target (an accidental hit) is left out, so the corrected sum
+    over the negatives estimates the normaliser's other items without bias, and with every item once as a negative
+    (negatives = 1..I−1, log_expected_counts 0) this is exactly `full_softmax_cross_entropy`.
+
+    user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1 or −100, negatives (K,), log_expected_counts (K,);
+    seen_offset and seen as in `full_softmax_cross_entropy`. Costs (M, K) logits instead of (M, I). Computed in
+    float32 (or wider).
+    """
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
+        raise ValueError("no labelled position in the batch: every label is -100")
+    if (seen_offset is None) != (seen is None):
+        raise ValueError("seen_offset and seen go together")
+    dtype = torch.promote_types(user_states.dtype, torch.float32)
+    states = user_states.to(dtype)  # (M, D)
+    targets = labels.clamp(min=0)  # an ignored row reads padding and is then given no weight
+    target_logits = (states * item_weights[targets].to(dtype)).sum(dim=1)  # (M,)
+    negative_logits = states @ item_weights[negatives].to(dtype).t() - log_expected_counts.to(dtype)  # (M, K)
+    if seen_offset is not None:
+        first_items, rows, positions = seen
+        negative_positions = first_positions(first_items, negatives.repeat(len(first_items), 1))  # (B, K)
+        negatives_seen = negative_positions[rows] <= positions[:, None]  # (M, K)
+        target_seen = first_positions(first_items[rows], targets[:, None])[:, 0] <= positions  # (M,)
+        negative_logits = negative_logits + negatives_seen * seen_offset.to(dtype)
+        target_logits = target_logits + target_seen * seen_offset.to(dtype)
+    negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    log_normalizers = torch.cat([target_logits[:, None], negative_logits], dim=1).logsumexp(dim=1)  # (M,)
+    labelled = labels != -100
+    return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()

@@ -28,8 +28,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, first_occurrences,
-                      full_softmax_cross_entropy, resolve_backend, selective_scan, selective_state_update)
+from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, draw_negatives, first_occurrences,
+                      full_softmax_cross_entropy, resolve_backend, sampled_softmax_cross_entropy, selective_scan,
+                      selective_state_update)
 
 
 class M2RecCache:
@@ -163,12 +164,15 @@ class M2RecRecommendationOutput(ModelOutput):
 
 def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
-                   seen_offset: torch.Tensor | None = None) -> torch.Tensor:
+                   seen_offset: torch.Tensor | None = None, negative_sampler: str | None = None,
+                   num_negatives: int = 0, item_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Full-softmax cross-entropy of the next item, shared by M2Rec and the bench baselines.
 
     user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
     logits get the offset: at position t the items up to t, for the last position all of them.
+    With `negative_sampler` (see `kernels.draw_negatives`; `item_counts` (I,) for "popularity"), the sampled softmax
+    with logQ correction over `num_negatives` negatives shared by the batch instead of the full softmax.
     """
     batch = labels.shape[0]
     if labels.dim() == 1:
@@ -187,15 +191,20 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
         states, labels, rows, positions = states[labelled], labels[labelled], rows[labelled], positions[labelled]
     seen = None
     if seen_offset is not None:
-        seen = (first_occurrences(seen_items, item_weights.shape[0]), rows, positions)
-    return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+        seen = (first_occurrences(seen_items), rows, positions)
+    if negative_sampler is None:
+        return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+    negatives, log_expected_counts = draw_negatives(negative_sampler, num_negatives, labels, item_weights.shape[0] - 1,
+                                                    item_counts)
+    return sampled_softmax_cross_entropy(states, item_weights, labels, negatives, log_expected_counts, seen_offset,
+                                         seen)
 
 
 def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:
     """logits (B, L, I) or (B, I) plus `seen_offset` on the items of seen_items (B, L) (0 padding) that each row has
     seen: at position t the items up to t; for (B, I) all of them."""
     if logits.dim() == 3:  # a running count of first occurrences: 1 from an item's first position on
-        first_items = first_occurrences(seen_items, logits.shape[-1])
+        first_items = first_occurrences(seen_items)
         seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
     else:
         seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
@@ -835,6 +844,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if config.seen_item_bias:
             self.seen_item_offset = nn.Parameter(torch.zeros(()))
             self.seen_item_offset._no_weight_decay = True  # decay would pull it back to the paper's scorer
+        # Each item's training count, for the sampled softmax's "popularity" sampler (`set_item_counts`). A plain
+        # attribute, not a buffer: it describes the training data, not the model, and is not saved with it.
+        self.item_counts = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -853,6 +865,20 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """See [`M2RecModel.set_text_embeddings`]; growing the catalogue grows the tied scorer too."""
         self.m2rec.set_text_embeddings(text_embeddings)
         self._tie_scorer()
+
+    def set_item_counts(self, item_counts: torch.Tensor) -> None:
+        """Each item's training count, (I,) with row 0 (padding) ignored, for `negative_sampler="popularity"` (which
+        draws item i with probability ∝ count + 1). Not saved with the model: set it again after loading it to
+        continue training."""
+        item_counts = torch.as_tensor(item_counts)
+        if item_counts.shape != (self.config.vocab_size,):
+            raise ValueError(f"item_counts must have shape ({self.config.vocab_size},) (num_items + 1, row 0 for "
+                             f"padding), got {tuple(item_counts.shape)}")
+        bad = ~torch.isfinite(item_counts.double()) | (item_counts < 0)
+        if bad.any():
+            item = bad.nonzero()[0].item()
+            raise ValueError(f"item_counts[{item}] = {item_counts[item].item()}: counts must be finite and >= 0")
+        self.item_counts = item_counts.double()
 
     def resize_catalogue(self, num_items: int) -> None:
         """See [`M2RecModel.resize_catalogue`]; the tied scorer follows."""
@@ -940,8 +966,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
+            sampled = self.config.loss == "sampled_softmax"
             loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
-                                  seen_items, self.seen_item_offset)
+                                  seen_items, self.seen_item_offset,
+                                  negative_sampler=self.config.negative_sampler if sampled else None,
+                                  num_negatives=self.config.num_negatives, item_counts=self.item_counts)
 
         logits = None
         if return_logits:

@@ -199,3 +199,23 @@ def test_last_position_training_with_a_capped_epoch(tmp_path, variant):
     assert [r["optimizer_step"] for r in records] == [2, 4]
     info = json.loads((tmp_path / "run" / "best" / "training_info.json").read_text())
     assert info["metrics"]["test"]["num_users"] == 300
+
+
+def test_sampled_softmax_training_with_popularity_negatives(tmp_path):
+    """--loss sampled_softmax trains end to end; the popularity sampler gets the training split's counts, and the
+    saved model records the loss settings."""
+    from m2rec.training.train import training_item_counts
+
+    data = prepare_dataset(DataArguments(format="synthetic", synthetic_users=300, synthetic_items=120, max_len=30,
+                                         cache_dir=str(tmp_path / "cache")))
+    counts = training_item_counts(data)
+    assert counts.shape == (121,) and counts[0] == 0
+    assert counts.sum() == sum(len(s) - 2 for s in data.sequences)  # validation and test items left out
+    assert counts[data.sequences[0][0]] >= 1
+    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=2) + [
+        "--loss", "sampled_softmax", "--negative_sampler", "popularity", "--num_negatives", "32"], tmp_path)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 2 and all(r["train_loss"] > 0 for r in records)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (config["loss"], config["negative_sampler"], config["num_negatives"]) == ("sampled_softmax", "popularity", 32)

@@ -22,6 +22,7 @@ Model selection is on validation NDCG@10 with early stopping; the test split is 
 selected model, at the end.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -92,6 +93,13 @@ def build_model(model_args: ModelArguments, max_len: int, num_items: int,
     if text_embeddings is not None:
         model.set_text_embeddings(text_embeddings)
     return model
+
+
+def training_item_counts(data: PreparedDataset) -> torch.Tensor:
+    """(I,) how often each item occurs in the training part of the histories (validation and test items left
+    out), for the popularity sampler of the sampled softmax."""
+    items = torch.tensor(list(itertools.chain.from_iterable(data.train_sequences())), dtype=torch.long)
+    return torch.bincount(items, minlength=data.num_items + 1).double()
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -177,6 +185,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     if model_builder is None:
         model_builder = partial(build_model, model_args)
     model = model_builder(data_args.max_len, data.num_items, text_embeddings)
+    if getattr(model.config, "negative_sampler", None) == "popularity":
+        model.set_item_counts(training_item_counts(data))
     model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
