@@ -781,3 +781,104 @@ def sampled_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch
     log_normalizers = torch.cat([target_logits[:, None], negative_logits], dim=1).logsumexp(dim=1)  # (M,)
     labelled = labels != -100
     return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
+
+
+# ------------------------------------------------------------------------------------ top-k over a large catalogue
+
+
+def bf16_scoring_supported(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native on `device` (a CPU with AVX512-BF16 or AMX, a CUDA GPU with
+    bfloat16), so that scoring in bfloat16 is faster than in float32 rather than emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # private helpers of torch.cpu (torch >= 2.3); absent, assume no native bfloat16
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:
+        return False
+
+
+def bf16_score_error_bound(hidden_size: int) -> float:
+    """c such that |score in bfloat16 − score in float32| ≤ c·‖u‖·‖v‖ for a dot product of width D: both operands
+    rounded to bfloat16 (unit roundoff 2⁻⁸ each), the sum in float32 (D·2⁻²⁴), the result rounded to bfloat16
+    (2⁻⁸), doubled for safety (a backend that sums in blocks)."""
+    return 2 * (3 * 2.0 ** -8 + hidden_size * 2.0 ** -23)
+
+
+def _adjust_chunk(scores, start, offset_items, offset_values, excluded_items):
+    """Adds the offsets and lowers the excluded items on scores (B, C) of items start..start + C − 1, in place."""
+    stop = start + scores.shape[1]
+    if offset_items is not None:
+        inside = (offset_items >= start) & (offset_items < stop) & (offset_items != 0)  # (B, X)
+        columns = (offset_items - start).clamp(0, scores.shape[1] - 1)
+        scores.scatter_add_(1, columns, torch.where(inside, offset_values.to(scores.dtype), 0.0))
+    if excluded_items is not None:
+        inside = (excluded_items >= start) & (excluded_items < stop)  # (B, E)
+        columns = (excluded_items - start).clamp(0, scores.shape[1] - 1)
+        hits = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, columns, inside.int())  # repeats count
+        scores.masked_fill_(hits > 0, torch.finfo(scores.dtype).min)
+    if start == 0:
+        scores[:, 0] = float("-inf")  # padding, below every excluded item
+
+
+def top_k_items(user_states: torch.Tensor, item_weights: torch.Tensor, k: int, chunk_size: int = 65536,
+                bf16: bool = False, offset_items: torch.Tensor | None = None,
+                offset_values: torch.Tensor | None = None,
+                excluded_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best items for each user, best first, scored `chunk_size` items at a time with a running top k merged
+    after each chunk, so that memory is O(B·chunk_size) whatever the catalogue size I.
+
+    user_states (B, D), item_weights (I, D) (row 0 padding, never returned). Scores are float32 dot products,
+    plus offset_values (B, X) on offset_items (B, X) (0 padding; each item once, as from `first_occurrences`),
+    with excluded_items (B, E) (0 padding) at float32's lowest value (after every other item) and padding at −inf.
+    With `bf16`, each chunk is first scored in bfloat16 (`bf16_scoring_supported`) and only the items that the
+    error bound (`bf16_score_error_bound`) cannot rule out of the top k are scored again in float32: the result is
+    the float32 ranking, exactly, up to ties. Returns `(scores, item_ids)`, both (B, k).
+    """
+    batch, hidden = user_states.shape
+    states = user_states.float()  # (B, D)
+    best_scores = states.new_full((batch, 0), float("-inf"))
+    best_items = torch.zeros(batch, 0, dtype=torch.long, device=states.device)
+    if bf16:
+        states_bf16 = states.to(torch.bfloat16)
+        margins = bf16_score_error_bound(hidden) * states.norm(dim=1, keepdim=True)  # (B, 1)
+    for start in range(0, item_weights.shape[0], chunk_size):
+        weights = item_weights[start:start + chunk_size].float()  # (C, D)
+        if bf16:
+            approximate = (states_bf16 @ weights.to(torch.bfloat16).t()).float()  # (B, C)
+            _adjust_chunk(approximate, start, offset_items, offset_values, excluded_items)
+            # the product's error, and the rounding of the offset's addition
+            error = margins * weights.norm(dim=1) + approximate.abs() * 2.0 ** -20  # (B, C)
+            # The k-th best float32 score of this chunk and the running top k together is at least `threshold`: an
+            # item whose score cannot reach it is out, and only the others are scored again in float32.
+            chunk_kth = (approximate - error).topk(min(k, approximate.shape[1]), dim=1).values[:, -1:]  # (B, 1)
+            threshold = torch.maximum(best_scores[:, -1:], chunk_kth) if best_scores.shape[1] == k else chunk_kth
+            candidates = approximate + error >= threshold  # (B, C)
+            rows, columns = candidates.nonzero(as_tuple=True)
+            if len(rows) * hidden <= candidates.numel():
+                scores = torch.full_like(approximate, float("-inf"))
+                scores[rows, columns] = (states[rows] * weights[columns]).sum(dim=1)
+            else:  # too many to gather within the chunk's memory (near-ties everywhere): the whole chunk
+                scores = states @ weights.t()
+            _adjust_chunk(scores, start, offset_items, offset_values, excluded_items)
+            scores.masked_fill_(~candidates, float("-inf"))
+        else:
+            scores = states @ weights.t()  # (B, C)
+            _adjust_chunk(scores, start, offset_items, offset_values, excluded_items)
+        chunk_scores, chunk_columns = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (B, ≤ 2k)
+        merged_items = torch.cat([best_items, chunk_columns + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_items = merged_items.gather(1, order)
+    return best_scores, best_items
+
+
+def top_k_items_torch(user_states, item_weights, k, chunk_size=65536, bf16=False, offset_items=None,
+                      offset_values=None, excluded_items=None):
+    """`top_k_items` through the full (B, I) float32 scores and one `topk`: same signature and result (up to ties);
+    chunk_size and bf16 are ignored."""
+    scores = user_states.float() @ item_weights.float().t()  # (B, I)
+    _adjust_chunk(scores, 0, offset_items, offset_values, excluded_items)
+    return scores.topk(k, dim=1)

@@ -29,8 +29,8 @@ from transformers.utils import ModelOutput
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
 from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, draw_negatives, first_occurrences,
-                      full_softmax_cross_entropy, resolve_backend, sampled_softmax_cross_entropy, selective_scan,
-                      selective_state_update)
+                      bf16_scoring_supported, full_softmax_cross_entropy, resolve_backend,
+                      sampled_softmax_cross_entropy, selective_scan, selective_state_update, top_k_items)
 
 
 class M2RecCache:
@@ -211,6 +211,10 @@ def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_of
     return logits + seen * seen_offset
 
 
+# `recommend` ranks a catalogue of more items than this in chunks of this many (`kernels.top_k_items`): 64k items
+# are 256 KB of float32 scores per history, so memory no longer grows with the catalogue, and each chunk is scored in
+# bfloat16 where the device has it natively, then its possible top k again in float32 (the same ranking up to ties).
+TOP_K_CHUNK_ITEMS = 1 << 16
 STEP_LAGS_PER_BLOCK = 64  # lags of a cached step's window summed at once: 4 MB at B = 256, D = 64 (cache-sized)
 STEP_CATALOGUE_USERS = 64  # a step embeds the whole catalogue when it is at most this many users' windows
 
@@ -1086,6 +1090,12 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         Returns:
             `(item_ids, scores)`, both (B, k). Never contains the padding id 0; excluded items rank after all others
             (so they appear only if k exceeds the items left).
+
+        A catalogue of more than `TOP_K_CHUNK_ITEMS` (65,536) items is ranked in chunks of that many items with a
+        running top k (`kernels.top_k_items`), so memory stays O(B × 65,536) for 10^6 items and more; each chunk is
+        scored in bfloat16 where the device has it natively (AVX512-BF16 or AMX CPUs, CUDA) and the items that
+        could still make the top k are scored again in float32: the same items and scores as the float32 ranking,
+        up to ties.
         """
         if candidates is not None:
             candidates = self._item_ids(candidates, "candidates", input_ids.device, batch_size=len(input_ids))  # (B, C)
@@ -1093,17 +1103,12 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if not 1 <= k <= num_ranked:
             raise ValueError(f"k must be between 1 and {num_ranked} (the "
                              f"{'catalogue' if candidates is None else 'candidates'}), got {k}")
+        weight = self.item_scorer.weight
+        if candidates is None and self.config.vocab_size > TOP_K_CHUNK_ITEMS and weight.device.type != "meta":
+            return self._recommend_in_chunks(input_ids, attention_mask, k, exclude_seen, cache_params, exclude_ids)
         scores = self.next_item_scores(input_ids, attention_mask, cache_params=cache_params).float()  # (B, I)
-        excluded = []
-        if exclude_seen:
-            if cache_params is not None:
-                excluded.append(cache_params.item_ids)
-            else:
-                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
-        if exclude_ids is not None:
-            excluded.append(self._item_ids(exclude_ids, "exclude_ids", scores.device, batch_size=len(scores),
-                                           allow_padding=True))
-        for item_ids in excluded:
+        for item_ids in self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
+                                             scores.device):
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
         if candidates is None:
@@ -1111,6 +1116,38 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             return top_items, top_scores
         top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
         return candidates.gather(1, top_columns), top_scores
+
+    def _excluded_items(self, input_ids, attention_mask, exclude_seen, cache_params, exclude_ids, device):
+        """The item ids `recommend` drops from the ranking: a list of (B, E) tensors, 0 as padding."""
+        excluded = []
+        if exclude_seen:
+            if cache_params is not None:
+                excluded.append(cache_params.item_ids)
+            else:
+                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
+        if exclude_ids is not None:
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", device, batch_size=len(input_ids),
+                                           allow_padding=True))
+        return excluded
+
+    def _recommend_in_chunks(self, input_ids, attention_mask, k, exclude_seen, cache_params, exclude_ids):
+        """`recommend` over the whole catalogue with memory bounded by TOP_K_CHUNK_ITEMS (see there)."""
+        outputs = self(input_ids, attention_mask=attention_mask, last_position_only=True, return_logits=False,
+                       cache_params=cache_params)
+        user_states = outputs.last_hidden_state[:, 0]  # (B, D)
+        offset_items = offset_values = None
+        if self.seen_item_offset is not None:  # the items `score` gives the offset, each once
+            mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+            offset_items = first_occurrences(outputs.cache_params.item_ids if cache_params is not None
+                                             else input_ids * mask)
+            offset_values = self.seen_item_offset.float().expand(offset_items.shape)
+        excluded = self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
+                                        user_states.device)
+        top_scores, top_items = top_k_items(
+            user_states, self.item_scorer.weight, k, chunk_size=TOP_K_CHUNK_ITEMS,
+            bf16=bf16_scoring_supported(user_states.device), offset_items=offset_items, offset_values=offset_values,
+            excluded_items=torch.cat(excluded, dim=1) if excluded else None)
+        return top_items, top_scores
 
 
 M2RecForSequentialRecommendation.register_for_auto_class("AutoModel")

@@ -759,3 +759,91 @@ def test_samplers_refuse_bad_settings():
         kernels.draw_negatives("zipf", 4, labels, 10)
     with pytest.raises(ValueError, match="every label is -100"):
         kernels.draw_negatives("in_batch", 4, torch.tensor([-100, -100]), 10)
+
+
+def _top_k_case(generator, batch=6, num_items=5000, hidden=16, near_ties=False):
+    states = torch.randn(batch, hidden, generator=generator)
+    weights = torch.randn(num_items + 1, hidden, generator=generator) * torch.rand(num_items + 1, 1, generator=generator)
+    if near_ties:  # many items a hair apart in score: the bfloat16 bound cannot separate them
+        weights[1:3000] = weights[1] + 1e-6 * torch.randn(2999, hidden, generator=generator)
+    offset_items = kernels.first_occurrences(torch.randint(0, num_items + 1, (batch, 40), generator=generator))
+    offset_values = torch.full((batch, 40), -0.75)
+    excluded = torch.randint(0, num_items + 1, (batch, 30), generator=generator)
+    return states, weights, offset_items, offset_values, excluded
+
+
+def _assert_same_top_k_up_to_ties(items, states, weights, k, offset_items, offset_values, excluded):
+    """items (B, k) are a top k of the float64 scores: every item clearly above the k-th score is in, and none is
+    clearly below it (ties at float32 rounding either way)."""
+    reference = states.double() @ weights.double().t()
+    kernels._adjust_chunk(reference, 0, offset_items, offset_values.double(), excluded)
+    reference.masked_fill_(reference <= torch.finfo(torch.float64).min, torch.finfo(torch.float32).min)
+    kth = reference.topk(k, dim=1).values[:, -1:]
+    tolerance = 1e-5 * reference.abs().clamp(min=1).max()
+    returned = torch.zeros_like(reference, dtype=torch.bool).scatter_(1, items, True)
+    assert items.unique(dim=None).numel() > 0 and (items > 0).all()
+    assert all(len(set(row.tolist())) == k for row in items)
+    assert not (returned & (reference < kth - tolerance)).any()
+    assert not (~returned & (reference > kth + tolerance)).any()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("near_ties", [False, True], ids=["random", "near_ties"])
+def test_chunked_top_k_is_the_float32_top_k_up_to_ties(bf16, near_ties):
+    """Chunks of 700 items (not dividing the catalogue), a running top k merged after each: the same top k as the
+    full float32 ranking, with the offsets on seen items, the excluded items after all others (k = 4,990 reaches
+    into them) and padding never returned; in bfloat16 too (on any CPU: emulated where not native)."""
+    states, weights, offset_items, offset_values, excluded = _top_k_case(torch.Generator().manual_seed(6),
+                                                                         near_ties=near_ties)
+    for k in (1, 10, 2500, 4990):  # 2,500: a border where bfloat16 alone would swap items
+        scores, items = kernels.top_k_items(states, weights, k, chunk_size=700, bf16=bf16, offset_items=offset_items,
+                                            offset_values=offset_values, excluded_items=excluded)
+        _assert_same_top_k_up_to_ties(items, states, weights, k, offset_items, offset_values, excluded)
+        twin_scores, twin_items = kernels.top_k_items_torch(states, weights, k, offset_items=offset_items,
+                                                           offset_values=offset_values, excluded_items=excluded)
+        torch.testing.assert_close(scores, twin_scores, rtol=1e-5, atol=1e-5)  # in order, best first
+        if k == 4990:  # beyond the items left: the excluded ones come last, at float32's lowest value
+            assert (scores[:, -1] == torch.finfo(torch.float32).min).all()
+
+
+def test_bf16_scores_stay_within_the_error_bound():
+    """The bound the bfloat16 pre-selection relies on, checked on this machine's bfloat16 products, at several
+    scales and widths."""
+    generator = torch.Generator().manual_seed(7)
+    for hidden, scale in ((16, 1e-3), (64, 1.0), (256, 30.0)):
+        states = torch.randn(32, hidden, generator=generator) * scale
+        weights = torch.randn(4000, hidden, generator=generator) * torch.rand(4000, 1, generator=generator)
+        exact = states.double() @ weights.double().t()
+        approximate = (states.bfloat16() @ weights.bfloat16().t()).double()
+        bound = kernels.bf16_score_error_bound(hidden) * states.norm(dim=1, keepdim=True) * weights.norm(dim=1)
+        assert ((approximate - exact).abs() <= bound).all()
+        assert (approximate - exact).abs().max() > bound.max() * 1e-3  # the products really were rounded
+
+
+def test_chunked_top_k_memory_is_bounded_by_the_chunk():
+    """No tensor the chunked top k creates is larger than a chunk's scores (B × chunk_size) or weights
+    (chunk_size × D): recorded for every operator through a dispatch mode, on a catalogue 40× the chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, tensor.numel())
+            return out
+
+    states, weights, offset_items, offset_values, excluded = _top_k_case(torch.Generator().manual_seed(8),
+                                                                         batch=8, num_items=40_000, hidden=16)
+    for bf16 in (False, True):
+        LargestOutput.largest = 0
+        with LargestOutput():
+            kernels.top_k_items(states, weights, 10, chunk_size=1000, bf16=bf16, offset_items=offset_items,
+                                offset_values=offset_values, excluded_items=excluded)
+        assert 0 < LargestOutput.largest <= max(8 * 1000, 1000 * 16)
+    LargestOutput.largest = 0
+    with LargestOutput():  # the twin, for contrast: the whole (B, I) score matrix
+        kernels.top_k_items_torch(states, weights, 10)
+    assert LargestOutput.largest >= 8 * 40_001
