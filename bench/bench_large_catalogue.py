@@ -145,16 +145,19 @@ def main(argv=None):
               "rounds": rounds, "zipf_exponent": ZIPF_EXPONENT, "torch_threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "rows": rows}
-    print(f"{'items':>10} {'loss':<22} {'s/step (range)':<22} {'time vs full':<20} {'peak RSS MB':>12}")
+    lines = [f"{'items':>10} {'loss':<22} {'s/step (range)':<22} {'time vs full':<20} {'peak RSS MB':>12}"]
     for row in rows:
         low, high = row["step_seconds_range"]
-        print(f"{row['num_items']:>10,} {row['loss']:<22} {row['step_seconds_median']:>7.2f} ({low:.2f}–{high:.2f})"
-              f"{'':<4} {_fmt_ratio(row['time_vs_full']):<20} "
-              f"{row['peak_rss_mb_max']:>12,.0f}")
+        lines.append(f"{row['num_items']:>10,} {row['loss']:<22} {row['step_seconds_median']:>7.2f} "
+                     f"({low:.2f}–{high:.2f}){'':<4} {_fmt_ratio(row['time_vs_full']):<20} "
+                     f"{row['peak_rss_mb_max']:>12,.0f}")
+    table = "\n".join(lines)
+    print(table)
     if args.out:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(args.out)
+    return table
 
 
 def _fmt_ratio(value: dict) -> str:

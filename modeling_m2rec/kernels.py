@@ -768,8 +768,10 @@ def sampled_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch
     dtype = torch.promote_types(user_states.dtype, torch.float32)
     states = user_states.to(dtype)  # (M, D)
     targets = labels.clamp(min=0)  # an ignored row reads padding and is then given no weight
-    target_logits = (states * item_weights[targets].to(dtype)).sum(dim=1)  # (M,)
-    negative_logits = states @ item_weights[negatives].to(dtype).t() - log_expected_counts.to(dtype)  # (M, K)
+    # One gather for both: its backward scatters into one dense (I, D) gradient, not two (256 MB each at 10^6 items).
+    gathered = item_weights[torch.cat([targets, negatives])].to(dtype)  # (M + K, D)
+    target_logits = (states * gathered[:len(targets)]).sum(dim=1)  # (M,)
+    negative_logits = states @ gathered[len(targets):].t() - log_expected_counts.to(dtype)  # (M, K)
     if seen_offset is not None:
         first_items, rows, positions = seen
         negative_positions = first_positions(first_items, negatives.repeat(len(first_items), 1))  # (B, K)
