@@ -716,7 +716,7 @@ def test_in_batch_negatives_approach_the_softmax_over_the_batch_targets():
     logits = states @ weights[in_batch].t()  # the softmax over the batch's distinct targets
     labelled = labels != -100
     expected = (logits[labelled].logsumexp(1) - (states[labelled] * weights[labels[labelled]]).sum(1)).mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # the log expected counts come in float32
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "popularity", "in_batch", "mixed"])
