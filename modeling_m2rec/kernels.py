@@ -1,6 +1,8 @@
 """The model's kernels: Mamba's selective scan and causal depthwise convolution for every device, each with its
 one-step form for streaming inference; the causal FFT convolution of the frequency filter; the full-softmax
-cross-entropy of the scorer.
+cross-entropy of the scorer, its sampled-softmax alternative for large catalogues (`draw_negatives`,
+`sampled_softmax_cross_entropy`), and the chunked top k over a large catalogue (`top_k_items`, twin
+`top_k_items_torch`).
 
 Each has a plain-PyTorch twin with the same signature and one dispatcher that runs the path of a
 backend, chosen once per model call by `resolve_backend` (from `M2RecConfig.kernel_backend`, "auto" by

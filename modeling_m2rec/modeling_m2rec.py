@@ -28,8 +28,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, draw_negatives, first_occurrences,
-                      bf16_scoring_supported, full_softmax_cross_entropy, resolve_backend,
+from .kernels import (bf16_scoring_supported, causal_conv1d, causal_conv1d_update, causal_fft_convolution,
+                      draw_negatives, first_occurrences, full_softmax_cross_entropy, resolve_backend,
                       sampled_softmax_cross_entropy, selective_scan, selective_state_update, top_k_items)
 
 
