@@ -140,6 +140,8 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
     rows = []
     for (items, loss), results in runs.items():
+        if not results:  # the full softmax at 10^6 items with --full_softmax_rounds_at_1m 0
+            continue
         seconds = [r["step_seconds"] for r in results]
         full = [r["step_seconds"] for r in runs.get((items, "full softmax"), [])]
         paired = min(len(full), len(seconds))  # the rounds that timed both
