@@ -145,8 +145,9 @@ class M2RecRecommendationOutput(ModelOutput):
     """Output of [`M2RecForSequentialRecommendation`].
 
     Args:
-        loss (`torch.FloatTensor` of shape (), *optional*): mean cross-entropy over the full catalogue at every
-            labelled position; returned when `labels` is given.
+        loss (`torch.FloatTensor` of shape (), *optional*): mean cross-entropy at every labelled position, over the
+            full catalogue or, with `config.loss="sampled_softmax"`, its sampled estimate; returned when `labels` is
+            given.
         logits (`torch.FloatTensor`): scores over all items, (B, L, I), or (B, I) with `last_position_only=True`.
             Column 0 (padding) holds the dtype's lowest value so that it is never ranked.
         last_hidden_state (`torch.FloatTensor`): the fused user representation, (B, L, D), or (B, 1, D) with
@@ -166,7 +167,7 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
                    seen_offset: torch.Tensor | None = None, negative_sampler: str | None = None,
                    num_negatives: int = 0, item_counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Full-softmax cross-entropy of the next item, shared by M2Rec and the bench baselines.
+    """Cross-entropy of the next item, over the full catalogue or sampled, shared by M2Rec and the bench baselines.
 
     user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
