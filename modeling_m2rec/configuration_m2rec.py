@@ -9,6 +9,8 @@ FFT_MODES = ("causal", "global", "none")
 SELECTION_SOURCES = ("unfiltered", "filtered")
 FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
 KERNEL_BACKENDS = ("auto", "cuda", "cpu_fused", "torch")
+LOSSES = ("full_softmax", "sampled_softmax")
+NEGATIVE_SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
 
 
 def _check_choice(name, value, allowed):
@@ -82,6 +84,20 @@ class M2RecConfig(PreTrainedConfig):
             items up to and including it), starting at 0. Not in the paper: a tied-embedding scorer ranks the user's
             own items high, and this lets training learn how much a dataset repeats (ML-1M, where no item repeats,
             drives it negative; check-in data with revisits may drive it positive). See docs/RESULTS.md (issue #13).
+        loss (`str`, defaults to `"full_softmax"`):
+            The training loss given `labels`. `"full_softmax"`: exact cross-entropy over the whole catalogue (the
+            paper's), whose cost grows with the catalogue at every target. `"sampled_softmax"`: the softmax over each
+            target and `num_negatives` negatives shared by the batch, with the logQ correction (each negative's logit
+            lowered by the log of its expected count among the draws) and accidental hits (a negative equal to the
+            target) left out; (M, K) logits instead of (M, I), for catalogues of 10^5 items and more. Scores,
+            `recommend` and evaluation always rank the whole catalogue.
+        negative_sampler (`str`, defaults to `"uniform"`):
+            Where the sampled softmax draws its negatives (`kernels.draw_negatives`): `"uniform"` over the catalogue;
+            `"popularity"` in proportion to each item's training count + 1 (the counts are given to the model with
+            `set_item_counts`, as m2rec-train does); `"in_batch"` from the batch's own targets; `"mixed"` half
+            in-batch, half uniform. Only read with `loss="sampled_softmax"`.
+        num_negatives (`int`, defaults to 1024):
+            Negatives drawn per batch for the sampled softmax (K).
         tie_word_embeddings (`bool`, defaults to `True`):
             Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
         kernel_backend (`str`, defaults to `"auto"`):
@@ -118,6 +134,9 @@ class M2RecConfig(PreTrainedConfig):
     text_embedding_dim: int = 1024
     fusion: str = "gate"
     seen_item_bias: bool = False
+    loss: str = "full_softmax"
+    negative_sampler: str = "uniform"
+    num_negatives: int = 1024
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
     kernel_backend: str = "auto"
@@ -127,8 +146,10 @@ class M2RecConfig(PreTrainedConfig):
         _check_choice("selection_source", self.selection_source, SELECTION_SOURCES)
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("negative_sampler", self.negative_sampler, NEGATIVE_SAMPLERS)
         for name in ("num_items", "max_len", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
-                     "expand", "text_embedding_dim"):
+                     "expand", "text_embedding_dim", "num_negatives"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

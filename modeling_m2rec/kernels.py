@@ -1,6 +1,8 @@
 """The model's kernels: Mamba's selective scan and causal depthwise convolution for every device, each with its
 one-step form for streaming inference; the causal FFT convolution of the frequency filter; the full-softmax
-cross-entropy of the scorer.
+cross-entropy of the scorer, its sampled-softmax alternative for large catalogues (`draw_negatives`,
+`sampled_softmax_cross_entropy`), and the chunked top k over a large catalogue (`top_k_items`, twin
+`top_k_items_torch`).
 
 Each has a plain-PyTorch twin with the same signature and one dispatcher that runs the path of a
 backend, chosen once per model call by `resolve_backend` (from `M2RecConfig.kernel_backend`, "auto" by
@@ -35,6 +37,7 @@ their state in place, as mamba-ssm's and causal-conv1d's do.
 """
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -561,14 +564,14 @@ def causal_fft_convolution_ref(x, kernel, kernel_spectrum=None):
 # ------------------------------------------------------------------------------------ full-softmax cross-entropy
 
 
-def first_occurrences(item_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+def first_occurrences(item_ids: torch.Tensor) -> torch.Tensor:
     """item_ids (B, L) with every repeat of an earlier item in its sequence replaced by 0 (padding), so that each item
-    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`."""
-    batch, length = item_ids.shape
-    positions = torch.arange(length, device=item_ids.device).expand(batch, length)
-    first = torch.full((batch, num_columns), length, dtype=torch.long, device=item_ids.device)
-    first.scatter_reduce_(1, item_ids, positions, reduce="amin")  # (B, I): where each item first occurs
-    return torch.where(first.gather(1, item_ids) == positions, item_ids, 0)
+    is counted once: position t has seen exactly the nonzero items of `result[:, :t + 1]`. A stable sort per row, so
+    its cost does not grow with the catalogue."""
+    sorted_items, order = item_ids.sort(dim=1, stable=True)  # equal items stay in position order
+    first_in_run = torch.ones_like(sorted_items, dtype=torch.bool)
+    first_in_run[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    return torch.where(torch.zeros_like(first_in_run).scatter_(1, order, first_in_run), item_ids, 0)
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):
@@ -690,3 +693,210 @@ def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offse
     labelled = labels != -100
     target_logits = logits[labelled].gather(1, labels[labelled, None])[:, 0]
     return (logits[labelled].logsumexp(dim=1) - target_logits).mean()
+
+
+# ------------------------------------------------------------------------------------ sampled softmax
+
+
+def first_positions(first_items: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Where each of item_ids (B, X), nonzero ids, first occurs in its row of first_items (B, L) (from
+    `first_occurrences`, so each item once): (B, X) positions, L where the row never has it. A binary search per row:
+    no (B, I) table, whatever the catalogue size."""
+    length = first_items.shape[1]
+    sorted_items, order = first_items.sort(dim=1)  # (B, L)
+    index = torch.searchsorted(sorted_items, item_ids).clamp_(max=length - 1)  # (B, X)
+    found = sorted_items.gather(1, index) == item_ids
+    return torch.where(found, order.gather(1, index), length)
+
+
+def _count_in(item_ids: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
+    """How often each of item_ids (K,) occurs in population (M,): (K,)."""
+    values, counts = population.unique(return_counts=True)  # sorted
+    index = torch.searchsorted(values, item_ids).clamp_(max=len(values) - 1)
+    return torch.where(values[index] == item_ids, counts[index], 0)
+
+
+def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_items: int,
+                   item_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negatives a batch's sampled softmax shares: (K,) item ids in 1..num_items, and (K,) the log of each one's
+    expected count among the draws (the logQ correction, so that Σ exp(logit − log expected count) over the draws is
+    an unbiased estimate of Σ exp(logit) over the items the sampler can draw).
+
+    sampler:
+        "uniform"     K ids drawn uniformly from 1..num_items, with replacement: expected count K / num_items.
+        "popularity"  K ids drawn with probability q(i) ∝ item_counts[i] + 1 (add-one, so that items unseen in
+                      training can still be drawn), with replacement: expected count K·q(i).
+        "in_batch"    K of the batch's M labelled targets, drawn without replacement (all of them when M ≤ K):
+                      expected count min(K, M)·c(i)/M, c(i) the batch's targets equal to i. Popular items come as
+                      often as they are targets; items that no row of the batch targets are never negatives.
+        "mixed"       K // 2 in-batch and the rest uniform (Mixed Negative Sampling, Yi et al. 2020): expected count
+                      the sum of both, so the correction holds for the pooled draws.
+    labels: (M,) the batch's targets, −100 for a row without one. item_counts: (I,) each item's training count
+    (row 0, padding, is ignored); "popularity" only.
+    """
+    device = labels.device
+    if sampler == "popularity":
+        if item_counts is None:
+            raise ValueError("negative_sampler='popularity' needs each item's training count: call "
+                             "model.set_item_counts(counts) before computing the loss (m2rec-train does)")
+        if item_counts.shape != (num_items + 1,):
+            raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, the catalogue needs "
+                             f"({num_items + 1},) (row 0 for padding): set the counts again after resizing it")
+        weights = item_counts[1:].to(device, torch.float64) + 1.0  # (num_items,)
+        negatives = torch.multinomial(weights, num_negatives, replacement=True) + 1
+        return negatives, (num_negatives * weights[negatives - 1] / weights.sum()).log().float()
+    if sampler == "uniform":
+        negatives = torch.randint(1, num_items + 1, (num_negatives,), device=device)
+        return negatives, torch.full((num_negatives,), math.log(num_negatives / num_items), device=device)
+    if sampler not in ("in_batch", "mixed"):
+        raise ValueError(f"negative_sampler={sampler!r} is not supported; choose one of "
+                         f"('uniform', 'popularity', 'in_batch', 'mixed')")
+    targets = labels[labels != -100]  # (M,)
+    if len(targets) == 0:
+        raise ValueError("no labelled position in the batch: every label is -100")
+    from_batch = num_negatives if sampler == "in_batch" else num_negatives // 2
+    taken = min(from_batch, len(targets))
+    negatives = targets[torch.randperm(len(targets), device=device)[:taken]]
+    uniform = num_negatives - from_batch  # 0 for "in_batch"
+    negatives = torch.cat([negatives, torch.randint(1, num_items + 1, (uniform,), device=device)])
+    expected = taken * _count_in(negatives, targets).double() / len(targets) + uniform / num_items
+    return negatives, expected.log().float()
+
+
+def sampled_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
+                                  negatives: torch.Tensor, log_expected_counts: torch.Tensor,
+                                  seen_offset: torch.Tensor | None = None,
+                                  seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean sampled-softmax cross-entropy with logQ correction: for each row, the softmax over its target and the
+    K negatives shared by the batch, each negative's logit lowered by the log of its expected count
+    (`draw_negatives`). A negative equal to the row's target (an accidental hit) is left out, so the corrected sum
+    over the negatives estimates the normaliser's other items without bias, and with every item once as a negative
+    (negatives = 1..I−1, log_expected_counts 0) this is exactly `full_softmax_cross_entropy`.
+
+    user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1 or −100, negatives (K,), log_expected_counts (K,);
+    seen_offset and seen as in `full_softmax_cross_entropy`. Costs (M, K) logits instead of (M, I). Computed in
+    float32 (or wider).
+    """
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
+        raise ValueError("no labelled position in the batch: every label is -100")
+    if (seen_offset is None) != (seen is None):
+        raise ValueError("seen_offset and seen go together")
+    dtype = torch.promote_types(user_states.dtype, torch.float32)
+    states = user_states.to(dtype)  # (M, D)
+    targets = labels.clamp(min=0)  # an ignored row reads padding and is then given no weight
+    # One gather for both: its backward scatters into one dense (I, D) gradient, not two (256 MB each at 10^6 items).
+    gathered = item_weights[torch.cat([targets, negatives])].to(dtype)  # (M + K, D)
+    target_logits = (states * gathered[:len(targets)]).sum(dim=1)  # (M,)
+    negative_logits = states @ gathered[len(targets):].t() - log_expected_counts.to(dtype)  # (M, K)
+    if seen_offset is not None:
+        first_items, rows, positions = seen
+        negative_positions = first_positions(first_items, negatives.repeat(len(first_items), 1))  # (B, K)
+        negatives_seen = negative_positions[rows] <= positions[:, None]  # (M, K)
+        target_seen = first_positions(first_items[rows], targets[:, None])[:, 0] <= positions  # (M,)
+        negative_logits = negative_logits + negatives_seen * seen_offset.to(dtype)
+        target_logits = target_logits + target_seen * seen_offset.to(dtype)
+    negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    log_normalizers = torch.cat([target_logits[:, None], negative_logits], dim=1).logsumexp(dim=1)  # (M,)
+    labelled = labels != -100
+    return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
+
+
+# ------------------------------------------------------------------------------------ top-k over a large catalogue
+
+
+def bf16_scoring_supported(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native on `device` (a CPU with AVX512-BF16 or AMX, a CUDA GPU with
+    bfloat16), so that scoring in bfloat16 is faster than in float32 rather than emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # private helpers of torch.cpu (torch >= 2.3); absent, assume no native bfloat16
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:
+        return False
+
+
+def bf16_score_error_bound(hidden_size: int) -> float:
+    """c such that |score in bfloat16 − score in float32| ≤ c·‖u‖·‖v‖ for a dot product of width D: both operands
+    rounded to bfloat16 (unit roundoff 2⁻⁸ each), the sum in float32 (D·2⁻²⁴), the result rounded to bfloat16
+    (2⁻⁸), doubled for safety (a backend that sums in blocks)."""
+    return 2 * (3 * 2.0 ** -8 + hidden_size * 2.0 ** -23)
+
+
+def _adjust_chunk(scores, start, offset_items, offset_values, excluded_items):
+    """Adds the offsets and lowers the excluded items on scores (B, C) of items start..start + C − 1, in place."""
+    stop = start + scores.shape[1]
+    if offset_items is not None:
+        inside = (offset_items >= start) & (offset_items < stop) & (offset_items != 0)  # (B, X)
+        columns = (offset_items - start).clamp(0, scores.shape[1] - 1)
+        scores.scatter_add_(1, columns, torch.where(inside, offset_values.to(scores.dtype), 0.0))
+    if excluded_items is not None:
+        inside = (excluded_items >= start) & (excluded_items < stop)  # (B, E)
+        columns = (excluded_items - start).clamp(0, scores.shape[1] - 1)
+        hits = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, columns, inside.int())  # repeats count
+        scores.masked_fill_(hits > 0, torch.finfo(scores.dtype).min)
+    if start == 0:
+        scores[:, 0] = float("-inf")  # padding, below every excluded item
+
+
+def top_k_items(user_states: torch.Tensor, item_weights: torch.Tensor, k: int, chunk_size: int = 65536,
+                bf16: bool = False, offset_items: torch.Tensor | None = None,
+                offset_values: torch.Tensor | None = None,
+                excluded_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best items for each user, best first, scored `chunk_size` items at a time with a running top k merged
+    after each chunk, so that memory is O(B·chunk_size) whatever the catalogue size I.
+
+    user_states (B, D), item_weights (I, D) (row 0 padding, never returned). Scores are float32 dot products,
+    plus offset_values (B, X) on offset_items (B, X) (0 padding; each item once, as from `first_occurrences`),
+    with excluded_items (B, E) (0 padding) at float32's lowest value (after every other item) and padding at −inf.
+    With `bf16`, each chunk is first scored in bfloat16 (`bf16_scoring_supported`) and only the items that the
+    error bound (`bf16_score_error_bound`) cannot rule out of the top k are scored again in float32: the result is
+    the float32 ranking, exactly, up to ties. Returns `(scores, item_ids)`, both (B, k).
+    """
+    batch, hidden = user_states.shape
+    states = user_states.float()  # (B, D)
+    best_scores = states.new_full((batch, 0), float("-inf"))
+    best_items = torch.zeros(batch, 0, dtype=torch.long, device=states.device)
+    if bf16:
+        states_bf16 = states.to(torch.bfloat16)
+        margins = bf16_score_error_bound(hidden) * states.norm(dim=1, keepdim=True)  # (B, 1)
+    for start in range(0, item_weights.shape[0], chunk_size):
+        weights = item_weights[start:start + chunk_size].float()  # (C, D)
+        if bf16:
+            approximate = (states_bf16 @ weights.to(torch.bfloat16).t()).float()  # (B, C)
+            _adjust_chunk(approximate, start, offset_items, offset_values, excluded_items)
+            # the product's error, and the rounding of the offset's addition
+            error = margins * weights.norm(dim=1) + approximate.abs() * 2.0 ** -20  # (B, C)
+            # The k-th best float32 score of this chunk and the running top k together is at least `threshold`: an
+            # item whose score cannot reach it is out, and only the others are scored again in float32.
+            chunk_kth = (approximate - error).topk(min(k, approximate.shape[1]), dim=1).values[:, -1:]  # (B, 1)
+            threshold = torch.maximum(best_scores[:, -1:], chunk_kth) if best_scores.shape[1] == k else chunk_kth
+            candidates = approximate + error >= threshold  # (B, C)
+            rows, columns = candidates.nonzero(as_tuple=True)
+            if len(rows) * hidden <= candidates.numel():
+                scores = torch.full_like(approximate, float("-inf"))
+                scores[rows, columns] = (states[rows] * weights[columns]).sum(dim=1)
+            else:  # too many to gather within the chunk's memory (near-ties everywhere): the whole chunk
+                scores = states @ weights.t()
+            _adjust_chunk(scores, start, offset_items, offset_values, excluded_items)
+            scores.masked_fill_(~candidates, float("-inf"))
+        else:
+            scores = states @ weights.t()  # (B, C)
+            _adjust_chunk(scores, start, offset_items, offset_values, excluded_items)
+        chunk_scores, chunk_columns = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, chunk_scores], dim=1)  # (B, ≤ 2k)
+        merged_items = torch.cat([best_items, chunk_columns + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_items = merged_items.gather(1, order)
+    return best_scores, best_items
+
+
+def top_k_items_torch(user_states, item_weights, k, chunk_size=65536, bf16=False, offset_items=None,
+                      offset_values=None, excluded_items=None):
+    """`top_k_items` through the full (B, I) float32 scores and one `topk`: same signature and result (up to ties);
+    chunk_size and bf16 are ignored."""
+    scores = user_states.float() @ item_weights.float().t()  # (B, I)
+    _adjust_chunk(scores, 0, offset_items, offset_values, excluded_items)
+    return scores.topk(k, dim=1)

@@ -28,9 +28,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
-from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, causal_fft_kernel_spectrum,
-                      first_occurrences, full_softmax_cross_entropy, resolve_backend, selective_scan,
-                      selective_state_update)
+from .kernels import (bf16_scoring_supported, causal_conv1d, causal_conv1d_update, causal_fft_convolution,
+                      causal_fft_kernel_spectrum, draw_negatives, first_occurrences, full_softmax_cross_entropy,
+                      resolve_backend, sampled_softmax_cross_entropy, selective_scan, selective_state_update,
+                      top_k_items)
 
 
 class M2RecCache:
@@ -151,8 +152,9 @@ class M2RecRecommendationOutput(ModelOutput):
     """Output of [`M2RecForSequentialRecommendation`].
 
     Args:
-        loss (`torch.FloatTensor` of shape (), *optional*): mean cross-entropy over the full catalogue at every
-            labelled position; returned when `labels` is given.
+        loss (`torch.FloatTensor` of shape (), *optional*): mean cross-entropy at every labelled position, over the
+            full catalogue or, with `config.loss="sampled_softmax"`, its sampled estimate; returned when `labels` is
+            given.
         logits (`torch.FloatTensor`): scores over all items, (B, L, I), or (B, I) with `last_position_only=True`.
             Column 0 (padding) holds the dtype's lowest value so that it is never ranked.
         last_hidden_state (`torch.FloatTensor`): the fused user representation, (B, L, D), or (B, 1, D) with
@@ -170,12 +172,15 @@ class M2RecRecommendationOutput(ModelOutput):
 
 def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
-                   seen_offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Full-softmax cross-entropy of the next item, shared by M2Rec and the bench baselines.
+                   seen_offset: torch.Tensor | None = None, negative_sampler: str | None = None,
+                   num_negatives: int = 0, item_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the next item, over the full catalogue or sampled, shared by M2Rec and the bench baselines.
 
     user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
     logits get the offset: at position t the items up to t, for the last position all of them.
+    With `negative_sampler` (see `kernels.draw_negatives`; `item_counts` (I,) for "popularity"), the sampled softmax
+    with logQ correction over `num_negatives` negatives shared by the batch instead of the full softmax.
     """
     batch = labels.shape[0]
     if labels.dim() == 1:
@@ -194,21 +199,30 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
         states, labels, rows, positions = states[labelled], labels[labelled], rows[labelled], positions[labelled]
     seen = None
     if seen_offset is not None:
-        seen = (first_occurrences(seen_items, item_weights.shape[0]), rows, positions)
-    return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+        seen = (first_occurrences(seen_items), rows, positions)
+    if negative_sampler is None:
+        return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+    negatives, log_expected_counts = draw_negatives(negative_sampler, num_negatives, labels, item_weights.shape[0] - 1,
+                                                    item_counts)
+    return sampled_softmax_cross_entropy(states, item_weights, labels, negatives, log_expected_counts, seen_offset,
+                                         seen)
 
 
 def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:
     """logits (B, L, I) or (B, I) plus `seen_offset` on the items of seen_items (B, L) (0 padding) that each row has
     seen: at position t the items up to t; for (B, I) all of them."""
     if logits.dim() == 3:  # a running count of first occurrences: 1 from an item's first position on
-        first_items = first_occurrences(seen_items, logits.shape[-1])
+        first_items = first_occurrences(seen_items)
         seen = torch.zeros_like(logits).scatter_(2, first_items.unsqueeze(-1), 1.0).cumsum(dim=1)  # (B, L, I)
     else:
         seen = torch.zeros_like(logits).scatter_(1, seen_items, 1.0)  # (B, I)
     return logits + seen * seen_offset
 
 
+# `recommend` ranks a catalogue of more items than this in chunks of this many (`kernels.top_k_items`): 64k items
+# are 256 KB of float32 scores per history, so memory no longer grows with the catalogue, and each chunk is scored in
+# bfloat16 where the device has it natively, then its possible top k again in float32 (the same ranking up to ties).
+TOP_K_CHUNK_ITEMS = 1 << 16
 STEP_LAGS_PER_BLOCK = 64  # lags of a cached step's window summed at once: 4 MB at B = 256, D = 64 (cache-sized)
 STEP_CATALOGUE_USERS = 64  # a step embeds the whole catalogue when it is at most this many users' windows
 
@@ -917,6 +931,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if config.seen_item_bias:
             self.seen_item_offset = nn.Parameter(torch.zeros(()))
             self.seen_item_offset._no_weight_decay = True  # decay would pull it back to the paper's scorer
+        # Each item's training count, for the sampled softmax's "popularity" sampler (`set_item_counts`). A plain
+        # attribute, not a buffer: it describes the training data, not the model, and is not saved with it.
+        self.item_counts = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -935,6 +952,20 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """See [`M2RecModel.set_text_embeddings`]; growing the catalogue grows the tied scorer too."""
         self.m2rec.set_text_embeddings(text_embeddings)
         self._tie_scorer()
+
+    def set_item_counts(self, item_counts: torch.Tensor) -> None:
+        """Each item's training count, (I,) with row 0 (padding) ignored, for `negative_sampler="popularity"` (which
+        draws item i with probability ∝ count + 1). Not saved with the model: set it again after loading it to
+        continue training."""
+        item_counts = torch.as_tensor(item_counts)
+        if item_counts.shape != (self.config.vocab_size,):
+            raise ValueError(f"item_counts must have shape ({self.config.vocab_size},) (num_items + 1, row 0 for "
+                             f"padding), got {tuple(item_counts.shape)}")
+        bad = ~torch.isfinite(item_counts.double()) | (item_counts < 0)
+        if bad.any():
+            item = bad.nonzero()[0].item()
+            raise ValueError(f"item_counts[{item}] = {item_counts[item].item()}: counts must be finite and >= 0")
+        self.item_counts = item_counts.double()
 
     def resize_catalogue(self, num_items: int) -> None:
         """See [`M2RecModel.resize_catalogue`]; the tied scorer follows."""
@@ -1022,8 +1053,11 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
+            sampled = self.config.loss == "sampled_softmax"
             loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
-                                  seen_items, self.seen_item_offset)
+                                  seen_items, self.seen_item_offset,
+                                  negative_sampler=self.config.negative_sampler if sampled else None,
+                                  num_negatives=self.config.num_negatives, item_counts=self.item_counts)
 
         logits = None
         if return_logits:
@@ -1139,6 +1173,12 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         Returns:
             `(item_ids, scores)`, both (B, k). Never contains the padding id 0; excluded items rank after all others
             (so they appear only if k exceeds the items left).
+
+        A catalogue of more than `TOP_K_CHUNK_ITEMS` (65,536) items is ranked in chunks of that many items with a
+        running top k (`kernels.top_k_items`), so memory stays O(B × 65,536) for 10^6 items and more; each chunk is
+        scored in bfloat16 where the device has it natively (AVX512-BF16 or AMX CPUs, CUDA) and the items that
+        could still make the top k are scored again in float32: the same items and scores as the float32 ranking,
+        up to ties.
         """
         if candidates is not None:
             candidates = self._item_ids(candidates, "candidates", input_ids.device, batch_size=len(input_ids))  # (B, C)
@@ -1146,17 +1186,12 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if not 1 <= k <= num_ranked:
             raise ValueError(f"k must be between 1 and {num_ranked} (the "
                              f"{'catalogue' if candidates is None else 'candidates'}), got {k}")
+        weight = self.item_scorer.weight
+        if candidates is None and self.config.vocab_size > TOP_K_CHUNK_ITEMS and weight.device.type != "meta":
+            return self._recommend_in_chunks(input_ids, attention_mask, k, exclude_seen, cache_params, exclude_ids)
         scores = self.next_item_scores(input_ids, attention_mask, cache_params=cache_params).float()  # (B, I)
-        excluded = []
-        if exclude_seen:
-            if cache_params is not None:
-                excluded.append(cache_params.item_ids)
-            else:
-                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
-        if exclude_ids is not None:
-            excluded.append(self._item_ids(exclude_ids, "exclude_ids", scores.device, batch_size=len(scores),
-                                           allow_padding=True))
-        for item_ids in excluded:
+        for item_ids in self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
+                                             scores.device):
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
         scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
         if candidates is None:
@@ -1164,6 +1199,38 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             return top_items, top_scores
         top_scores, top_columns = scores.gather(1, candidates).topk(k, dim=1)
         return candidates.gather(1, top_columns), top_scores
+
+    def _excluded_items(self, input_ids, attention_mask, exclude_seen, cache_params, exclude_ids, device):
+        """The item ids `recommend` drops from the ranking: a list of (B, E) tensors, 0 as padding."""
+        excluded = []
+        if exclude_seen:
+            if cache_params is not None:
+                excluded.append(cache_params.item_ids)
+            else:
+                excluded.append(input_ids if attention_mask is None else input_ids * attention_mask.long())
+        if exclude_ids is not None:
+            excluded.append(self._item_ids(exclude_ids, "exclude_ids", device, batch_size=len(input_ids),
+                                           allow_padding=True))
+        return excluded
+
+    def _recommend_in_chunks(self, input_ids, attention_mask, k, exclude_seen, cache_params, exclude_ids):
+        """`recommend` over the whole catalogue with memory bounded by TOP_K_CHUNK_ITEMS (see there)."""
+        outputs = self(input_ids, attention_mask=attention_mask, last_position_only=True, return_logits=False,
+                       cache_params=cache_params)
+        user_states = outputs.last_hidden_state[:, 0]  # (B, D)
+        offset_items = offset_values = None
+        if self.seen_item_offset is not None:  # the items `score` gives the offset, each once
+            mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+            offset_items = first_occurrences(outputs.cache_params.item_ids if cache_params is not None
+                                             else input_ids * mask)
+            offset_values = self.seen_item_offset.float().expand(offset_items.shape)
+        excluded = self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
+                                        user_states.device)
+        top_scores, top_items = top_k_items(
+            user_states, self.item_scorer.weight, k, chunk_size=TOP_K_CHUNK_ITEMS,
+            bf16=bf16_scoring_supported(user_states.device), offset_items=offset_items, offset_values=offset_values,
+            excluded_items=torch.cat(excluded, dim=1) if excluded else None)
+        return top_items, top_scores
 
 
 M2RecForSequentialRecommendation.register_for_auto_class("AutoModel")

@@ -2,6 +2,7 @@
 each benchmark script's main path at tiny sizes (`--smoke`)."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -73,3 +74,19 @@ def test_each_benchmark_runs_at_tiny_sizes(script, capsys):
     table = importlib.import_module(f"bench.{script}").main(["--smoke"])
     assert "(" in table and "–" in table  # ratios come with their range
     assert table in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_large_catalogue_benchmark_runs_at_tiny_sizes(tmp_path, capsys):
+    """bench_large_catalogue's children (one per loss) at 2,000 items: the table, and the JSON with each loss's step
+    time, its ratio to the full softmax of the same round and the peak memory."""
+    module = importlib.import_module("bench.bench_large_catalogue")
+    table = module.main(["--smoke", "--steps", "1", "--losses", "full softmax", "sampled, mixed", "--out",
+                         str(tmp_path / "out.json")])
+    assert "(" in table and "–" in table and table in capsys.readouterr().out
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [row["loss"] for row in report["rows"]] == ["full softmax", "sampled, mixed"]
+    for row in report["rows"]:
+        assert row["step_seconds_median"] > 0 and row["peak_rss_mb_max"] > row["step_growth_mb_max"] >= 0
+        assert row["loss_last_step"] > 0
+    assert report["rows"][0]["time_vs_full"] == {"median": 1.0, "low": 1.0, "high": 1.0}

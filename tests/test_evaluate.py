@@ -155,3 +155,23 @@ def test_weights_that_do_not_load_exactly_are_refused(run, tmp_path, damage, mes
     with pytest.raises(ValueError, match=message) as error:
         load_trained_model(folder)
     assert str(folder) in str(error.value)
+
+
+def test_scores_are_ranked_in_blocks_of_rows_with_the_same_metrics(run, monkeypatch):
+    """With at most 500 scores per block (4 users of the 121-column catalogue per block, batches of 128 users),
+    every metric is the one of whole batches: the blocks bound memory for large catalogues without changing the
+    numbers."""
+    from m2rec.training import evaluate as evaluate_module
+
+    whole = evaluate_cli(run, "--exclude_history", "true")
+    monkeypatch.setattr(evaluate_module, "EVAL_SCORES_PER_BLOCK", 500)
+    blocks = []
+    real_rank_block = evaluate_module.rank_block
+    monkeypatch.setattr(evaluate_module, "rank_block",
+                        lambda model, batch, exclude: blocks.append(len(batch["target"])) or real_rank_block(
+                            model, batch, exclude))
+    in_blocks = evaluate_cli(run, "--exclude_history", "true")
+    assert max(blocks) == 4 and sum(blocks) == whole["num_users"]
+    for name, value in whole.items():
+        if isinstance(value, float):
+            assert in_blocks[name] == pytest.approx(value, abs=1e-12), name

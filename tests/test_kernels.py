@@ -653,7 +653,7 @@ def test_cross_entropy_paths_equal_the_definition(with_offset):
     labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
     labels[::7] = -100
     offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
-    seen = (kernels.first_occurrences(item_ids, 5000), rows, positions) if with_offset else None
+    seen = (kernels.first_occurrences(item_ids), rows, positions) if with_offset else None
     inputs = (states, weights, offset) if with_offset else (states, weights)
     expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
     expected_grads = torch.autograd.grad(expected, inputs)
@@ -666,4 +666,210 @@ def test_cross_entropy_paths_equal_the_definition(with_offset):
 
 def test_first_occurrences_blank_the_repeats():
     item_ids = torch.tensor([[3, 1, 3, 2, 1, 0, 0], [5, 5, 5, 4, 0, 0, 0]])
-    assert kernels.first_occurrences(item_ids, 6).tolist() == [[3, 1, 0, 2, 0, 0, 0], [5, 0, 0, 4, 0, 0, 0]]
+    assert kernels.first_occurrences(item_ids).tolist() == [[3, 1, 0, 2, 0, 0, 0], [5, 0, 0, 4, 0, 0, 0]]
+
+
+def test_first_positions_find_each_items_first_position():
+    first_items = kernels.first_occurrences(torch.tensor([[3, 1, 3, 2, 0, 0], [5, 5, 4, 0, 0, 0]]))
+    found = kernels.first_positions(first_items, torch.tensor([[1, 2, 3, 4], [4, 5, 1, 9]]))
+    assert found.tolist() == [[1, 3, 0, 6], [2, 0, 6, 6]]
+
+
+def _sampled_softmax_case(generator, with_offset):
+    """700 rows over 3 sequences of a 300-item catalogue, labels with repeats, seen targets and -100 rows."""
+    item_ids = torch.randint(1, 300, (3, 30), generator=generator)
+    item_ids[2, 20:] = 0
+    item_ids[1, 10:20] = item_ids[1, :10]
+    rows = torch.randint(0, 3, (700,), generator=generator)
+    positions = torch.randint(0, 20, (700,), generator=generator)
+    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(300, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = item_ids[rows, positions]
+    labels[::2] = torch.randint(1, 300, (350,), generator=generator)
+    labels[::7] = -100
+    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
+    seen = (kernels.first_occurrences(item_ids), rows, positions) if with_offset else None
+    return states, weights, labels, offset, seen
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "seen_offset"])
+def test_sampled_softmax_with_every_item_once_is_the_full_softmax(with_offset):
+    """Every item once as a negative, expected count 1: the target's own column is the accidental hit left out, so
+    loss and gradients are exactly the full softmax's (and the seen-item offset lands on the same items)."""
+    states, weights, labels, offset, seen = _sampled_softmax_case(torch.Generator().manual_seed(2), with_offset)
+    inputs = (states, weights, offset) if with_offset else (states, weights)
+    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
+    every_item = torch.randperm(299) + 1  # order does not matter
+    loss = kernels.sampled_softmax_cross_entropy(states, weights, labels, every_item, torch.zeros(299, dtype=torch.float64),
+                                                 offset, seen)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for grad, reference in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "mixed"])
+def test_sampled_softmax_approaches_the_full_softmax_with_many_draws(sampler):
+    """The logQ-corrected estimate of the normaliser is unbiased, so with many draws the loss and the gradient of
+    the user states converge to the full softmax's; with few draws, the loss is clearly off (the test can fail)."""
+    torch.manual_seed(3)
+    states, weights, labels, _, _ = _sampled_softmax_case(torch.Generator().manual_seed(3), False)
+    states_grad, labels = states[:100].detach().requires_grad_(), labels[:100]
+    counts = torch.randint(0, 50, (300,)).double()
+    expected = kernels.full_softmax_cross_entropy_ref(states_grad, weights.detach(), labels)
+    (expected_grad,) = torch.autograd.grad(expected, states_grad)
+
+    def sampled(num_negatives):
+        negatives, log_expected = kernels.draw_negatives(sampler, num_negatives, labels, 299, counts)
+        loss = kernels.sampled_softmax_cross_entropy(states_grad, weights.detach(), labels, negatives,
+                                                     log_expected.double())
+        return loss, torch.autograd.grad(loss, states_grad)[0]
+
+    loss, grad = sampled(100_000)
+    torch.testing.assert_close(loss, expected, rtol=2e-3, atol=0)
+    assert (grad - expected_grad).norm() < 0.02 * expected_grad.norm()
+    assert (sampled(5)[0] - expected).abs() > 0.1  # few draws: a loose estimate
+
+
+def test_in_batch_negatives_approach_the_softmax_over_the_batch_targets():
+    """In-batch negatives only draw the batch's targets: taking all of them (K ≥ M) with the correction is the
+    softmax over the items that some row targets, exactly."""
+    states, weights, labels, _, _ = _sampled_softmax_case(torch.Generator().manual_seed(4), False)
+    negatives, log_expected = kernels.draw_negatives("in_batch", 10_000, labels, 299)
+    targets = labels[labels != -100]
+    assert len(negatives) == len(targets) and sorted(negatives.tolist()) == sorted(targets.tolist())
+    loss = kernels.sampled_softmax_cross_entropy(states, weights, labels, negatives, log_expected.double())
+    in_batch = targets.unique()
+    logits = states @ weights[in_batch].t()  # the softmax over the batch's distinct targets
+    labelled = labels != -100
+    expected = (logits[labelled].logsumexp(1) - (states[labelled] * weights[labels[labelled]]).sum(1)).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # the log expected counts come in float32
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "in_batch", "mixed"])
+def test_each_samplers_correction_is_its_expected_count(sampler):
+    """Over many batches of draws, each item comes up on average exp(log expected count) times per batch: the
+    correction each sampler reports is its own sampling distribution (popularity ∝ count + 1, in-batch ∝ the batch's
+    targets, mixed the sum of its parts), and padding is never drawn."""
+    torch.manual_seed(5)
+    num_items, num_negatives, batches = 40, 16, 20_000
+    counts = torch.cat([torch.zeros(1), torch.arange(num_items).double() ** 2])  # item 1 never seen in training
+    labels = torch.tensor([3, 3, 3, 7, 7, 11, -100, 20, 20, 20, 20, 39, 40] * 3)
+    draws = [kernels.draw_negatives(sampler, num_negatives, labels, num_items, counts) for _ in range(batches)]
+    negatives = torch.cat([n for n, _ in draws])
+    assert negatives.min() >= 1 and negatives.max() <= num_items
+    observed = torch.bincount(negatives, minlength=num_items + 1)[1:].double() / batches  # per batch
+    reported = torch.cat([log_expected for _, log_expected in draws]).double().exp()
+    expected = torch.zeros(num_items, dtype=torch.float64).scatter_(0, negatives - 1, reported)
+    # a function of the item alone (every batch is the same here)
+    torch.testing.assert_close(reported, expected[negatives - 1])
+    drawn = observed > 0
+    # Poisson noise: std of a per-batch mean is sqrt(expected / batches)
+    assert ((observed[drawn] - expected[drawn]).abs() <= 5 * (expected[drawn] / batches).sqrt() + 1e-3).all()
+    assert (observed.sum() - num_negatives).abs() < 1e-9 or sampler == "in_batch"
+    if sampler == "popularity":
+        weights = counts[1:] + 1
+        torch.testing.assert_close(expected[drawn], (num_negatives * weights / weights.sum())[drawn])
+    if sampler == "uniform":
+        torch.testing.assert_close(expected[drawn], torch.full_like(expected[drawn], num_negatives / num_items))
+    if sampler == "in_batch":
+        assert set(negatives.tolist()) == {3, 7, 11, 20, 39, 40}
+
+
+def test_samplers_refuse_bad_settings():
+    labels = torch.tensor([1, 2, -100])
+    with pytest.raises(ValueError, match="set_item_counts"):
+        kernels.draw_negatives("popularity", 4, labels, 10)
+    with pytest.raises(ValueError, match=r"item_counts has shape \(5,\).*\(11,\)"):
+        kernels.draw_negatives("popularity", 4, labels, 10, torch.ones(5))
+    with pytest.raises(ValueError, match="'zipf' is not supported"):
+        kernels.draw_negatives("zipf", 4, labels, 10)
+    with pytest.raises(ValueError, match="every label is -100"):
+        kernels.draw_negatives("in_batch", 4, torch.tensor([-100, -100]), 10)
+
+
+def _top_k_case(generator, batch=6, num_items=5000, hidden=16, near_ties=False):
+    states = torch.randn(batch, hidden, generator=generator)
+    weights = torch.randn(num_items + 1, hidden, generator=generator) * torch.rand(num_items + 1, 1, generator=generator)
+    if near_ties:  # many items a hair apart in score: the bfloat16 bound cannot separate them
+        weights[1:3000] = weights[1] + 1e-6 * torch.randn(2999, hidden, generator=generator)
+    offset_items = kernels.first_occurrences(torch.randint(0, num_items + 1, (batch, 40), generator=generator))
+    offset_values = torch.full((batch, 40), -0.75)
+    excluded = torch.randint(0, num_items + 1, (batch, 30), generator=generator)
+    return states, weights, offset_items, offset_values, excluded
+
+
+def _assert_same_top_k_up_to_ties(items, states, weights, k, offset_items, offset_values, excluded):
+    """items (B, k) are a top k of the float64 scores: every item clearly above the k-th score is in, and none is
+    clearly below it (ties at float32 rounding either way)."""
+    reference = states.double() @ weights.double().t()
+    kernels._adjust_chunk(reference, 0, offset_items, offset_values.double(), excluded)
+    reference.masked_fill_(reference <= torch.finfo(torch.float64).min, torch.finfo(torch.float32).min)
+    kth = reference.topk(k, dim=1).values[:, -1:]
+    tolerance = 1e-5 * reference.abs().clamp(min=1).max()
+    returned = torch.zeros_like(reference, dtype=torch.bool).scatter_(1, items, True)
+    assert items.unique(dim=None).numel() > 0 and (items > 0).all()
+    assert all(len(set(row.tolist())) == k for row in items)
+    assert not (returned & (reference < kth - tolerance)).any()
+    assert not (~returned & (reference > kth + tolerance)).any()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("near_ties", [False, True], ids=["random", "near_ties"])
+def test_chunked_top_k_is_the_float32_top_k_up_to_ties(bf16, near_ties):
+    """Chunks of 700 items (not dividing the catalogue), a running top k merged after each: the same top k as the
+    full float32 ranking, with the offsets on seen items, the excluded items after all others (k = 4,990 reaches
+    into them) and padding never returned; in bfloat16 too (on any CPU: emulated where not native)."""
+    states, weights, offset_items, offset_values, excluded = _top_k_case(torch.Generator().manual_seed(6),
+                                                                         near_ties=near_ties)
+    for k in (1, 10, 2500, 4990):  # 2,500: a border where bfloat16 alone would swap items
+        scores, items = kernels.top_k_items(states, weights, k, chunk_size=700, bf16=bf16, offset_items=offset_items,
+                                            offset_values=offset_values, excluded_items=excluded)
+        _assert_same_top_k_up_to_ties(items, states, weights, k, offset_items, offset_values, excluded)
+        twin_scores, twin_items = kernels.top_k_items_torch(states, weights, k, offset_items=offset_items,
+                                                           offset_values=offset_values, excluded_items=excluded)
+        torch.testing.assert_close(scores, twin_scores, rtol=1e-5, atol=1e-5)  # in order, best first
+        if k == 4990:  # beyond the items left: the excluded ones come last, at float32's lowest value
+            assert (scores[:, -1] == torch.finfo(torch.float32).min).all()
+
+
+def test_bf16_scores_stay_within_the_error_bound():
+    """The bound the bfloat16 pre-selection relies on, checked on this machine's bfloat16 products, at several
+    scales and widths."""
+    generator = torch.Generator().manual_seed(7)
+    for hidden, scale in ((16, 1e-3), (64, 1.0), (256, 30.0)):
+        states = torch.randn(32, hidden, generator=generator) * scale
+        weights = torch.randn(4000, hidden, generator=generator) * torch.rand(4000, 1, generator=generator)
+        exact = states.double() @ weights.double().t()
+        approximate = (states.bfloat16() @ weights.bfloat16().t()).double()
+        bound = kernels.bf16_score_error_bound(hidden) * states.norm(dim=1, keepdim=True) * weights.norm(dim=1)
+        assert ((approximate - exact).abs() <= bound).all()
+        assert (approximate - exact).abs().max() > bound.max() * 1e-3  # the products really were rounded
+
+
+def test_chunked_top_k_memory_is_bounded_by_the_chunk():
+    """No tensor the chunked top k creates is larger than a chunk's scores (B × chunk_size) or weights
+    (chunk_size × D): recorded for every operator through a dispatch mode, on a catalogue 40× the chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, tensor.numel())
+            return out
+
+    states, weights, offset_items, offset_values, excluded = _top_k_case(torch.Generator().manual_seed(8),
+                                                                         batch=8, num_items=40_000, hidden=16)
+    for bf16 in (False, True):
+        LargestOutput.largest = 0
+        with LargestOutput():
+            kernels.top_k_items(states, weights, 10, chunk_size=1000, bf16=bf16, offset_items=offset_items,
+                                offset_values=offset_values, excluded_items=excluded)
+        assert 0 < LargestOutput.largest <= max(8 * 1000, 1000 * 16)
+    LargestOutput.largest = 0
+    with LargestOutput():  # the twin, for contrast: the whole (B, I) score matrix
+        kernels.top_k_items_torch(states, weights, 10)
+    assert LargestOutput.largest >= 8 * 40_001

@@ -512,3 +512,49 @@ def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
         torch.testing.assert_close(model(new_items, cache_params=cache).logits, expected_step, rtol=0, atol=0)
     # MixerCPUFn takes every weight at once: with offloaded weights the mixer composes its submodules instead.
     assert not model.m2rec.layers[0].mixer._fused_cpu_training(torch.randn(2, 5, 16), "cpu_fused")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "in_batch", "mixed"])
+@pytest.mark.parametrize("seen_item_bias", [False, True], ids=["plain", "seen_offset"])
+def test_sampled_softmax_trains_every_parameter_and_approaches_the_full_loss(sampler, seen_item_bias):
+    """loss="sampled_softmax": every parameter (the seen-item offset too) gets a gradient, and with many uniform or
+    popularity draws the loss of the same weights is the full softmax's (the logQ-corrected estimate converges)."""
+    model = tiny_model(seen_item_bias=seen_item_bias, loss="sampled_softmax", negative_sampler=sampler,
+                       num_negatives=8).train()
+    with torch.no_grad():
+        if seen_item_bias:
+            model.seen_item_offset.fill_(-0.7)
+    model.set_item_counts(torch.arange(NUM_ITEMS + 1))
+    input_ids = random_histories(3, 10)
+    input_ids[0, 6:] = 0
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[0, 5:] = -100
+    torch.manual_seed(0)
+    model(input_ids, labels=labels, return_logits=False).loss.backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    if sampler in ("uniform", "popularity"):
+        model.eval()
+        full = M2RecForSequentialRecommendation(M2RecConfig(**{**model.config.to_dict(), "loss": "full_softmax"}))
+        full.load_state_dict(model.state_dict())
+        expected = full.eval()(input_ids, labels=labels).loss
+        model.config.num_negatives = 200_000
+        torch.testing.assert_close(model(input_ids, labels=labels).loss, expected, rtol=5e-3, atol=0)
+
+
+def test_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="loss='sampled' is not supported; choose one of"):
+        M2RecConfig(loss="sampled")
+    with pytest.raises(ValueError, match="negative_sampler='random' is not supported"):
+        M2RecConfig(negative_sampler="random")
+    with pytest.raises(ValueError, match="num_negatives must be a positive integer, got 0"):
+        M2RecConfig(num_negatives=0)
+    model = tiny_model(loss="sampled_softmax", negative_sampler="popularity")
+    input_ids = random_histories(2, 5)
+    with pytest.raises(ValueError, match="set_item_counts"):
+        model(input_ids, labels=torch.roll(input_ids, -1, dims=1))
+    with pytest.raises(ValueError, match=r"item_counts must have shape \(41,\).*got \(40,\)"):
+        model.set_item_counts(torch.ones(NUM_ITEMS))
+    with pytest.raises(ValueError, match=r"item_counts\[3\] = -1.0"):
+        model.set_item_counts(torch.tensor([0.0, 1, 2, -1] + [1.0] * (NUM_ITEMS - 3)))

@@ -4,6 +4,7 @@ whose inner products are the scores, round-tripped through an inner-product inde
 import pytest
 import torch
 
+from m2rec import kernels
 from m2rec.training.metrics import rank_targets
 from test_model import MAX_LEN, NUM_ITEMS, random_histories, tiny_model
 
@@ -113,3 +114,38 @@ def test_embeddings_give_the_scores_and_round_trip_through_an_index(offset):
         through_index = model.recommend(input_ids, k=k, exclude_seen=exclude_seen, candidates=retrieved)
         assert torch.equal(through_index[0], expected[0])
         torch.testing.assert_close(through_index[1], expected[1])
+
+
+@pytest.mark.parametrize("seen_item_bias", [False, True], ids=["plain", "seen_offset"])
+def test_large_catalogues_are_ranked_in_chunks_with_the_same_result(monkeypatch, seen_item_bias):
+    """Above TOP_K_CHUNK_ITEMS items (lowered here to 16, so the 41-row catalogue is 3 chunks), `recommend` ranks
+    in chunks with the bfloat16 pre-selection where the CPU has it: the same items and scores as the one-matrix
+    ranking, with exclude_seen, exclude_ids, the seen-item offset and a cache."""
+    from m2rec import modeling_m2rec
+
+    model = tiny_model(seen_item_bias=seen_item_bias)
+    if seen_item_bias:
+        with torch.no_grad():
+            model.seen_item_offset.fill_(-0.4)
+    histories = random_histories(5, 9)
+    histories[1, 4:] = 0
+    exclude_ids = torch.tensor([3, 7, 0, 12])
+    calls = []
+    monkeypatch.setattr(modeling_m2rec, "top_k_items", lambda *a, **kw: calls.append(kw) or kernels.top_k_items(*a, **kw))
+    for options in (dict(k=10), dict(k=5, exclude_seen=True, exclude_ids=exclude_ids), dict(k=NUM_ITEMS)):
+        expected_items, expected_scores = model.recommend(histories, **options)
+        monkeypatch.setattr(modeling_m2rec, "TOP_K_CHUNK_ITEMS", 16)
+        items, scores = model.recommend(histories, **options)
+        monkeypatch.setattr(modeling_m2rec, "TOP_K_CHUNK_ITEMS", 1 << 16)
+        torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+        assert items.tolist() == expected_items.tolist()
+    assert len(calls) == 3 and calls[0]["chunk_size"] == 16
+    assert calls[0]["bf16"] == kernels.bf16_scoring_supported("cpu")
+    new_items = random_histories(5, 1, seed=2)
+    expected_items, expected_scores = model.recommend(
+        new_items, cache_params=model(histories, use_cache=True).cache_params, k=8, exclude_seen=True)
+    monkeypatch.setattr(modeling_m2rec, "TOP_K_CHUNK_ITEMS", 16)
+    items, scores = model.recommend(new_items, cache_params=model(histories, use_cache=True).cache_params, k=8,
+                                    exclude_seen=True)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert items.tolist() == expected_items.tolist()

@@ -263,3 +263,23 @@ def test_fsdp_over_two_cpu_processes_trains_as_one_process_and_resumes_exactly(t
     shard = next((checkpoint / "optimizer_0").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-1])
     assert list(checkpoint_problems(checkpoint, record, num_processes=2)) == [f"optimizer_0/{shard.name}"]
+
+
+def test_sampled_softmax_training_with_popularity_negatives(tmp_path):
+    """--loss sampled_softmax trains end to end; the popularity sampler gets the training split's counts, and the
+    saved model records the loss settings."""
+    from m2rec.training.train import training_item_counts
+
+    data = prepare_dataset(DataArguments(format="synthetic", synthetic_users=300, synthetic_items=120, max_len=30,
+                                         cache_dir=str(tmp_path / "cache")))
+    counts = training_item_counts(data)
+    assert counts.shape == (121,) and counts[0] == 0
+    assert counts.sum() == sum(len(s) - 2 for s in data.sequences)  # validation and test items left out
+    assert counts[data.sequences[0][0]] >= 1
+    run_cli("m2rec.training.train", small_args(tmp_path, "run", epochs=2) + [
+        "--loss", "sampled_softmax", "--negative_sampler", "popularity", "--num_negatives", "32"], tmp_path)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 2 and all(r["train_loss"] > 0 for r in records)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (config["loss"], config["negative_sampler"], config["num_negatives"]) == ("sampled_softmax", "popularity", 32)

@@ -49,6 +49,14 @@ class ModelArguments:
     selection_source: Literal["unfiltered", "filtered"] = "unfiltered"
     fusion: Literal["gate", "context_gate", "sum", "concat", "none"] = "gate"
     seen_item_bias: bool = False
+    loss: Literal["full_softmax", "sampled_softmax"] = field(
+        default="full_softmax", metadata={"help": "full_softmax: exact, over the whole catalogue. sampled_softmax: "
+                                                  "over num_negatives negatives per batch with the logQ correction, "
+                                                  "for catalogues of 10^5 items and more (see M2RecConfig.loss)."})
+    negative_sampler: Literal["uniform", "popularity", "in_batch", "mixed"] = field(
+        default="uniform", metadata={"help": "Where sampled_softmax draws its negatives: uniformly, by training "
+                                             "count, from the batch's targets, or half in-batch half uniform."})
+    num_negatives: int = field(default=1024, metadata={"help": "Negatives per batch for sampled_softmax."})
 
 
 @dataclass

@@ -52,6 +52,12 @@ def examples_loader(examples: EvalExamples, max_len: int, train_args, accelerato
                       num_workers=train_args.num_workers)
 
 
+# Scores held at once by evaluation: a batch's (B, I) score matrix is cut into blocks of rows with at most this many
+# scores (128 MB of float32), so that ranking a catalogue of 10^6 items takes blocks of 33 users instead of one
+# 16 GB matrix for the default 4,096; catalogues up to 8,000 items keep the batch whole.
+EVAL_SCORES_PER_BLOCK = 1 << 25
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = False) -> dict:
     """Mean metrics over the users in every process's `loader` (`examples_loader`), plus "num_users".
@@ -59,18 +65,27 @@ def evaluate(model, loader, accelerator: Accelerator, exclude_history: bool = Fa
     HR/NDCG/MRR@{5,10,20} follow `exclude_history`; `history_statistics`'s values (both protocols @10, the
     user's own items in the top 10, the rank of the last input item) come with them."""
     model.eval()
+    block_rows = max(1, EVAL_SCORES_PER_BLOCK // (accelerator.unwrap_model(model).config.num_items + 1))
     accumulator = MetricAccumulator()
     for batch in loader:
         batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       last_position_only=True).logits.float()  # (B, I)
-        ranks_kept = rank_targets(scores, batch["target"])
-        ranks_excluded = rank_targets(scores, batch["target"], batch["history"])
-        ranks = ranks_excluded if exclude_history else ranks_kept
-        extras = history_statistics(scores, ranks_kept, ranks_excluded, batch["input_ids"], batch["history"])
+        blocks = [rank_block(model, {name: value[start:start + block_rows] for name, value in batch.items()},
+                             exclude_history) for start in range(0, len(batch["target"]), block_rows)]
+        ranks = torch.cat([ranks for ranks, _ in blocks])
+        extras = {name: torch.cat([block_extras[name] for _, block_extras in blocks]) for name in blocks[0][1]}
         ranks, user_index, extras = accelerator.gather((ranks, batch["user_index"], extras))
         accumulator.add(ranks, user_index, extras)
     return accumulator.compute()
+
+
+def rank_block(model, batch: dict, exclude_history: bool) -> tuple[torch.Tensor, dict]:
+    """The targets' ranks (B,) under the protocol and `history_statistics`' values for a block of an eval batch."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   last_position_only=True).logits.float()  # (B, I)
+    ranks_kept = rank_targets(scores, batch["target"])
+    ranks_excluded = rank_targets(scores, batch["target"], batch["history"])
+    extras = history_statistics(scores, ranks_kept, ranks_excluded, batch["input_ids"], batch["history"])
+    return ranks_excluded if exclude_history else ranks_kept, extras
 
 
 def format_metrics(metrics: dict) -> str:

@@ -37,6 +37,7 @@ from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -94,6 +95,16 @@ def build_model(model_args: ModelArguments, max_len: int, num_items: int,
     if text_embeddings is not None:
         model.set_text_embeddings(text_embeddings)
     return model
+
+
+def training_item_counts(data: PreparedDataset) -> torch.Tensor:
+    """(I,) how often each item occurs in the training part of the histories (validation and test items left
+    out), for the popularity sampler of the sampled softmax."""
+    # Each user's last two positions are validation and test targets: count every interaction, then take those back.
+    counts = np.bincount(data.items, minlength=data.num_items + 1)
+    held_out = np.concatenate([data.items[data.offsets[1:] - 1], data.items[data.offsets[1:] - 2]])
+    counts -= np.bincount(held_out, minlength=data.num_items + 1)
+    return torch.from_numpy(counts).double()
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -182,6 +193,8 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
     if model_builder is None:
         model_builder = partial(build_model, model_args)
     model = model_builder(data_args.max_len, data.num_items, text_embeddings)
+    if getattr(model.config, "negative_sampler", None) == "popularity":
+        model.set_item_counts(training_item_counts(data))
     model_class = type(model)
     logger.info("%s: %d users, %d items; model with %d trainable parameters", data_args.dataset_name,
                 data.num_users, data.num_items, sum(p.numel() for p in model.parameters() if p.requires_grad))
