@@ -76,6 +76,8 @@ VARIANTS = {
     # Not in the paper: a learned offset on the scores of the items already in the input (issue #13).
     "m2rec-seen": ["--seen_item_bias", "true"],
     "mamba-seen": ["--fft_mode", "none", "--fusion", "none", "--seen_item_bias", "true"],
+    # Not in the paper: item vectors E_id + projected text, which score items without interactions (issue #16).
+    "m2rec-idtext": ["--item_representation", "id+text"],
 }
 SECOND_SEED = "-seed2"
 EXPERIMENTS = [f"{dataset}/{variant}{seed}" for dataset in DATA for variant in VARIANTS for seed in ("", SECOND_SEED)]

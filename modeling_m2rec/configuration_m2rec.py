@@ -9,6 +9,7 @@ FFT_MODES = ("causal", "global", "none")
 SELECTION_SOURCES = ("unfiltered", "filtered")
 FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
 KERNEL_BACKENDS = ("auto", "cuda", "cpu_fused", "torch")
+ITEM_REPRESENTATIONS = ("id", "id+text")
 
 
 def _check_choice(name, value, allowed):
@@ -82,6 +83,13 @@ class M2RecConfig(PreTrainedConfig):
             items up to and including it), starting at 0. Not in the paper: a tied-embedding scorer ranks the user's
             own items high, and this lets training learn how much a dataset repeats (ML-1M, where no item repeats,
             drives it negative; check-in data with revisits may drive it positive). See docs/RESULTS.md (issue #13).
+        item_representation (`str`, defaults to `"id"`):
+            The scorer's item vectors. `"id"` is the paper's head: scores are dot products with the item-id embeddings
+            E_id. `"id+text"` adds each item's projected text, `E_id + LayerNorm(text_proj(E_text))` (the projection
+            and norm the sequence's text features use), so that an item with text and no interactions gets a
+            meaningful score; items added later (`add_items`, `resize_catalogue`) start with a zero id part, so their
+            score is their text's. Needs text (`fusion` other than `"none"`). Every path that scores items (logits,
+            loss, `item_embeddings()`, `recommend`, the cached step) uses the same vectors.
         tie_word_embeddings (`bool`, defaults to `True`):
             Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
         kernel_backend (`str`, defaults to `"auto"`):
@@ -118,6 +126,7 @@ class M2RecConfig(PreTrainedConfig):
     text_embedding_dim: int = 1024
     fusion: str = "gate"
     seen_item_bias: bool = False
+    item_representation: str = "id"
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
     kernel_backend: str = "auto"
@@ -127,6 +136,10 @@ class M2RecConfig(PreTrainedConfig):
         _check_choice("selection_source", self.selection_source, SELECTION_SOURCES)
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _check_choice("item_representation", self.item_representation, ITEM_REPRESENTATIONS)
+        if self.item_representation == "id+text" and self.fusion == "none":
+            raise ValueError("item_representation='id+text' scores items by their text, but fusion='none' builds a "
+                             "model without text; choose a fusion or item_representation='id'")
         for name in ("num_items", "max_len", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
                      "expand", "text_embedding_dim"):
             value = getattr(self, name)

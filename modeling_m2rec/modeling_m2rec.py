@@ -618,7 +618,7 @@ class M2RecModel(M2RecPreTrainedModel):
         Args:
             text_embeddings: (num_items + 1, text_embedding_dim) floating tensor, row i for item i; row 0 (padding) must
                 be zero. More rows than `config.num_items + 1` grow the catalogue: `config.num_items` and the item
-                embeddings grow with it (new item rows initialised like the others).
+                embeddings grow with it (new item rows as in `resize_catalogue`).
         """
         if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
             raise ValueError(f"text_embeddings must be a floating-point tensor, got "
@@ -644,14 +644,19 @@ class M2RecModel(M2RecPreTrainedModel):
     @torch.no_grad()
     def resize_catalogue(self, num_items: int) -> None:
         """Makes the catalogue items 1..num_items: the item embeddings (I, D) and the text buffer (I, E) keep the rows
-        of the items that stay; items beyond the old catalogue get id embeddings initialised like the others and zero
-        text (fill it with `set_text_embeddings`); items beyond `num_items` are dropped. `config.num_items` follows.
+        of the items that stay; items beyond the old catalogue get zero text (fill it with `set_text_embeddings`) and
+        id embeddings initialised like the others, or zero under `item_representation="id+text"`, where a new item's
+        score is then its text's alone (a random id part would add noise no interaction has trained, and zero is that
+        noise's mean); items beyond `num_items` are dropped. `config.num_items` follows.
         """
         old = self.item_embeddings
         kept_rows = min(old.num_embeddings, num_items + 1)
         new = nn.Embedding(num_items + 1, old.embedding_dim, padding_idx=0, device=old.weight.device,
                            dtype=old.weight.dtype)
-        nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
+        if self.config.item_representation == "id+text":
+            new.weight.zero_()
+        else:
+            nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
         new.weight[:kept_rows] = old.weight[:kept_rows]
         new.weight.requires_grad_(old.weight.requires_grad)
         self.item_embeddings = new
@@ -709,6 +714,11 @@ class M2RecModel(M2RecPreTrainedModel):
         else:  # projecting the whole table once is cheaper than projecting every position
             projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
         return self.text_norm(projected)
+
+    def item_text_vectors(self) -> torch.Tensor:
+        """Every item's projected text, the same projection and norm as `text_features`: (I, E) → (I, D). The text
+        part of the scorer's item vectors under `item_representation="id+text"`."""
+        return self.text_norm(self.text_proj(self.text_embeddings))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
@@ -815,9 +825,11 @@ class M2RecModel(M2RecPreTrainedModel):
 
 
 class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
-    """M2Rec with the scoring head: Y · E_idᵀ over the whole catalogue, cross-entropy loss and `recommend`.
+    """M2Rec with the scoring head: Y · Vᵀ over the whole catalogue, cross-entropy loss and `recommend`.
 
-    Scoring is tied to the item-id embeddings (one copy in model.safetensors).
+    The item vectors V are the item-id embeddings E_id (the paper's head, `item_representation="id"`), or E_id plus
+    each item's projected text (`"id+text"`, see [`item_vectors`]). The scorer's id part is tied to the item-id
+    embeddings (one copy in model.safetensors).
 
     `push_to_hub` (inherited from transformers) uploads a loadable repository (config.json with `auto_map`,
     model.safetensors and the remote-code files) but with a generic model card and without the item-id mapping or
@@ -873,7 +885,10 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         seen_items: (B, L') the input items (0 padding), which get the learned seen-item offset when the config has
             `seen_item_bias`: at position t the items up to t, or all of them for (B, D) states.
         """
-        logits = self.item_scorer(user_states)
+        if self.config.item_representation == "id":
+            logits = self.item_scorer(user_states)  # a module call, which offloading hooks see
+        else:
+            logits = F.linear(user_states, self.item_vectors("the id+text scores"))
         if self.seen_item_offset is not None and seen_items is not None:
             logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
@@ -940,7 +955,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
+            loss = next_item_loss(user_states, last_states, self.item_vectors("the loss (labels)"), labels,
                                   seen_items, self.seen_item_offset)
 
         logits = None
@@ -976,7 +991,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
         every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
         outrank every negative score in an index). See [`user_embeddings`]."""
-        weight = self._resident_item_table("item_embeddings()").detach()  # (I, D)
+        weight = self.item_vectors("item_embeddings()").detach()  # (I, D)
         return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", weight.device)]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -994,15 +1009,20 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
         return scores.gather(1, self._item_ids(candidates, "candidates", scores.device, batch_size=len(scores)))
 
-    def _resident_item_table(self, purpose: str) -> torch.Tensor:
-        """The scorer's item table (I, D), for the uses that read it outside a module call (the loss, the item
-        embeddings). Those see no offloading hook, so while the weights are offloaded (on the meta device) they would
-        read a placeholder: refused, naming `purpose`."""
+    def item_vectors(self, purpose: str = "item_vectors()") -> torch.Tensor:
+        """The scorer's item vectors V (I, D), row i for item i, that every score is a dot product with (logits, loss,
+        [`item_embeddings`], `recommend`, the cached step): E_id under `item_representation="id"`, and
+        `E_id + LayerNorm(text_proj(E_text))` under `"id+text"`. Read outside a module call, they see no offloading
+        hook, so while the weights are offloaded (on the meta device) they would be a placeholder: refused, naming
+        `purpose`."""
         weight = self.item_scorer.weight
+        if self.config.item_representation == "id+text":
+            weight = weight + self.m2rec.item_text_vectors()
         if weight.device.type == "meta":
             raise ValueError(f"{purpose} reads the item table directly, but this model's weights are offloaded "
                              f"(device_map with CPU or disk offload), where only forward calls load them: load the "
-                             f"model without offloading for it (offloaded, the model scores and recommends)")
+                             f"model without offloading for it (offloaded, a model with item_representation='id' "
+                             f"scores and recommends)")
         return weight
 
     def _item_ids(self, item_ids, name: str, device: torch.device, batch_size: int | None = None,

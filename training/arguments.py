@@ -49,6 +49,7 @@ class ModelArguments:
     selection_source: Literal["unfiltered", "filtered"] = "unfiltered"
     fusion: Literal["gate", "context_gate", "sum", "concat", "none"] = "gate"
     seen_item_bias: bool = False
+    item_representation: Literal["id", "id+text"] = "id"
 
 
 @dataclass
