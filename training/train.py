@@ -58,7 +58,7 @@ from .run_folder import (RunFolderError, RunLock, changed_settings, checkpoint_p
                          claim_run_folder, find_checkpoint, inexact_resume_possible, promote_checkpoint,
                          quiet_checkpointing, recover_best, refuse_unapproved_changes, replace_directory,
                          run_on_main_process, save_checkpoint, write_text_atomic)
-from .text import encode_item_texts, resolve_text_encoder
+from .text import encode_item_texts, loadable_text_encoder, resolve_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,14 @@ def item_text_embeddings(data: PreparedDataset, data_args: DataArguments, show_p
     return embeddings
 
 
-def build_model(model_args: ModelArguments, max_len: int, num_items: int,
-                text_embeddings: torch.Tensor | None) -> M2RecForSequentialRecommendation:
+def build_model(model_args: ModelArguments, max_len: int, num_items: int, text_embeddings: torch.Tensor | None,
+                data_args: DataArguments | None = None) -> M2RecForSequentialRecommendation:
+    """An M2Rec for the data; with text, its config records how the text was made (`model_text_recipe`)."""
     options = asdict(model_args)
     if text_embeddings is not None:
         options["text_embedding_dim"] = text_embeddings.shape[1]
+        if data_args is not None:
+            options.update(model_text_recipe(data_args))
     model = M2RecForSequentialRecommendation(M2RecConfig(num_items=num_items, max_len=max_len, **options))
     if text_embeddings is not None:
         model.set_text_embeddings(text_embeddings)
@@ -105,6 +108,17 @@ def training_item_counts(data: PreparedDataset) -> torch.Tensor:
     held_out = np.concatenate([data.items[data.offsets[1:] - 1], data.items[data.offsets[1:] - 2]])
     counts -= np.bincount(held_out, minlength=data.num_items + 1)
     return torch.from_numpy(counts).double()
+
+
+def model_text_recipe(data_args: DataArguments) -> dict:
+    """The config fields that let a saved model encode new items' text as training did (`add_items`): the encoder as a
+    name `SentenceTransformer` loads (a local folder as its absolute path), the template, the columns. A lookup table
+    (`text_lookup_path`) cannot be recorded: new items' fields are given after the lookup."""
+    encoder = loadable_text_encoder(data_args.text_encoder)
+    if Path(encoder).expanduser().is_dir():
+        encoder = str(Path(encoder).expanduser().resolve())
+    return {"text_encoder": encoder, "text_template": data_args.text_template,
+            "text_columns": data_args.text_columns, "text_normalize": True}
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -191,7 +205,7 @@ def train_in_claimed_folder(accelerator: Accelerator, output_dir: Path, resuming
         text_embeddings = (None if model_args.fusion == "none"
                            else item_text_embeddings(data, data_args, accelerator.is_main_process))
     if model_builder is None:
-        model_builder = partial(build_model, model_args)
+        model_builder = partial(build_model, model_args, data_args=data_args)
     model = model_builder(data_args.max_len, data.num_items, text_embeddings)
     if getattr(model.config, "negative_sampler", None) == "popularity":
         model.set_item_counts(training_item_counts(data))
