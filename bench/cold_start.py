@@ -31,17 +31,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.reproduce import CONFIGS, DATA, machine  # noqa: E402
 from m2rec import M2RecForSequentialRecommendation, M2RecItemTokenizer  # noqa: E402
 from m2rec.training.arguments import parse_args, to_dict  # noqa: E402
-from m2rec.training.data import prepare_dataset  # noqa: E402
-from m2rec.training.evaluate import examples_loader  # noqa: E402
+from m2rec.training.data import EvalDataset, EvalExamples, collate_eval, prepare_dataset  # noqa: E402
 from m2rec.training.metrics import metrics_from_ranks, rank_targets  # noqa: E402
 from m2rec.training.train import train  # noqa: E402
 
@@ -103,7 +102,8 @@ def cold_test_examples(data, cold: set[int]) -> list[tuple[list[str], str]]:
 @torch.no_grad()
 def ranking_metrics(score_batch, examples: list[tuple[list[int], int]], max_len: int) -> dict:
     """Mean HR/NDCG@K over `examples` (model ids) of `score_batch(input_ids, attention_mask)` → (B, I + 1)."""
-    loader = examples_loader(examples, max_len, SimpleNamespace(eval_batch_size=512, num_workers=0))
+    loader = DataLoader(EvalDataset(EvalExamples.from_pairs(examples), max_len), batch_size=512,
+                        collate_fn=collate_eval)
     ranks = torch.cat([rank_targets(score_batch(batch["input_ids"], batch["attention_mask"]).float(), batch["target"])
                        for batch in loader])
     values = metrics_from_ranks(ranks)

@@ -946,6 +946,14 @@ class EvalExamples:
     ends: np.ndarray
     user_index: np.ndarray
 
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[list[int], int]]) -> "EvalExamples":
+        """Examples given as (input item ids, target id) pairs, for evaluation outside a prepared dataset."""
+        lengths = np.array([len(history) + 1 for history, _ in pairs], dtype=np.int64)
+        ends = np.cumsum(lengths) - 1
+        items = np.array([item for history, target in pairs for item in (*history, target)], dtype=np.int32)
+        return cls(items, ends - lengths + 1, ends, np.arange(len(pairs), dtype=np.int64))
+
     def __len__(self) -> int:
         return len(self.starts)
 
