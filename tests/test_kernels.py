@@ -641,19 +641,7 @@ def test_causal_fft_convolution_paths_equal_the_definition(kernel_channels):
 def test_cross_entropy_paths_equal_the_definition(with_offset):
     """The chunked cross-entropy (3 chunks here) and its twin against the float64 definition, with rows labelled
     -100 and, with the seen-item offset, repeated items that count once and seen targets (revisits)."""
-    generator = torch.Generator().manual_seed(1)
-    item_ids = torch.randint(1, 5000, (3, 30), generator=generator)
-    item_ids[2, 20:] = 0
-    item_ids[1, 10:20] = item_ids[1, :10]
-    rows = torch.randint(0, 3, (700,), generator=generator)
-    positions = torch.randint(0, 20, (700,), generator=generator)
-    states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(5000, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    labels = item_ids[rows, positions]
-    labels[::2] = torch.randint(1, 5000, (350,), generator=generator)
-    labels[::7] = -100
-    offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
-    seen = (kernels.first_occurrences(item_ids), rows, positions) if with_offset else None
+    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(1), with_offset, num_items=5000)
     inputs = (states, weights, offset) if with_offset else (states, weights)
     expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
     expected_grads = torch.autograd.grad(expected, inputs)
@@ -675,17 +663,17 @@ def test_first_positions_find_each_items_first_position():
     assert found.tolist() == [[1, 3, 0, 6], [2, 0, 6, 6]]
 
 
-def _sampled_softmax_case(generator, with_offset):
-    """700 rows over 3 sequences of a 300-item catalogue, labels with repeats, seen targets and -100 rows."""
-    item_ids = torch.randint(1, 300, (3, 30), generator=generator)
+def _loss_case(generator, with_offset, num_items=300):
+    """700 rows over 3 sequences of a catalogue of num_items, labels with repeats, seen targets and -100 rows."""
+    item_ids = torch.randint(1, num_items, (3, 30), generator=generator)
     item_ids[2, 20:] = 0
     item_ids[1, 10:20] = item_ids[1, :10]
     rows = torch.randint(0, 3, (700,), generator=generator)
     positions = torch.randint(0, 20, (700,), generator=generator)
     states = torch.randn(700, 16, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(300, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(num_items, 16, generator=generator, dtype=torch.float64, requires_grad=True)
     labels = item_ids[rows, positions]
-    labels[::2] = torch.randint(1, 300, (350,), generator=generator)
+    labels[::2] = torch.randint(1, num_items, (350,), generator=generator)
     labels[::7] = -100
     offset = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True) if with_offset else None
     seen = (kernels.first_occurrences(item_ids), rows, positions) if with_offset else None
@@ -696,7 +684,7 @@ def _sampled_softmax_case(generator, with_offset):
 def test_sampled_softmax_with_every_item_once_is_the_full_softmax(with_offset):
     """Every item once as a negative, expected count 1: the target's own column is the accidental hit left out, so
     loss and gradients are exactly the full softmax's (and the seen-item offset lands on the same items)."""
-    states, weights, labels, offset, seen = _sampled_softmax_case(torch.Generator().manual_seed(2), with_offset)
+    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(2), with_offset)
     inputs = (states, weights, offset) if with_offset else (states, weights)
     expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
     every_item = torch.randperm(299) + 1  # order does not matter
@@ -712,7 +700,7 @@ def test_sampled_softmax_approaches_the_full_softmax_with_many_draws(sampler):
     """The logQ-corrected estimate of the normaliser is unbiased, so with many draws the loss and the gradient of
     the user states converge to the full softmax's; with few draws, the loss is clearly off (the test can fail)."""
     torch.manual_seed(3)
-    states, weights, labels, _, _ = _sampled_softmax_case(torch.Generator().manual_seed(3), False)
+    states, weights, labels, _, _ = _loss_case(torch.Generator().manual_seed(3), False)
     states_grad, labels = states[:100].detach().requires_grad_(), labels[:100]
     counts = torch.randint(0, 50, (300,)).double()
     expected = kernels.full_softmax_cross_entropy_ref(states_grad, weights.detach(), labels)
@@ -733,7 +721,7 @@ def test_sampled_softmax_approaches_the_full_softmax_with_many_draws(sampler):
 def test_in_batch_negatives_approach_the_softmax_over_the_batch_targets():
     """In-batch negatives only draw the batch's targets: taking all of them (K ≥ M) with the correction is the
     softmax over the items that some row targets, exactly."""
-    states, weights, labels, _, _ = _sampled_softmax_case(torch.Generator().manual_seed(4), False)
+    states, weights, labels, _, _ = _loss_case(torch.Generator().manual_seed(4), False)
     negatives, log_expected = kernels.draw_negatives("in_batch", 10_000, labels, 299)
     targets = labels[labels != -100]
     assert len(negatives) == len(targets) and sorted(negatives.tolist()) == sorted(targets.tolist())
