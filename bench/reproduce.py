@@ -78,6 +78,7 @@ VARIANTS = {
     "mamba-seen": ["--fft_mode", "none", "--fusion", "none", "--seen_item_bias", "true"],
     # Not in the paper: the sampled softmax of large catalogues (issue #17) against the full one, same budget.
     "m2rec-sampled": ["--loss", "sampled_softmax", "--negative_sampler", "popularity", "--num_negatives", "256"],
+    "m2rec-sampled-uniform": ["--loss", "sampled_softmax", "--negative_sampler", "uniform", "--num_negatives", "1024"],
     # Not in the paper: item vectors E_id + projected text, which score items without interactions (issue #16).
     "m2rec-idtext": ["--item_representation", "id+text"],
 }
