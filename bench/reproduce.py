@@ -79,6 +79,7 @@ VARIANTS = {
     # Not in the paper: the sampled softmax of large catalogues (issue #17) against the full one, same budget.
     "m2rec-sampled": ["--loss", "sampled_softmax", "--negative_sampler", "popularity", "--num_negatives", "256"],
     "m2rec-sampled-uniform": ["--loss", "sampled_softmax", "--negative_sampler", "uniform", "--num_negatives", "1024"],
+    "m2rec-sampled-mixed": ["--loss", "sampled_softmax", "--negative_sampler", "mixed", "--num_negatives", "256"],
     # Not in the paper: item vectors E_id + projected text, which score items without interactions (issue #16).
     "m2rec-idtext": ["--item_representation", "id+text"],
 }
