@@ -3,21 +3,25 @@ interaction logs of 10^6, 10^7 and 10^8 interactions, and of loading the prepare
 
     python bench/bench_prepare.py --sizes 1e6 1e7 --out docs/bench_prepare.json
     nice -n 19 python bench/bench_prepare.py --sizes 1e8 --formats parquet --repeats 1 --out docs/bench_prepare_1e8.json
+    python bench/bench_prepare.py --sizes 1e6 1e7 --formats sequence dat --baseline --out docs/bench_prepare_lines.json
     python bench/bench_prepare.py --smoke      # 10^5 interactions, one repeat: checks that it runs
 
 Data, generated here (seeded, written in chunks of 10^6 rows, so the generator never holds a whole log): a table
 user_id, item_id, timestamp with num_users = n / 50 (uniform activity, ~50 interactions a user) and
 num_items = min(n / 100, 10^6) whose popularity follows a power law (p(rank r) ∝ r^-1.0, as item popularity in
 recommendation logs roughly does), times increasing through the file with a jitter of a day so that each user's rows
-need the time sort. Parquet (row groups of 10^6, integer columns) and CSV. Preparation is the default pipeline:
-5-core, stable per-user time sort, ids remapped, written to a fresh cache (Arrow).
+need the time sort. Parquet (row groups of 10^6, integer columns) and CSV; and, for the readers of lines, the same
+log as a sequence file (one line per user, "user item item ...", in time order; format "sequence") and as a
+MovieLens ratings.dat (user::item::rating::timestamp; format "movielens"), both built in memory (up to ~10^7).
+Preparation is the default pipeline: 5-core, stable per-user time sort, ids remapped, written to a fresh cache (Arrow).
 
 Each measurement runs in a child process (a fresh interpreter: nothing cached in memory, no allocator state from
 earlier runs); its peak RSS is the kernel's (`os.wait4`'s ru_maxrss, which covers the whole child, imports included:
 torch and transformers come with the package; the floor, a child that only imports, is reported beside) and its
 time the child's own wall time of the `prepare_dataset` call (hashing the input for the cache key included). `--baseline` also runs, at the smallest size, the pipeline as it
 was before the columnar rewrite (training/data.py of BASELINE_COMMIT, loaded from git: Python lists, to_pylist,
-JSON cache), interleaved with the new one round by round, for the ratio on the same machine.
+JSON cache), interleaved with the new one round by round, for the ratio on the same machine; for the line formats
+it is instead today's pipeline with the file read row by row (the readers' fallback, `--pipeline rows`).
 """
 
 import argparse
@@ -39,14 +43,20 @@ CHUNK = 1_000_000
 BASELINE_COMMIT = "2ffa2c1"  # the last commit whose training/data.py built Python lists and a JSON cache
 
 
+# format on the command line → (file suffix, DataArguments.format)
+FORMATS = {"parquet": ("parquet", "table"), "csv": ("csv", "table"), "sequence": ("txt", "sequence"),
+           "dat": ("dat", "movielens")}
+LINE_FORMATS = ("sequence", "dat")
+
+
 def generate(n: int, fmt: str, directory: Path, seed: int = 0) -> Path:
-    """The synthetic log of n interactions as `fmt` (parquet or csv) in `directory`, generated once (a file of the
+    """The synthetic log of n interactions as `fmt` (see FORMATS) in `directory`, generated once (a file of the
     same n, format and seed is reused)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = directory / f"interactions-{n}-seed{seed}.{fmt}"
+    path = directory / f"interactions-{n}-seed{seed}.{FORMATS[fmt][0]}"
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,16 +67,44 @@ def generate(n: int, fmt: str, directory: Path, seed: int = 0) -> Path:
     item_names = rng.permutation(num_items)  # popularity is not in id order
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = pq.ParquetWriter(partial, schema) if fmt == "parquet" else pacsv.CSVWriter(str(partial), schema)
-    with writer:
+
+    def chunks():
         for start in range(0, n, CHUNK):
             rows = min(CHUNK, n - start)
             users = rng.integers(0, num_users, rows)
             items = item_names[np.searchsorted(popularity, rng.random(rows))]
             times = 1_500_000_000 + (start + np.arange(rows)) * 10 + rng.integers(0, 86_400, rows)
-            writer.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": times}, schema=schema))
+            yield users, items, times
+
+    if fmt in LINE_FORMATS:
+        _write_lines(partial, fmt, [np.concatenate(column) for column in zip(*chunks())], rng)
+    else:
+        writer = pq.ParquetWriter(partial, schema) if fmt == "parquet" else pacsv.CSVWriter(str(partial), schema)
+        with writer:
+            for users, items, times in chunks():
+                writer.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": times}, schema=schema))
     os.rename(partial, path)
     return path
+
+
+def _write_lines(path: Path, fmt: str, columns: list[np.ndarray], rng: np.random.Generator) -> None:
+    """The log as a sequence file (each user's items in time order, users in order of their first event) or as a
+    ratings.dat (rows in file order, a random rating 1–5)."""
+    users, items, times = columns
+    with open(path, "w") as f:
+        if fmt == "dat":
+            ratings = rng.integers(1, 6, len(users))
+            for start in range(0, len(users), CHUNK):
+                rows = slice(start, start + CHUNK)
+                f.writelines(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in
+                             zip(users[rows].tolist(), items[rows].tolist(), ratings[rows].tolist(), times[rows].tolist()))
+            return
+        order = np.lexsort((times, users))
+        first = np.unique(users, return_index=True)[1]  # users ascending, each one's first row in the file
+        bounds = np.searchsorted(users[order], np.unique(users))
+        ends = np.append(bounds[1:], len(order))
+        for k in np.argsort(first, kind="stable"):
+            f.write(f"{users[order[bounds[k]]]} " + " ".join(map(str, items[order[bounds[k]:ends[k]]].tolist())) + "\n")
 
 
 def child(path: str, pipeline: str, cache_dir: str, load: bool) -> None:
@@ -83,10 +121,15 @@ def child(path: str, pipeline: str, cache_dir: str, load: bool) -> None:
         spec.loader.exec_module(data)
     else:
         from m2rec.training import data
+    if pipeline == "rows":  # today's pipeline with the line readers' columnar path refused: their row-by-row fallback
+        def refuse(*args):
+            raise data._ReadRowByRow("bench: --pipeline rows")
+        data._sequence_columns = data._movielens_columns = refuse
     if path == "-":  # the floor: what importing the package costs, before any data
         print(json.dumps({"seconds": 0.0}))
         return
-    args = data.DataArguments(format="table", data_path=path, cache_dir=cache_dir)
+    fmt = next(name for name, (suffix, _) in FORMATS.items() if path.endswith("." + suffix))
+    args = data.DataArguments(format=FORMATS[fmt][1], data_path=path, cache_dir=cache_dir)
     start = time.perf_counter()
     prepared = data.prepare_dataset(args)
     seconds = time.perf_counter() - start
@@ -122,14 +165,15 @@ def summary(values: list[float]) -> dict:
 
 def bench_size(n: int, fmt: str, data_dir: Path, repeats: int, baseline: bool) -> dict:
     path = generate(n, fmt, data_dir)
-    pipelines = ["arrow", "baseline"] if baseline else ["arrow"]
+    other = "rows" if fmt in LINE_FORMATS else "baseline"
+    pipelines = ["arrow", other] if baseline else ["arrow"]
     runs = {name: [] for name in pipelines}
     loads = []
     for _ in range(repeats):  # interleaved: each round runs every pipeline once, on a fresh cache
         for name in pipelines:
             cache = Path(tempfile.mkdtemp(prefix=f"bench-prepare-{name}-", dir=data_dir))
             try:
-                if name == "baseline":
+                if name == "baseline":  # the old pipeline's source, from git
                     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_COMMIT}:training/data.py"],
                                             check=True, capture_output=True, text=True).stdout
                     (cache / "baseline_data.py").write_text(source)
@@ -147,16 +191,16 @@ def bench_size(n: int, fmt: str, data_dir: Path, repeats: int, baseline: bool) -
     result["arrow_load_from_cache"] = {"seconds": summary([m["seconds"] for m in loads]),
                                        "peak_rss_mib": summary([m["peak_rss_mib"] for m in loads])}
     if baseline:
-        per_round = [b["seconds"] / a["seconds"] for a, b in zip(runs["arrow"], runs["baseline"])]
-        memory = [b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in zip(runs["arrow"], runs["baseline"])]
-        result["baseline_over_arrow"] = {"seconds": summary(per_round), "peak_rss": summary(memory)}
+        per_round = [b["seconds"] / a["seconds"] for a, b in zip(runs["arrow"], runs[other])]
+        memory = [b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in zip(runs["arrow"], runs[other])]
+        result[f"{other}_over_arrow"] = {"seconds": summary(per_round), "peak_rss": summary(memory)}
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7])
-    parser.add_argument("--formats", nargs="+", default=["parquet", "csv"], choices=["parquet", "csv"])
+    parser.add_argument("--formats", nargs="+", default=["parquet", "csv"], choices=list(FORMATS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline", action="store_true", help="also the old pipeline, at the smallest size")
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "m2rec-bench-prepare"))
@@ -184,9 +228,10 @@ def main() -> None:
                     f"{result['arrow']['peak_rss_mib']['median']:7.0f} MiB peak; load from cache "
                     f"{result['arrow_load_from_cache']['seconds']['median']:.2f} s, "
                     f"{result['arrow_load_from_cache']['peak_rss_mib']['median']:.0f} MiB")
-            if "baseline" in result:
-                line += (f" | baseline {result['baseline']['seconds']['median']:.1f} s, "
-                         f"{result['baseline']['peak_rss_mib']['median']:.0f} MiB")
+            for other in ("baseline", "rows"):
+                if other in result:
+                    line += (f" | {other} {result[other]['seconds']['median']:.1f} s, "
+                             f"{result[other]['peak_rss_mib']['median']:.0f} MiB")
             print(line + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
     report = {"machine": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

@@ -157,6 +157,50 @@ def test_columnar_table_reader_reads_as_the_row_reader_does(tmp_path, name, nume
     assert columnar.item_text["3"] == "Bar, Pub (4)"
 
 
+LINE_FILES = {
+    # blank and whitespace-only lines, runs of spaces and tabs, "3.0" and "3" one id, "007" kept, non-ASCII ids
+    "seq.txt": "u1 3 b  c\n\n  \t \n  007\t3.0 Käse \r\nu3 007 b\n3.0 x\n",
+    "seq.txt.gz": "\ufeffu1 a b\nu2 b a\n",
+    "ratings.dat": "1::10::5::978300760\n2::11:: 4 ::978300761\n\n 1 ::11::3.5::978300762\n007::10.0::1::5\n",
+    "ratings-latin.dat": "1::Café::5::1\n2::Café::4::2\n",
+    "u.data": "196\t242\t3\t881250949\n186 \t302\t3\t891717742\n\n196\t302\t1\t881250950\n",
+}
+
+
+@pytest.mark.parametrize("name", list(LINE_FILES))
+def test_columnar_line_readers_read_as_the_row_readers_do(tmp_path, name):
+    """The sequence and MovieLens readers take valid files in columns (never row by row) and give what reading
+    them row by row gives: codes in order of first appearance, raw ids, ratings, timestamps."""
+    path = write(tmp_path / name, LINE_FILES[name], "latin-1" if "latin" in name else "utf-8")
+    options = args(tmp_path, format="sequence" if "seq" in name else "movielens", data_path=str(path))
+    if "seq" in name:
+        columnar, by_rows = data._sequence_columns(path, options), data._sequence_rows(path, options)
+    else:
+        double_colon = name.endswith(".dat")
+        columnar = data._movielens_columns(path, options, double_colon)
+        by_rows = data._movielens_rows(path, options, double_colon)
+    assert len(columnar) == len(by_rows) > 0
+    for field in ("users", "user_names", "items", "item_names", "timestamps", "ratings"):
+        value, expected = getattr(columnar, field), getattr(by_rows, field)
+        if isinstance(expected, np.ndarray):
+            assert value.dtype == expected.dtype and (value == expected).all(), field
+        else:
+            assert value == expected, field
+    if name == "seq.txt":
+        assert ids(columnar, "users") == ["u1"] * 3 + ["007"] * 2 + ["u3"] * 2 + ["3"]
+        assert ids(columnar, "items") == ["3", "b", "c", "3", "Käse", "007", "b", "x"]
+
+
+def test_line_readers_fall_back_to_rows_for_lines_arrow_cannot_take(tmp_path, caplog):
+    """A line holding the ASCII unit separator (Arrow's field separator here, whitespace to str.split) is read
+    row by row, with the same result as reading the file without it."""
+    path = write(tmp_path / "seq.txt", "u1 a\x1fb\nu2 b\n")
+    with caplog.at_level("INFO", logger="m2rec.training.data"):
+        raw = read_raw(args(tmp_path, format="sequence", data_path=str(path)))
+    assert "reading it row by row" in caplog.text
+    assert ids(raw, "users") == ["u1", "u1", "u2"] and ids(raw, "items") == ["a", "b", "b"]
+
+
 def test_ids_are_coded_in_order_of_first_appearance_across_chunks():
     import pyarrow as pa
 

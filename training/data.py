@@ -490,8 +490,20 @@ def _input_files(args: DataArguments) -> dict[str, Path]:
 
 
 def _read_movielens(files: dict[str, Path], args: DataArguments) -> RawData:
+    """MovieLens ratings (ratings.dat, user::item::rating::timestamp; u.data, whitespace-separated): columnar
+    (`_line_fields`), or row by row where Arrow does not take the file (which names its line)."""
     path = files["data"]
     double_colon = path.name.lower().removesuffix(".gz").endswith(".dat")  # ratings.dat; u.data is tab-separated
+    try:
+        raw = _movielens_columns(path, args, double_colon)
+    except _ReadRowByRow as reason:
+        logger.info("%s: reading it row by row (%s)", path, reason)
+        raw = _movielens_rows(path, args, double_colon)
+    raw.item_text = _read_item_file(files["items"], args) if "items" in files else {}
+    return raw
+
+
+def _movielens_rows(path: Path, args: DataArguments, double_colon: bool) -> RawData:
     form = "user::item::rating::timestamp" if double_colon else "user<TAB>item<TAB>rating<TAB>timestamp"
     rows = _RowsBuilder()
     for number, line in _iter_lines(path, args.encoding):
@@ -501,8 +513,23 @@ def _read_movielens(files: dict[str, Path], args: DataArguments) -> RawData:
         rating = _number(parts[2], "rating", path, number)
         rows.add(normalise_id(parts[0].strip()), normalise_id(parts[1].strip()),
                  _number(parts[3], "timestamp", path, number), rating)
-    item_text = _read_item_file(files["items"], args) if "items" in files else {}
-    return rows.build(item_text, timestamps=True, ratings=True)
+    return rows.build({}, timestamps=True, ratings=True)
+
+
+def _movielens_columns(path: Path, args: DataArguments, double_colon: bool) -> RawData:
+    columns: list[list[pa.Array]] = [[], [], [], []]  # user, item, rating, timestamp: one array per block of lines
+    split = (lambda lines: pc.split_pattern(lines, "::")) if double_colon else pc.utf8_split_whitespace
+    for fields in _line_fields(path, args, split):
+        if not pc.all(pc.equal(pc.list_value_length(fields), 4)).as_py():
+            raise _ReadRowByRow("a line without four fields")
+        for k, column in enumerate(columns):  # the ids dictionary-encoded block by block: no text kept for them
+            values = pc.list_element(fields, k)
+            column.append(values.dictionary_encode() if k < 2 else values)
+    users, user_names = _encode_ids(pa.chunked_array(columns[0], _ID_TEXT), "user")
+    items, item_names = _encode_ids(pa.chunked_array(columns[1], _ID_TEXT), "item")
+    ratings = _column_numbers(pa.chunked_array(columns[2], pa.string()), "rating", path)
+    timestamps = _column_numbers(pa.chunked_array(columns[3], pa.string()), "timestamp", path)
+    return RawData(users, user_names, items, item_names, timestamps, ratings, {})
 
 
 class _ReadRowByRow(Exception):
@@ -733,7 +760,19 @@ def _first_row_texts(table: pa.Table, items: np.ndarray, item_names: list[str], 
 
 
 def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
+    """One line per user, "user item item ..." in time order: columnar (`_line_fields`), or row by row where
+    Arrow does not take the file or a line is wrong (a user alone, a user's second line), to name that line."""
     path = files["data"]
+    try:
+        raw = _sequence_columns(path, args)
+    except _ReadRowByRow as reason:
+        logger.info("%s: reading it row by row (%s)", path, reason)
+        raw = _sequence_rows(path, args)
+    raw.item_text = _read_item_file(files["items"], args) if "items" in files else {}
+    return raw
+
+
+def _sequence_rows(path: Path, args: DataArguments) -> RawData:
     rows = _RowsBuilder()
     first_line: dict[str, int] = {}
     for number, line in _iter_lines(path, args.encoding):
@@ -745,8 +784,46 @@ def _read_sequences(files: dict[str, Path], args: DataArguments) -> RawData:
         first_line[tokens[0]] = number
         for item in tokens[1:]:
             rows.add(tokens[0], item)
-    item_text = _read_item_file(files["items"], args) if "items" in files else {}
-    return rows.build(item_text, timestamps=False, ratings=False)
+    return rows.build({}, timestamps=False, ratings=False)
+
+
+def _sequence_columns(path: Path, args: DataArguments) -> RawData:
+    user_blocks, item_blocks, lengths = [], [], []
+    for tokens in _line_fields(path, args, pc.utf8_split_whitespace):
+        counts = pc.list_value_length(tokens).to_numpy()
+        if (counts < 2).any():
+            raise _ReadRowByRow("a line with a user and no item")
+        user_blocks.append(pc.list_element(tokens, 0).dictionary_encode())
+        item_blocks.append(pc.list_flatten(pc.list_slice(tokens, 1)).dictionary_encode())
+        lengths.append(counts - 1)
+    user_codes, user_names = _encode_ids(pa.chunked_array(user_blocks, _ID_TEXT), "user")
+    if len(user_names) < len(user_codes):
+        raise _ReadRowByRow("a user with two lines")
+    items, item_names = _encode_ids(pa.chunked_array(item_blocks, _ID_TEXT), "item")
+    users = np.repeat(user_codes, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64))
+    return RawData(users, user_names, items, item_names, None, None, {})
+
+
+_ID_TEXT = pa.dictionary(pa.int32(), pa.string())
+
+
+def _line_fields(path: Path, args: DataArguments, split: Callable[[pa.Array], pa.Array]) -> Iterator[pa.Array]:
+    """The file's non-blank lines, trimmed and split into fields by `split` (a pyarrow.compute function of a
+    string array), as one list array per block of 16 MB: the text of one block at a time exists beside the
+    fields taken from it. Arrow reads each line as one text column; a line it cannot take (one holding the ASCII
+    unit separator, which it would split on, or text it cannot decode) is _ReadRowByRow."""
+    encoding = _file_encoding(path, args.encoding)
+    read = pacsv.ReadOptions(column_names=["line"], block_size=1 << 24,
+                             encoding="utf8" if encoding == "utf-8-sig" else encoding)
+    parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False)
+    convert = pacsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False)
+    with _open_binary(path) as f:
+        try:
+            for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert):
+                lines = pc.utf8_trim_whitespace(batch.column(0))
+                yield split(lines.filter(pc.greater(pc.utf8_length(lines), 0)))
+        except (pa.ArrowException, UnicodeDecodeError) as e:
+            raise _ReadRowByRow(f"Arrow cannot read it: {e}") from None
 
 
 def _read_synthetic(files: dict[str, Path], args: DataArguments) -> RawData:
