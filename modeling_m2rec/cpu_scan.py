@@ -12,8 +12,9 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
   generic speed forward and backward on the paper's sizes.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
-(`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd) with fake implementations and autograd, so that
-torch.compile and torch.export trace through them.
+(`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and window_sum, the causal filter's sum over a cached step's
+window of items, inference only) with fake implementations and autograd, so that torch.compile and torch.export
+trace through them.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
 mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
@@ -289,12 +290,22 @@ def _define_ops():
 
     conv_fwd.register_autograd(conv_backward, setup_context=conv_setup_context)
 
+    @torch.library.custom_op(f"{namespace}::window_sum", mutates_args=())
+    def window_sum(window_ids: Tensor, table: Tensor, kernel: Tensor) -> Tensor:
+        """The extension's `window_sum`: (B, D). Inference only: no autograd formula (`kernels.filter_window_sum`
+        takes the torch twin where a gradient is wanted)."""
+        return load_cpu_scan().window_sum(window_ids, table, kernel)
+
+    @window_sum.register_fake
+    def _(window_ids, table, kernel):
+        return table.new_empty(window_ids.shape[0], table.shape[1])
+
 
 try:
     getattr(getattr(torch.ops, OPS_NAMESPACE), "scan_fwd")
 except AttributeError:  # the first copy of this source in the process defines the ops
     _define_ops()
-kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd
+kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd, window_sum
 
 
 def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, initial_state=None,
@@ -372,6 +383,23 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
+def filter_window_sum_cpu(window_ids, table, kernel):
+    """The fused CPU window sum of the causal filter's cached step (the custom op `window_sum`, without gradient);
+    same signature and result as `kernels.filter_window_sum_torch`: window_ids (B, W), table (I, D), kernel (W, D)
+    or (W, 1) -> (B, D) float32 (float64 for a float64 kernel). An id outside 0..I−1 raises RuntimeError.
+
+    Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
+    """
+    if not fused_kernels_available():
+        raise RuntimeError("the fused CPU kernels could not be built; see the log")
+    compute_dtype = torch.promote_types(kernel.dtype, torch.float32)
+    kernel = kernel.to(compute_dtype)
+    if kernel.dim() == 2 and kernel.shape[1] == 1:  # a fixed filter's (W, 1) kernel, for every channel
+        kernel = kernel.expand(-1, table.shape[1])
+    window_sum = kernel_ops.window_sum if torch.compiler.is_compiling() else load_cpu_scan().window_sum
+    return window_sum(window_ids, table.to(compute_dtype), kernel)
+
+
 def build_kernels_main(argv=None):
     """`m2rec-build-kernels`: compile the fused CPU kernels ahead of time (e.g. while building a container image), or
     find the cached build, and say where they are cached and whether the AVX-512 variants run on this CPU.
@@ -402,5 +430,5 @@ def build_kernels_main(argv=None):
     return 0
 
 
-__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "fused_backward",
-           "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu"]
+__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "filter_window_sum_cpu",
+           "fused_backward", "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu"]

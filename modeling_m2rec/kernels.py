@@ -15,10 +15,11 @@ default) and passed to the dispatchers as `backend=`:
         selective_state_update  -> mamba_ssm's `selective_state_update` (Triton)
         causal_conv1d_update    -> causal-conv1d's `causal_conv1d_update`
       (a kernel that is not installed falls back to its twin, logged once)
-    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan and the convolution run the fused C++ loops of
-        `cpu_scan` (registered torch custom ops); the one-step forms run their twins
+    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan, the convolution and the filter's window sum of a
+        cached step (`filter_window_sum`) run the fused C++ loops of `cpu_scan` (registered torch custom ops); the
+        one-step forms of the scan and the convolution run their twins
     backend "torch": `selective_scan_torch` (exact, chunked), `causal_conv1d_torch`, `selective_state_update_torch`,
-        `causal_conv1d_update_torch`, on any device
+        `causal_conv1d_update_torch`, `filter_window_sum_torch`, on any device
 
 The causal FFT convolution and the cross-entropy have no extension kernel: their memory-lean autograd functions
 (`causal_fft_convolution`, `full_softmax_cross_entropy`) are plain PyTorch and run on every backend; their twins
@@ -38,13 +39,14 @@ their state in place, as mamba-ssm's and causal-conv1d's do.
 
 import logging
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_scan
 from .configuration_m2rec import KERNEL_BACKENDS
-from .cpu_scan import causal_conv1d_cpu, load_cpu_scan, selective_scan_cpu
+from .cpu_scan import causal_conv1d_cpu, filter_window_sum_cpu, load_cpu_scan, selective_scan_cpu
 
 
 try:
@@ -559,6 +561,52 @@ def causal_fft_convolution_ref(x, kernel, kernel_spectrum=None):
     length = x.shape[-1]
     windows = F.pad(x, (length - 1, 0)).unfold(-1, length, 1)  # (B, D, L, L): window t holds x[t − L + 1 .. t]
     return (windows * kernel.flip(-1)[:, None, :]).sum(-1)  # lag 0 meets x[t]
+
+
+# ------------------------------------------------------------------ the causal filter's window sum (one cached step)
+
+WINDOW_LAGS_PER_BLOCK = 64  # lags of a step's window summed at once by the twin: 4 MB at B = 256, D = 64 (cache-sized)
+
+
+def blocked_window_sum(window_ids: torch.Tensor, kernel: torch.Tensor,
+                       rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_k kernel[k] ⊙ rows(window_ids[:, k]), `WINDOW_LAGS_PER_BLOCK` lags at a time: window_ids (B, W), kernel
+    (W, D) or (W, 1), rows maps ids (B, lags) to vectors (B, lags, D) → (B, D), in float32 (float64 for a float64
+    kernel). A whole batch's gathered
+    (B, W, D) window, 131 MB at B = 256 and W = 2,000, falls out of cache and was page-faulted in afresh at every
+    step, 4.1× slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by W
+    and an exported step keeps a dynamic batch."""
+    dtype = torch.promote_types(kernel.dtype, torch.float32)
+    kernel, total = kernel.to(dtype), None
+    for start in range(0, window_ids.shape[1], WINDOW_LAGS_PER_BLOCK):
+        block = rows(window_ids[:, start:start + WINDOW_LAGS_PER_BLOCK]).to(dtype)  # (B, lags, D)
+        block = (block * kernel[start:start + WINDOW_LAGS_PER_BLOCK]).sum(dim=1)  # (B, D)
+        total = block if total is None else total + block
+    return total
+
+
+def filter_window_sum_torch(window_ids: torch.Tensor, table: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The causal filter's output at one new event per user, before its residual and norm: out[b] = Σ_k kernel[k] ⊙
+    table[window_ids[b, k]]. window_ids (B, W): each user's last W item ids, oldest first; table (I, D): the
+    embedded catalogue (row 0, the padding, zero); kernel (W, D) or (W, 1): the filter's kernel, lag W − 1 first
+    → (B, D) float32 (float64 for a float64 kernel). Gathers the window block by block (`blocked_window_sum`)."""
+    return blocked_window_sum(window_ids, kernel, lambda ids: F.embedding(ids, table))
+
+
+def filter_window_sum_ref(window_ids, table, kernel):
+    """The definition in float64: same signature, result in float64."""
+    return (F.embedding(window_ids, table.double()) * kernel.double()).sum(dim=1)
+
+
+def filter_window_sum(window_ids, table, kernel, backend=None):
+    """`filter_window_sum_torch` on `backend`'s path: the fused C++ loop of `cpu_scan` for "cpu_fused" (without
+    gradient: the loop has no backward), which reads the ids and sums the table's rows in cache instead of gathering
+    the window; the twin on every other backend."""
+    backend = resolve_backend(window_ids.device) if backend is None else backend
+    wants_grad = torch.is_grad_enabled() and (table.requires_grad or kernel.requires_grad)
+    if backend == "cpu_fused" and not wants_grad:
+        return filter_window_sum_cpu(window_ids, table, kernel)
+    return filter_window_sum_torch(window_ids, table, kernel)
 
 
 # ------------------------------------------------------------------------------------ full-softmax cross-entropy

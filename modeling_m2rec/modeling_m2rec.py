@@ -29,10 +29,10 @@ from transformers.utils import ModelOutput
 from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
 from .item_text import encode_texts, format_item_text
-from .kernels import (bf16_scoring_supported, causal_conv1d, causal_conv1d_update, causal_fft_convolution,
-                      causal_fft_kernel_spectrum, draw_negatives, first_occurrences, full_softmax_cross_entropy,
-                      resolve_backend, sampled_softmax_cross_entropy, selective_scan, selective_state_update,
-                      top_k_items)
+from .kernels import (bf16_scoring_supported, blocked_window_sum, causal_conv1d, causal_conv1d_update,
+                      causal_fft_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_window_sum,
+                      first_occurrences, full_softmax_cross_entropy, resolve_backend, sampled_softmax_cross_entropy,
+                      selective_scan, selective_state_update, top_k_items)
 
 
 class M2RecCache:
@@ -224,7 +224,6 @@ def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_of
 # are 256 KB of float32 scores per history, so memory no longer grows with the catalogue, and each chunk is scored in
 # bfloat16 where the device has it natively, then its possible top k again in float32 (the same ranking up to ties).
 TOP_K_CHUNK_ITEMS = 1 << 16
-STEP_LAGS_PER_BLOCK = 64  # lags of a cached step's window summed at once: 4 MB at B = 256, D = 64 (cache-sized)
 STEP_CATALOGUE_USERS = 64  # a step embeds the whole catalogue when it is at most this many users' windows
 
 
@@ -325,33 +324,33 @@ class M2RecFrequencyFilter(nn.Module):
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor, window_ids: torch.Tensor | None = None,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, L, D) → (B, L, D); with `window_ids` and `embed`, one cached step (see `step`): the new events'
+                window_rows: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                backend: str | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D); with `window_ids` and `window_rows`, one cached step (see `step`): the new events'
         embeddings (B, 1, D) → the filter's output at them (B, 1, D). One entry point, so that hooks on this module
         see every use of W."""
         if window_ids is not None:
-            return self.step(hidden_states, window_ids, embed)
+            return self.step(hidden_states, window_ids, window_rows, backend)
         filtered = self.filter(hidden_states).to(hidden_states.dtype)
         return self.layer_norm(hidden_states + self.dropout(filtered))
 
     def step(self, newest: torch.Tensor, window_ids: torch.Tensor,
-             embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+             window_rows: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], backend: str | None) -> torch.Tensor:
         """The causal filter's output at the newest event only: newest (B, 1, D), the embedded new events;
         window_ids (B, max_len), the most recent events' ids, oldest first (the newest last), 0 before the first;
-        embed maps ids (B, lags) to their embeddings (B, lags, D), zeros for the padding id 0 → (B, 1, D). Called
-        through `forward(newest, window_ids, embed)`.
+        window_rows: the embedded catalogue (I, D), row 0 zero, whose rows the ids name, or, for a catalogue too
+        large to embed whole at every step, `embed` itself, mapping ids (B, lags) to embeddings (B, lags, D);
+        backend: the kernels' → (B, 1, D). Called through `forward(newest, window_ids, window_rows, backend)`.
 
-        A direct sum over the lags: one position does not pay for FFTs. The window is embedded and summed
-        `STEP_LAGS_PER_BLOCK` lags at a time: a whole batch's (B, max_len, D) window, 131 MB at B = 256 and
-        max_len = 2,000, falls out of cache and is page-faulted in afresh at every step, which made that step 4.1×
-        slower (docs/BENCHMARKS.md). The blocks are over lags, not users, so that their number is fixed by max_len
-        and an exported step keeps a dynamic batch."""
+        A direct sum over the lags: one position does not pay for FFTs. From the catalogue, `filter_window_sum`
+        (the fused CPU loop reads the ids and sums the rows in cache); from `embed`, the window's positions are
+        embedded and summed block by block (`blocked_window_sum`)."""
         kernel = self.causal_kernel(newest.device)[0].flip(-1).t()  # (max_len, D) or (max_len, 1): lag max_len−1 1st
-        filtered = newest.new_zeros(newest.shape, dtype=torch.float32)  # (B, 1, D)
-        for start in range(0, window_ids.shape[1], STEP_LAGS_PER_BLOCK):
-            block = embed(window_ids[:, start:start + STEP_LAGS_PER_BLOCK])  # (B, lags, D)
-            filtered += (block.float() * kernel[start:start + STEP_LAGS_PER_BLOCK]).sum(dim=1, keepdim=True)
-        return self.layer_norm(newest + self.dropout(filtered.to(newest.dtype)))
+        if isinstance(window_rows, torch.Tensor):
+            filtered = filter_window_sum(window_ids, window_rows, kernel, backend)  # (B, D)
+        else:
+            filtered = blocked_window_sum(window_ids, kernel, window_rows)
+        return self.layer_norm(newest + self.dropout(filtered.unsqueeze(1).to(newest.dtype)))
 
 
 class _HalfProjection(nn.Linear):
@@ -821,17 +820,17 @@ class M2RecModel(M2RecPreTrainedModel):
         # Zero the padding so that the filter's spectrum and window only contain real items.
         return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
 
-    def _window_embedder(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`embed` for a cached step's item window. A catalogue of at most `STEP_CATALOGUE_USERS` users' windows
-        (I ≤ that × max_len) is embedded whole, once per step, and the window looks its rows up: one LayerNorm per
-        item instead of one per window position (the step at B = 256, max_len = 2,000 took 1.64× as long without
-        it); a larger catalogue would cost more than the windows it saves, so their positions are embedded instead.
-        A rule on the config, not on the batch, so that an exported step keeps a dynamic batch. The same values as
-        `embed` in eval mode, the only mode a cache is for."""
+    def _window_rows(self, device: torch.device) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor]:
+        """What a cached step's filter reads its item window from (`M2RecFrequencyFilter.step`). A catalogue of at
+        most `STEP_CATALOGUE_USERS` users' windows (I ≤ that × max_len) is embedded whole, once per step, (I, D),
+        and the window names its rows: one LayerNorm per item instead of one per window position (the step at
+        B = 256, max_len = 2,000 took 1.64× as long without it); a larger catalogue would cost more than the windows
+        it saves, so `embed` is returned, to embed the window's positions. A rule on the config, not on the batch,
+        so that an exported step keeps a dynamic batch. The same values as `embed` in eval mode, the only mode a
+        cache is for."""
         if self.config.vocab_size > STEP_CATALOGUE_USERS * self.config.max_len:
             return self.embed
-        catalogue = self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), on the ids' device
-        return lambda ids: F.embedding(ids, catalogue)  # (..., D) rows of the (I, D) catalogue, row 0 zero
+        return self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), row 0 (padding) zero
 
     def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        cache_params: M2RecCache) -> None:
@@ -896,7 +895,8 @@ class M2RecModel(M2RecPreTrainedModel):
             if self.frequency_filter is None:
                 hidden = embedded
             else:  # the filter reads the window of recent items
-                hidden = self.frequency_filter(embedded, cache.item_ids, self._window_embedder(input_ids.device))
+                backend = resolve_backend(input_ids.device, self.config.kernel_backend)
+                hidden = self.frequency_filter(embedded, cache.item_ids, self._window_rows(input_ids.device), backend)
         all_hidden = (embedded, hidden)
 
         selection = embedded if self.config.selection_source == "unfiltered" else None

@@ -99,6 +99,9 @@ def test_custom_ops_pass_opcheck(channel_last, optional_inputs, avx512):
     torch.library.opcheck(cpu_scan.kernel_ops.conv_fwd, (x, weight, bias, True))
     torch.library.opcheck(cpu_scan.kernel_ops.conv_bwd, (sequence(channel_last), x.detach(), weight.detach(),
                                                          None if bias is None else bias.detach(), True))
+    # the cached step's window sum (inference only, no autograd)
+    window_ids = torch.randint(0, 9, (3, 7))
+    torch.library.opcheck(cpu_scan.kernel_ops.window_sum, (window_ids, torch.randn(9, dim), torch.randn(7, dim)))
 
 
 def test_a_remote_code_copy_in_the_same_process_uses_the_same_ops(tmp_path):
@@ -249,7 +252,10 @@ def test_exported_one_event_step_continues_the_cache_as_eager(kernel_backend, dy
         batch = torch.export.Dim("batch")
         dynamic_shapes = {"new_items": {0: batch},
                           "cache": torch.utils._pytree.tree_map(lambda _: {0: batch}, _flatten_cache(cache)[0])}
-    program = torch.export.export(step, (new_items, copy.deepcopy(cache)), dynamic_shapes=dynamic_shapes).module()
+    exported = torch.export.export(step, (new_items, copy.deepcopy(cache)), dynamic_shapes=dynamic_shapes)
+    # on the fused path the filter's window sum is the custom op in the program, not its torch twin
+    assert ("window_sum" in str(exported.graph)) == (kernel_backend == "cpu_fused")
+    program = exported.module()
     if dynamic_batch:
         cache, new_items = cache_and_new_items(5, seed=4)
     eager_cache, exported_cache = copy.deepcopy(cache), copy.deepcopy(cache)

@@ -506,6 +506,64 @@ def test_causal_conv1d_rejects_unknown_activation(implementation):
         CONV_IMPLEMENTATIONS[implementation](torch.zeros(1, 2, 3), torch.zeros(2, 2), activation="relu")
 
 
+WINDOW_SUMS = {"torch": kernels.filter_window_sum_torch, "fused_cpu": cpu_scan.filter_window_sum_cpu,
+               "dispatcher": kernels.filter_window_sum}
+
+
+def window_case(batch=5, window=70, dim=12, rows=9, kernel_channels=None, seed=0):
+    """A step's window (ids, padding 0 in front for some users), an embedded catalogue with a zero row 0, a kernel."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, rows, (batch, window), generator=gen)
+    ids[1, :window - 3] = 0  # a user with three events
+    table = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    table[0] = 0
+    return ids, table, torch.randn(window, kernel_channels or dim, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("implementation", WINDOW_SUMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel_channels", [None, 1], ids=["learned W", "fixed filter"])
+def test_filter_window_sum_paths_equal_the_definition(implementation, dtype, kernel_channels):
+    """The cached step's window sum on every path (the twin sums 64-lag blocks; 70 lags leave a short last one)
+    equals the float64 definition; a fixed filter's (W, 1) kernel broadcasts over the channels."""
+    ids, table, kernel = window_case(kernel_channels=kernel_channels)
+    expected = kernels.filter_window_sum_ref(ids, table, kernel)
+    actual = WINDOW_SUMS[implementation](ids, table.to(dtype), kernel.to(dtype))
+    assert actual.shape == (5, 12) and actual.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("lags", [1, 3, 64, 1000])
+def test_filter_window_sum_twin_in_blocks_of_lags_equals_one_block(monkeypatch, lags):
+    ids, table, kernel = window_case()
+    monkeypatch.setattr(kernels, "WINDOW_LAGS_PER_BLOCK", lags)
+    torch.testing.assert_close(kernels.filter_window_sum_torch(ids, table.float(), kernel.float()).double(),
+                               kernels.filter_window_sum_ref(ids, table, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_filter_window_sum_dispatcher_takes_the_twin_for_gradients():
+    """The fused loop has no backward: where the table or the kernel wants a gradient the dispatcher runs the twin,
+    whose gradients are the definition's."""
+    ids, table, kernel = window_case()
+    inputs = [t.float().requires_grad_() for t in (table, kernel)]
+    kernels.filter_window_sum(ids, *inputs, backend="cpu_fused").sum().backward()
+    reference = [t.clone().requires_grad_() for t in (table, kernel)]
+    kernels.filter_window_sum_ref(ids, *reference).sum().backward()
+    for got, want in zip(inputs, reference):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_filter_window_sum_refuses_ids_outside_the_table():
+    ids, table, kernel = window_case()
+    for bad in (9, -1):
+        ids[2, 5] = bad
+        with pytest.raises(RuntimeError, match=r"window_ids holds an id outside the table's rows 0\.\.8"):
+            cpu_scan.filter_window_sum_cpu(ids, table.float(), kernel.float())
+    with pytest.raises(RuntimeError, match=r"kernel must be \(W, D\) = \(70, 12\)"):
+        cpu_scan.filter_window_sum_cpu(ids.clamp(0, 8), table.float(), kernel[:-1].float())
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

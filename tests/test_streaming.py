@@ -4,7 +4,7 @@ forward on the same history, on the PyTorch path and on the fused CPU kernels.""
 import pytest
 import torch
 
-from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation, modeling_m2rec
+from m2rec import M2RecCache, M2RecConfig, M2RecForSequentialRecommendation, kernels, modeling_m2rec
 
 NUM_ITEMS = 30
 MAX_LEN = 10
@@ -24,8 +24,8 @@ def variant_id(variant):
 
 @pytest.fixture(params=["torch", "cpu_fused"])
 def backend(request):
-    """The `kernel_backend` of the full forward and the cache's fill (the one-event kernels have no fused CPU form:
-    they are PyTorch on the CPU either way)."""
+    """The `kernel_backend` of the full forward, the cache's fill and the steps (on the CPU the one-event scan and
+    convolution are PyTorch either way; the filter's window sum has a fused form)."""
     return request.param
 
 
@@ -193,20 +193,26 @@ def test_streamed_scores_equal_the_full_forward_on_cuda():
 
 
 @torch.no_grad()
-def test_a_step_sums_the_window_in_blocks_of_lags_as_in_one_block(monkeypatch):
-    """The cached step sums its item window `STEP_LAGS_PER_BLOCK` lags at a time: blocks of one lag and of three
-    (which leave a short last block) score as one block of all max_len lags, and as the full forward."""
-    model = tiny_model()
+def test_a_step_on_the_torch_path_sums_the_window_in_blocks_of_lags_as_in_one_block(monkeypatch):
+    """On the torch path the cached step sums its item window `WINDOW_LAGS_PER_BLOCK` lags at a time: blocks of one
+    lag and of three (which leave a short last block) score as one block of all max_len lags, as the fused CPU loop,
+    and as the full forward."""
+    model = tiny_model(kernel_backend="torch")
     items = histories(5, MAX_LEN)
     expected = full_scores(model, items, [MAX_LEN] * 5)
-    one_block = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params,
-                      last_position_only=True).logits
-    for lags in (1, 3):
-        monkeypatch.setattr(modeling_m2rec, "STEP_LAGS_PER_BLOCK", lags)
-        cache = model(items[:, :-1], use_cache=True).cache_params
-        blocked = model(items[:, -1:], cache_params=cache, last_position_only=True).logits
-        assert relative_error(blocked, one_block) < 1e-6 and relative_error(blocked, expected) < 1e-5
 
+    def step_scores():
+        cache = model(items[:, :-1], use_cache=True).cache_params
+        return model(items[:, -1:], cache_params=cache, last_position_only=True).logits
+
+    one_block = step_scores()
+    model.config.kernel_backend = "cpu_fused"
+    assert relative_error(step_scores(), one_block) < 1e-6
+    model.config.kernel_backend = "torch"
+    for lags in (1, 3):
+        monkeypatch.setattr(kernels, "WINDOW_LAGS_PER_BLOCK", lags)
+        blocked = step_scores()
+        assert relative_error(blocked, one_block) < 1e-6 and relative_error(blocked, expected) < 1e-5
 
 
 @torch.no_grad()
@@ -217,6 +223,6 @@ def test_a_step_embeds_the_window_where_it_is_when_the_catalogue_is_large(monkey
     items = histories(3, MAX_LEN)
     expected = model(items[:, -1:], cache_params=model(items[:, :-1], use_cache=True).cache_params).logits
     monkeypatch.setattr(modeling_m2rec, "STEP_CATALOGUE_USERS", 0)
-    assert model.m2rec._window_embedder(items.device) == model.m2rec.embed
+    assert model.m2rec._window_rows(items.device) == model.m2rec.embed
     cache = model(items[:, :-1], use_cache=True).cache_params
-    torch.testing.assert_close(model(items[:, -1:], cache_params=cache).logits, expected, rtol=0, atol=0)
+    assert relative_error(model(items[:, -1:], cache_params=cache).logits[:, 0], expected[:, 0]) < 1e-6
