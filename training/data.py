@@ -517,19 +517,19 @@ def _movielens_rows(path: Path, args: DataArguments, double_colon: bool) -> RawD
 
 
 def _movielens_columns(path: Path, args: DataArguments, double_colon: bool) -> RawData:
-    ids: list[list[pa.Array]] = [[], []]  # user, item: one dictionary-encoded array per block of lines
-    numbers: list[list[np.ndarray]] = [[], []]  # rating, timestamp: float64 per block, so no column stays text
+    # One array per block of lines: the ids dictionary-encoded, the numbers cast to float64, so no column stays text.
+    users, items, ratings, timestamps = [], [], [], []
     split = (lambda lines: pc.split_pattern(lines, "::")) if double_colon else pc.utf8_split_whitespace
     for fields in _line_fields(path, args, split):
         if not pc.all(pc.equal(pc.list_value_length(fields), 4)).as_py():
             raise _ReadRowByRow("a line without four fields")
-        for k, column in enumerate(ids):
-            column.append(pc.list_element(fields, k).dictionary_encode())
-        for k, (column, what) in enumerate(zip(numbers, ("rating", "timestamp")), start=2):
-            column.append(_column_numbers(pa.chunked_array([pc.list_element(fields, k)]), what, path))
-    users, user_names = _encode_ids(pa.chunked_array(ids[0], _ID_TEXT), "user")
-    items, item_names = _encode_ids(pa.chunked_array(ids[1], _ID_TEXT), "item")
-    ratings, timestamps = (np.concatenate(blocks) if blocks else np.zeros(0) for blocks in numbers)
+        users.append(pc.list_element(fields, 0).dictionary_encode())
+        items.append(pc.list_element(fields, 1).dictionary_encode())
+        ratings.append(_column_numbers(pa.chunked_array([pc.list_element(fields, 2)]), "rating", path))
+        timestamps.append(_column_numbers(pa.chunked_array([pc.list_element(fields, 3)]), "timestamp", path))
+    users, user_names = _encode_ids(pa.chunked_array(users, _ID_TEXT), "user")
+    items, item_names = _encode_ids(pa.chunked_array(items, _ID_TEXT), "item")
+    ratings, timestamps = (np.concatenate(blocks) if blocks else np.zeros(0) for blocks in (ratings, timestamps))
     return RawData(users, user_names, items, item_names, timestamps, ratings, {})
 
 
