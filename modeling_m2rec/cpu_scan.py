@@ -10,7 +10,9 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
   compiler;
 - AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `avx512_enabled`): 16 channels per vector,
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
-  generic speed forward and backward on the paper's sizes.
+  generic speed forward and backward on the paper's sizes;
+- AVX2 (the float32 forward where the CPU has AVX2 and FMA but no AVX-512F; `vector_forward_enabled`): the
+  AVX-512 forward's algorithm for 8-float registers; the backward there is the generic one.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
 (`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and window_sum, the causal filter's sum over a cached step's
 window of items, inference only) with fake implementations and autograd, so that torch.compile and torch.export
@@ -172,10 +174,18 @@ AVX512_DISABLED = env_flag("M2REC_DISABLE_AVX512")
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
 def avx512_enabled():
-    """Whether the fused scan runs its AVX-512 variants (vectorised over channels): the CPU has AVX-512F and
-    M2REC_DISABLE_AVX512 was not set (`AVX512_DISABLED`)."""
+    """Whether the fused scan runs its AVX-512 variants (vectorised over channels, forward and backward): the CPU
+    has AVX-512F and M2REC_DISABLE_AVX512 was not set (`AVX512_DISABLED`)."""
     module = load_cpu_scan()
     return module is not None and module.has_avx512() and not AVX512_DISABLED
+
+
+@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
+def vector_forward_enabled():
+    """Whether the fused scan's forward is vectorised over channels (the kernels' `avx512` flag): on AVX-512F, or on
+    AVX2 with FMA; M2REC_DISABLE_AVX512 (`AVX512_DISABLED`) asks for the generic loops on either."""
+    module = load_cpu_scan()
+    return module is not None and (module.has_avx512() or module.has_avx2()) and not AVX512_DISABLED
 
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
@@ -357,9 +367,9 @@ def selective_scan_cpu(
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     if _needs_op():
-        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, avx512_enabled())
+        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, vector_forward_enabled())
     else:
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, avx512_enabled())
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, vector_forward_enabled())
         last_state = last_state.contiguous() if return_last_state else None  # as the op returns it
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
@@ -418,7 +428,8 @@ def build_kernels_main(argv=None):
               "M2Rec runs the exact plain-PyTorch path instead, several times slower on CPU", file=sys.stderr)
         return 1
     if not module.has_avx512():
-        avx512 = "not used (this CPU has no AVX-512F; the generic vectorised loops run)"
+        avx512 = (f"not used (this CPU has no AVX-512F; the "
+                  f"{'AVX2 forward and the generic backward' if vector_forward_enabled() else 'generic loops'} run)")
     elif avx512_enabled():
         avx512 = "used (this CPU has AVX-512F)"
     else:
@@ -431,4 +442,5 @@ def build_kernels_main(argv=None):
 
 
 __all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "filter_window_sum_cpu",
-           "fused_backward", "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu"]
+           "fused_backward", "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu",
+           "vector_forward_enabled"]

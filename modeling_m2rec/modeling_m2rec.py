@@ -227,6 +227,24 @@ TOP_K_CHUNK_ITEMS = 1 << 16
 STEP_CATALOGUE_USERS = 64  # a step embeds the whole catalogue when it is at most this many users' windows
 
 
+def _kept_value_key(parameters: list[torch.Tensor], device) -> tuple | None:
+    """The key under which a value computed from `parameters` without gradient may be kept from one call to the
+    next, or None where it may not be kept: under torch.compile and torch.export (the graph computes it), or where
+    one of them takes a gradient. The key holds each parameter's version counter (it counts every in-place write
+    that autograd sees: an optimizer step, `load_state_dict`), storage and dtype, the device, and whether inference
+    mode is on (a value made there is an inference tensor, which autograd may not save later). The caller keeps the
+    parameters themselves next to the value and checks their identity too, so that a new parameter (`.to()`, a
+    resized table) is never matched by a recycled storage address. Not seen: writes through `.data`."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters)):
+        return None
+    return (tuple((p._version, p.data_ptr(), p.dtype) for p in parameters), torch.device(device),
+            torch.is_inference_mode_enabled())
+
+
+def _same_tensors(kept: list[torch.Tensor], current: list[torch.Tensor]) -> bool:
+    return len(kept) == len(current) and all(a is b for a, b in zip(kept, current))
+
+
 class M2RecFrequencyFilter(nn.Module):
     """Adaptive FFT filter (paper §III-D, eq. 9–13): `x + dropout(F⁻¹(W ⊙ M ⊙ F(x)))`, then LayerNorm.
 
@@ -272,30 +290,23 @@ class M2RecFrequencyFilter(nn.Module):
         spectrum for `causal_fft_convolution` ((D, length + 1) complex), or None without `length` or where W
         takes a gradient (the convolution then transforms the kernel itself, inside autograd's graph).
 
-        Without gradient, both are kept from one call to the next, keyed on W's identity, storage, version counter,
-        dtype and device, so that an optimizer step, `load_state_dict`, `.to()` or a new parameter invalidates them
-        (the version counter counts every in-place write that autograd sees). Not detected: writes through
-        `W.data` (e.g. `frequency_response.data.mul_(2)`), which autograd does not see either; call
-        `clear_kernel_cache()` after such a write. Under torch.compile and torch.export nothing is kept: the graph
-        computes the kernel from W."""
-        response = self.frequency_response
-        keep = not torch.compiler.is_compiling() and (
-            response is None or not (torch.is_grad_enabled() and response.requires_grad))
-        if not keep:
-            kernel = self._kernel_from_response(device)
-            return kernel, None
-        # inference mode too: a kernel made there is an inference tensor, which autograd may not save later
-        key = (None if response is None else (response._version, response.data_ptr(), response.dtype),
-               torch.device(device), torch.is_inference_mode_enabled())
+        Without gradient, both are kept from one call to the next (`_kept_value_key`), so that an optimizer step,
+        `load_state_dict`, `.to()` or a new parameter invalidates them. Not detected: writes through `W.data` (e.g.
+        `frequency_response.data.mul_(2)`), which autograd does not see either; call `clear_kernel_cache()` after
+        such a write. Under torch.compile and torch.export nothing is kept: the graph computes the kernel from W."""
+        parameters = [] if self.frequency_response is None else [self.frequency_response]
+        key = _kept_value_key(parameters, device)
+        if key is None:
+            return self._kernel_from_response(device), None
         cached = self._kernel_cache
-        if cached is not None and cached[0] == key and cached[4] is response:
+        if cached is not None and cached[0] == key and _same_tensors(cached[4], parameters):
             kernel, spectrum = cached[1], cached[3] if cached[2] == length else None
         else:
             kernel, spectrum = self._kernel_from_response(device), None
         if length is not None and spectrum is None:
             spectrum = causal_fft_kernel_spectrum(kernel, length)
         # one spectrum, of the last length asked for: a dict of every length seen would grow to max_len entries
-        self._kernel_cache = (key, kernel, length if spectrum is not None else None, spectrum, response)
+        self._kernel_cache = (key, kernel, length if spectrum is not None else None, spectrum, parameters)
         return kernel, spectrum
 
     def clear_kernel_cache(self) -> None:
@@ -682,6 +693,9 @@ class M2RecModel(M2RecPreTrainedModel):
             self.text_proj = nn.Linear(config.text_embedding_dim, config.hidden_size)
             self.text_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.fusion = M2RecFusion(config)
+        # (key, embedded catalogue, parameters) of the last cached step (see _window_rows); a plain attribute: not
+        # state, never saved
+        self._catalogue_cache = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -822,15 +836,32 @@ class M2RecModel(M2RecPreTrainedModel):
 
     def _window_rows(self, device: torch.device) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor]:
         """What a cached step's filter reads its item window from (`M2RecFrequencyFilter.step`). A catalogue of at
-        most `STEP_CATALOGUE_USERS` users' windows (I ≤ that × max_len) is embedded whole, once per step, (I, D),
-        and the window names its rows: one LayerNorm per item instead of one per window position (the step at
-        B = 256, max_len = 2,000 took 1.64× as long without it); a larger catalogue would cost more than the windows
-        it saves, so `embed` is returned, to embed the window's positions. A rule on the config, not on the batch,
-        so that an exported step keeps a dynamic batch. The same values as `embed` in eval mode, the only mode a
-        cache is for."""
+        most `STEP_CATALOGUE_USERS` users' windows (I ≤ that × max_len) is embedded whole, (I, D), and the window
+        names its rows: one LayerNorm per item instead of one per window position (the step at B = 256,
+        max_len = 2,000 took 1.64× as long without it); a larger catalogue would cost more than the windows it
+        saves, so `embed` is returned, to embed the window's positions. A rule on the config, not on the batch, so
+        that an exported step keeps a dynamic batch. The same values as `embed` in eval mode, the only mode a cache
+        is for.
+
+        The embedded catalogue is kept from one step to the next while its parameters stay the same
+        (`_kept_value_key`; `clear_catalogue_cache()` after a write through `.data`): embedding 3,417 items at every
+        step was 60 % of a batch-1 step's time at L = 200. Not kept in training mode (dropout) or under
+        compile/export."""
         if self.config.vocab_size > STEP_CATALOGUE_USERS * self.config.max_len:
             return self.embed
-        return self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), row 0 (padding) zero
+        parameters = [self.item_embeddings.weight, self.embedding_norm.weight, self.embedding_norm.bias]
+        key = None if self.training else _kept_value_key(parameters, device)
+        cached = self._catalogue_cache
+        if key is not None and cached is not None and cached[0] == key and _same_tensors(cached[2], parameters):
+            return cached[1]
+        rows = self.embed(torch.arange(self.config.vocab_size, device=device))  # (I, D), row 0 (padding) zero
+        self._catalogue_cache = None if key is None else (key, rows, parameters)
+        return rows
+
+    def clear_catalogue_cache(self) -> None:
+        """Forgets the embedded catalogue that cached steps keep (see `_window_rows`), after a write to the item
+        embeddings or their norm that its key cannot see."""
+        self._catalogue_cache = None
 
     def _validate_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        cache_params: M2RecCache) -> None:

@@ -79,7 +79,8 @@ CASES = [
 
 
 def selective_scan_cpu_generic(*args, **kwargs):
-    """The fused CPU scan with its AVX-512 forward switched off (the variant that runs on every other CPU)."""
+    """The fused CPU scan with its vectorised forward (AVX-512 or AVX2) switched off (the variant that runs on every
+    other CPU)."""
     previous, cpu_scan.AVX512_DISABLED = cpu_scan.AVX512_DISABLED, True
     try:
         return cpu_scan.selective_scan_cpu(*args, **kwargs)
@@ -347,6 +348,26 @@ def test_large_decays_stay_finite_and_exact(implementation):
     results = run_with_grads(IMPLEMENTATIONS[implementation], inputs, softplus, torch.float32)
     assert all(torch.isfinite(v).all() for v in results.values())
     assert_close_to_reference(results, reference, torch.float32)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_extreme_gates_and_steps_stay_exact(implementation):
+    """The vectorised kernels' exponentials clamp their argument: a gate z of ±200 (silu 0 and z) and a raw step of
+    ±100 under softplus (0 and 100) still give the reference's forward."""
+    inputs, softplus = case_inputs(CASES[-1])
+    generator = torch.Generator().manual_seed(5)
+    extremes = torch.tensor([-200.0, -100.0, 100.0, 200.0], dtype=torch.float64)
+    for name in ("z", "delta"):
+        picks = torch.rand(inputs[name].shape, generator=generator, dtype=torch.float64) < 0.2
+        values = extremes[torch.randint(0, 4, inputs[name].shape, generator=generator)]
+        inputs[name] = torch.where(picks, values / (2.0 if name == "delta" else 1.0), inputs[name])
+    expected = kernels.selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
+    with torch.no_grad():
+        actual = IMPLEMENTATIONS[implementation](**{k: None if v is None else v.float() for k, v in inputs.items()},
+                                                 delta_softplus=softplus, return_last_state=True)
+    assert all(torch.isfinite(t).all() for t in actual)
+    assert_close_to_reference(dict(zip(["out", "last_state"], actual)), dict(zip(["out", "last_state"], expected)),
+                              torch.float32)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

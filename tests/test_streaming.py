@@ -226,3 +226,40 @@ def test_a_step_embeds_the_window_where_it_is_when_the_catalogue_is_large(monkey
     assert model.m2rec._window_rows(items.device) == model.m2rec.embed
     cache = model(items[:, :-1], use_cache=True).cache_params
     assert relative_error(model(items[:, -1:], cache_params=cache).logits[:, 0], expected[:, 0]) < 1e-6
+
+
+def test_the_embedded_catalogue_is_kept_between_steps_until_its_parameters_change():
+    """Cached steps embed the catalogue once, not at every event; an optimizer step, `load_state_dict` and a grown
+    catalogue each make the next step embed it again, and a step scores as a fresh model would."""
+    model = tiny_model()
+    items = histories(2, MAX_LEN)
+
+    def steps(fresh=False):
+        if fresh:
+            model.m2rec.clear_catalogue_cache()
+        with torch.no_grad():
+            cache = model(items[:, :-2], use_cache=True).cache_params
+            return [model(items[:, t:t + 1], cache_params=cache).logits[:, 0] for t in (MAX_LEN - 2, MAX_LEN - 1)]
+
+    first = steps()
+    kept = model.m2rec._catalogue_cache[1]
+    assert kept.shape == (NUM_ITEMS + 1, 16)
+    second = steps()
+    assert model.m2rec._catalogue_cache[1] is kept  # reused, not recomputed
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    model.train()
+    with torch.no_grad():
+        assert model.m2rec._window_rows(items.device) is not kept  # dropout in training mode: never kept
+    model.eval()
+    # An optimizer step on the item embeddings writes them in place.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(items, labels=torch.roll(items, -1, dims=1)).loss.backward()
+    optimizer.step()
+    after = steps()
+    assert not torch.allclose(after[0], first[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, steps(fresh=True)))
+    model.load_state_dict(tiny_model().state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(steps(), steps(fresh=True)))
+    assert all(torch.equal(a, b) for a, b in zip(steps(), first))
+    model.resize_catalogue(NUM_ITEMS + 5)  # a new embedding table
+    assert steps()[0].shape == (2, NUM_ITEMS + 6)

@@ -349,6 +349,115 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
   }
 }
 
+// The float32 forward on CPUs with AVX2 and FMA but no AVX-512 (many AMD EPYC and desktop CPUs):
+// the algorithm of forward_avx512 on the same (L, 16) tiles, each 16-channel step taken as two
+// halves of 8 channels, one AVX2 register each. 2^x takes its 2^k from the exponent bits (AVX2
+// has no vscalefps); silu(z) and softplus use the formulas of the AVX-512 forward. The output is
+// written as (B, D, L) rows, the generic layout, so that the custom op's fake implementation and
+// the generic backward, which runs on these CPUs, see what they expect.
+#define M2REC_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+constexpr int64_t kHalf = kChannels / 2;
+
+// 2^x by the polynomial of exp2_avx512, x first clamped to [-127, 127]; below -126 exactly 0 (the
+// scan's decays far under the float range, as vscalefps gives them). NaN stays NaN.
+M2REC_AVX2_INLINE __m256 exp2_avx2(__m256 x) {
+  const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);  // true for NaN
+  x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), x));  // NaN: x
+  const __m256 k = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, k);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), normal);
+}
+
+// softplus as softplus_avx512: max(x, 0) + 2 atanh(s), s = e / (2 + e), e = exp(-|x|).
+M2REC_AVX2_INLINE __m256 softplus_avx2(__m256 x) {
+  const __m256 minus_abs = _mm256_min_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), x));
+  const __m256 e = exp2_avx2(_mm256_mul_ps(minus_abs, _mm256_set1_ps(kLog2e)));
+  const __m256 s = _mm256_div_ps(e, _mm256_add_ps(_mm256_set1_ps(2.0f), e));
+  const __m256 s2 = _mm256_mul_ps(s, s);
+  __m256 series = _mm256_set1_ps(1.0f / 13.0f);
+  for (float c : {1.0f / 11.0f, 1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f}) {
+    series = _mm256_fmadd_ps(series, s2, _mm256_set1_ps(c));
+  }
+  return _mm256_add_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_mul_ps(_mm256_add_ps(s, s), series));
+}
+
+// Tasks [lo, hi) as in forward_avx512: task = (batch element b, block of 16 channels). The lanes
+// past `width` read dt = u = z = 0 (block_to_tile) and A = 0, so their state stays 0.
+__attribute__((target("avx2,fma"))) void forward_avx2(const Scan<float>& s, bool channel_last,
+                                                       const float* delta_bias, bool softplus,
+                                                       float* out, float* last, int64_t lo, int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
+  std::vector<float> a2(Np * kChannels), h(Np * kChannels);  // A log2 e and the state, (Np, 16)
+  std::vector<float> tiles(4 * L * kChannels);  // the block's dt, u, z and y
+  float bias_lanes[kChannels], skip_lanes[kChannels];  // delta_bias and D, 0 where absent or past width
+  for (int64_t task = lo; task < hi; ++task) {
+    const int64_t b = task / blocks, d0 = task % blocks * kChannels;
+    const int64_t width = std::min(kChannels, dim - d0), row0 = b * dim + d0;
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < kChannels; ++j) {
+        a2[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] * kLog2e : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < kChannels; ++j) {
+      bias_lanes[j] = delta_bias != nullptr && j < width ? delta_bias[d0 + j] : 0.0f;
+      skip_lanes[j] = s.D != nullptr && j < width ? s.D[d0 + j] : 0.0f;
+    }
+    load_state_block(s.h0, row0, width, Np, h.data());
+    float* dt_p = tiles.data();
+    float* u_p = dt_p + L * kChannels;
+    float* z_p = s.z != nullptr ? u_p + L * kChannels : nullptr;
+    float* y_p = u_p + 2 * L * kChannels;
+    block_to_tile(s.dt, channel_last, b, d0, width, dim, L, 0, L, dt_p);
+    block_to_tile(s.u, channel_last, b, d0, width, dim, L, 0, L, u_p);
+    if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, 0, L, z_p);
+    for (int64_t t = 0; t < L; ++t) {
+      const float* Bn = s.Bt + (b * L + t) * Np;
+      const float* Cn = s.Ct + (b * L + t) * Np;
+      for (int64_t half = 0; half < kChannels; half += kHalf) {
+        const int64_t lane = t * kChannels + half;
+        __m256 dt = _mm256_add_ps(_mm256_loadu_ps(dt_p + lane), _mm256_loadu_ps(bias_lanes + half));
+        if (softplus) dt = softplus_avx2(dt);
+        const __m256 u = _mm256_loadu_ps(u_p + lane);
+        const __m256 dtu = _mm256_mul_ps(dt, u);
+        // Two partial sums: the adds into y would otherwise form one chain of Np dependent FMAs.
+        __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+        for (int64_t n = 0; n < Np; n += 2) {
+          float* h0 = h.data() + n * kChannels + half;
+          float* h1 = h0 + kChannels;
+          const __m256 a0 = exp2_avx2(_mm256_mul_ps(dt, _mm256_loadu_ps(a2.data() + n * kChannels + half)));
+          const __m256 a1 = exp2_avx2(_mm256_mul_ps(dt, _mm256_loadu_ps(a2.data() + (n + 1) * kChannels + half)));
+          const __m256 h0n = _mm256_fmadd_ps(a0, _mm256_loadu_ps(h0), _mm256_mul_ps(dtu, _mm256_set1_ps(Bn[n])));
+          const __m256 h1n =
+              _mm256_fmadd_ps(a1, _mm256_loadu_ps(h1), _mm256_mul_ps(dtu, _mm256_set1_ps(Bn[n + 1])));
+          _mm256_storeu_ps(h0, h0n);
+          _mm256_storeu_ps(h1, h1n);
+          y0 = _mm256_fmadd_ps(_mm256_set1_ps(Cn[n]), h0n, y0);
+          y1 = _mm256_fmadd_ps(_mm256_set1_ps(Cn[n + 1]), h1n, y1);
+        }
+        __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(skip_lanes + half), u, _mm256_add_ps(y0, y1));
+        if (z_p != nullptr) {  // y * silu(z) = y z / (1 + exp(-z))
+          const __m256 z = _mm256_loadu_ps(z_p + lane);
+          const __m256 e = exp2_avx2(_mm256_mul_ps(z, _mm256_set1_ps(-kLog2e)));
+          y = _mm256_div_ps(_mm256_mul_ps(y, z), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        }
+        _mm256_storeu_ps(y_p + lane, y);
+      }
+    }
+    tile_to_block(y_p, /*channel_last=*/false, b, d0, width, dim, L, 0, L, out);
+    store_state_block(h.data(), row0, width, Np, last);
+  }
+}
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
 // The backward on AVX-512, float32, vectorised over channels like forward_avx512. A task is one
 // batch element. Time runs in chunks of `chunk` steps, the last chunk first, and within a chunk
 // every 16-channel block in turn: its steps are copied into (T, 16) tiles, its states h_t
@@ -561,6 +670,8 @@ void forward_avx512(const Scan<float>&, bool, const float*, bool, float*, float*
 void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
                      double*, double*, float*, float*, float*, float*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
+void forward_avx2(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
+bool cpu_has_avx2() { return false; }
 #endif
 
 template <typename T>
@@ -934,8 +1045,9 @@ int64_t grain_rows(const Inputs& in) {
 
 // Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state
 // (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With
-// `avx512` (and float32 inputs on a CPU that has it) the channel-vectorised forward runs; for
-// channel-last inputs out is a (B, D, L) view of channel-last memory too.
+// `avx512` and float32 inputs, a channel-vectorised forward runs: forward_avx512 on a CPU with
+// AVX-512F (for channel-last inputs out is then a (B, D, L) view of channel-last memory too), else
+// forward_avx2 on one with AVX2 and FMA (out in rows).
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -945,13 +1057,15 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     TORCH_CHECK(delta_bias->numel() == u.size(1) && delta_bias->scalar_type() == u.scalar_type(),
                 "delta_bias must be (D,) = (", u.size(1), ",) of u's dtype, got ", delta_bias->sizes());
   }
-  if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
+  const bool wide = cpu_has_avx512();
+  if (avx512 && (wide || cpu_has_avx2()) && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, initial_state, channel_last);
-    at::Tensor out = channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
-                                  : at::empty({in.batch, in.dim, in.L}, in.u.options());
+    const bool out_channel_last = channel_last && wide;
+    at::Tensor out = out_channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
+                                      : at::empty({in.batch, in.dim, in.L}, in.u.options());
     at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
     const Scan<float> s = in.view<float>();
     const int64_t blocks = (in.dim + kChannels - 1) / kChannels;
@@ -959,10 +1073,11 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     float* last_ptr = last.data_ptr<float>();
     at::parallel_for(0, in.batch * blocks, std::max<int64_t>(1, grain_rows(in) / kChannels),
                      [&](int64_t lo, int64_t hi) {
-                       forward_avx512(s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr,
-                                      softplus, out_ptr, last_ptr, lo, hi);
+                       (wide ? forward_avx512 : forward_avx2)(
+                           s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus, out_ptr,
+                           last_ptr, lo, hi);
                      });
-    return {channel_last ? out.transpose(1, 2) : out, last.narrow(2, 0, in.N)};
+    return {out_channel_last ? out.transpose(1, 2) : out, last.narrow(2, 0, in.N)};
   }
   at::Tensor dt = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
   if (softplus) dt = at::softplus(dt);
@@ -1231,7 +1346,8 @@ at::Tensor window_sum(const at::Tensor& window_ids, const at::Tensor& table, con
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward: out (B, D, L), last state (B, D, N)");
-  m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward");
+  m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward and backward");
+  m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2 forward (AVX2 and FMA)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward: out (B, D, L)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward: dx, dweight, dbias");
   m.def("window_sum", &window_sum, "the causal filter's window sum of one step: out (B, D)");
