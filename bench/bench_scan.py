@@ -163,10 +163,17 @@ def layer_inputs(batch, length):
     return torch.randn(batch, length, 64, generator=torch.Generator().manual_seed(0))
 
 
+def selective_scan_generic_loops(*args, **kwargs):
+    """The fused CPU scan with its vectorised variants switched off: the loops that CPUs without AVX2 run."""
+    with cpu_scan.generic_loops():
+        return cpu_scan.selective_scan_cpu(*args, **kwargs)
+
+
 LOOP = "per-step loop (selective_scan_ref)"  # the baseline of the "vs loop" columns
 TRANSFORMER = "causal transformer layer (SASRec block, d 64)"  # the baseline of the "× transformer" columns
 ROWS = [
     ("selective_scan (dispatcher)", scan_case(kernels.selective_scan)),
+    ("selective_scan (fused CPU, generic loops)", scan_case(selective_scan_generic_loops)),
     ("selective_scan_torch", scan_case(kernels.selective_scan_torch)),
     (LOOP, scan_case(kernels.selective_scan_ref)),
     (TRANSFORMER, module_case(transformer_layer, layer_inputs)),
@@ -292,6 +299,7 @@ def main(argv=None):
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.resolve_backend("cpu"),
         "cpu_scan_avx512": cpu_scan.avx512_enabled(),
+        "cpu_scan_vector_forward": cpu_scan.vector_forward_enabled(),
         "tokens_per_batch": args.tokens,
         "rounds": args.rounds,
         "D": DIM,

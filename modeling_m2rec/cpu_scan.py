@@ -30,6 +30,7 @@ plain-PyTorch path.
 """
 
 import argparse
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -178,6 +179,18 @@ def avx512_enabled():
     has AVX-512F and M2REC_DISABLE_AVX512 was not set (`AVX512_DISABLED`)."""
     module = load_cpu_scan()
     return module is not None and module.has_avx512() and not AVX512_DISABLED
+
+
+@contextlib.contextmanager
+def generic_loops():
+    """Inside the block the fused scan runs its generic loops, as M2REC_DISABLE_AVX512=1 makes it for a whole process:
+    to test or time them on a CPU that has the vectorised variants. A backward follows the forward's choice."""
+    global AVX512_DISABLED
+    previous, AVX512_DISABLED = AVX512_DISABLED, True
+    try:
+        yield
+    finally:
+        AVX512_DISABLED = previous
 
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
@@ -442,5 +455,5 @@ def build_kernels_main(argv=None):
 
 
 __all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "filter_window_sum_cpu",
-           "fused_backward", "fused_kernels_available", "kernel_ops", "load_cpu_scan", "selective_scan_cpu",
-           "vector_forward_enabled"]
+           "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops", "load_cpu_scan",
+           "selective_scan_cpu", "vector_forward_enabled"]

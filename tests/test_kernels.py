@@ -79,13 +79,9 @@ CASES = [
 
 
 def selective_scan_cpu_generic(*args, **kwargs):
-    """The fused CPU scan with its vectorised forward (AVX-512 or AVX2) switched off (the variant that runs on every
-    other CPU)."""
-    previous, cpu_scan.AVX512_DISABLED = cpu_scan.AVX512_DISABLED, True
-    try:
+    """The fused CPU scan with its vectorised variants (AVX-512, AVX2) switched off (what runs on every other CPU)."""
+    with cpu_scan.generic_loops():
         return cpu_scan.selective_scan_cpu(*args, **kwargs)
-    finally:
-        cpu_scan.AVX512_DISABLED = previous
 
 
 IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu,
