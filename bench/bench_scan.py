@@ -299,7 +299,7 @@ def main(argv=None):
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.resolve_backend("cpu"),
         "cpu_scan_avx512": cpu_scan.avx512_enabled(),
-        "cpu_scan_vector_forward": cpu_scan.vector_forward_enabled(),
+        "cpu_scan_vector_kernels": cpu_scan.vector_kernels_enabled(),
         "tokens_per_batch": args.tokens,
         "rounds": args.rounds,
         "D": DIM,

@@ -19,7 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import avx512_enabled, fused_backward, kernel_ops, vector_forward_enabled
+from .cpu_scan import fused_backward, kernel_ops, vector_kernels_enabled
 
 
 def _channels_first(t):
@@ -54,6 +54,7 @@ class MixerCPUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
                 A_log, D, out_proj):
+        vectorised = vector_kernels_enabled()
         conv_kernel = conv_weight.squeeze(1)  # (Di, K)
         x_weight, z_weight = in_proj.chunk(2, dim=0)
         rank = dt_proj.shape[1]
@@ -65,12 +66,11 @@ class MixerCPUFn(torch.autograd.Function):
         dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
         z = F.linear(selection_states, z_weight)
         y, _ = kernel_ops.scan_fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
-                                   _channels_first(C), D, _channels_first(z), dt_bias, None, True,
-                                   vector_forward_enabled())  # (B, Di, L)
+                                   _channels_first(C), D, _channels_first(z), dt_bias, None, True, vectorised)  # (B, Di, L)
         del x, dt, z
         ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
                               dt_proj, dt_bias, A_log, D, out_proj)
-        ctx.avx512 = avx512_enabled()
+        ctx.avx512 = vectorised
         return F.linear(_channels_first(y), out_proj)  # (B, L, d)
 
     @staticmethod

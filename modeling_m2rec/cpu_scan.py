@@ -11,8 +11,8 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
 - AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `avx512_enabled`): 16 channels per vector,
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
   generic speed forward and backward on the paper's sizes;
-- AVX2 (the float32 forward where the CPU has AVX2 and FMA but no AVX-512F; `vector_forward_enabled`): the
-  AVX-512 forward's algorithm for 8-float registers; the backward there is the generic one.
+- AVX2 (float32 where the CPU has AVX2 and FMA but no AVX-512F; `vector_kernels_enabled`): the AVX-512
+  variants' algorithms with each 16-channel step taken as two 8-float halves.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
 (`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and window_sum, the causal filter's sum over a cached step's
 window of items, inference only) with fake implementations and autograd, so that torch.compile and torch.export
@@ -194,9 +194,9 @@ def generic_loops():
 
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
-def vector_forward_enabled():
-    """Whether the fused scan's forward is vectorised over channels (the kernels' `avx512` flag): on AVX-512F, or on
-    AVX2 with FMA; M2REC_DISABLE_AVX512 (`AVX512_DISABLED`) asks for the generic loops on either."""
+def vector_kernels_enabled():
+    """Whether the fused scan runs vectorised over channels (the kernels' `avx512` flag), forward and backward: on
+    AVX-512F, or on AVX2 with FMA; M2REC_DISABLE_AVX512 (`AVX512_DISABLED`) asks for the generic loops on either."""
     module = load_cpu_scan()
     return module is not None and (module.has_avx512() or module.has_avx2()) and not AVX512_DISABLED
 
@@ -222,10 +222,12 @@ def _is_channel_last(t):
 
 
 def _empty_sequence_like(u, delta, z, avx512):
-    """An empty (B, D, L) tensor laid out as the scan kernels lay out theirs: the AVX-512 variant, given float32
-    channel-last u, delta and z, writes channel-last memory (a transposed view); every other case contiguous rows."""
+    """An empty (B, D, L) tensor laid out as the scan kernels lay out theirs: the vectorised variants (AVX-512,
+    AVX2), given float32 channel-last u, delta and z, write channel-last memory (a transposed view); every other case
+    contiguous rows."""
     batch, dim, length = u.shape
-    if (avx512 and u.dtype == torch.float32 and load_cpu_scan().has_avx512() and _is_channel_last(u)
+    module = load_cpu_scan()
+    if (avx512 and u.dtype == torch.float32 and (module.has_avx512() or module.has_avx2()) and _is_channel_last(u)
             and _is_channel_last(delta) and (z is None or _is_channel_last(z))):
         return u.new_empty(batch, length, dim).transpose(1, 2)
     return u.new_empty(batch, dim, length)
@@ -380,9 +382,9 @@ def selective_scan_cpu(
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     if _needs_op():
-        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, vector_forward_enabled())
+        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, vector_kernels_enabled())
     else:
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, vector_forward_enabled())
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, vector_kernels_enabled())
         last_state = last_state.contiguous() if return_last_state else None  # as the op returns it
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
@@ -442,7 +444,7 @@ def build_kernels_main(argv=None):
         return 1
     if not module.has_avx512():
         avx512 = (f"not used (this CPU has no AVX-512F; the "
-                  f"{'AVX2 forward and the generic backward' if vector_forward_enabled() else 'generic loops'} run)")
+                  f"{'AVX2 variants' if vector_kernels_enabled() else 'generic loops'} run)")
     elif avx512_enabled():
         avx512 = "used (this CPU has AVX-512F)"
     else:
@@ -456,4 +458,4 @@ def build_kernels_main(argv=None):
 
 __all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "filter_window_sum_cpu",
            "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops", "load_cpu_scan",
-           "selective_scan_cpu", "vector_forward_enabled"]
+           "selective_scan_cpu", "vector_kernels_enabled"]

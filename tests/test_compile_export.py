@@ -74,7 +74,7 @@ def sequence(channel_last, batch=2, dim=20, length=7):
 
 @pytest.mark.parametrize("channel_last", [True, False], ids=["channel_last", "rows"])
 @pytest.mark.parametrize("optional_inputs", [True, False], ids=["all_inputs", "required_only"])
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
+@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
 def test_custom_ops_pass_opcheck(channel_last, optional_inputs, avx512):
     """torch.library.opcheck runs each op for real and on fake tensors (shapes and strides must agree), under
     AOT autograd, and checks its autograd registration against the schema."""

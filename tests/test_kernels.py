@@ -117,10 +117,10 @@ def test_scan_matches_reference(case, implementation, dtype):
 @pytest.mark.parametrize("chunk", [1, 16, 64])
 @every_case
 def test_fused_cpu_backward_in_time_chunks_matches_reference(monkeypatch, case, chunk):
-    """The AVX-512 backward cut into time chunks (the state entering each from a first pass; dL/dh, dA, dD and the
+    """The vectorised (AVX-512 or AVX2) backward cut into time chunks (the state entering each from a first pass; dL/dh, dA, dD and the
     bias gradient carried across them) against the float64 step loop."""
-    if not cpu_scan.avx512_enabled():
-        pytest.skip("this CPU has no AVX-512")
+    if not cpu_scan.vector_kernels_enabled():
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", chunk)
     inputs, softplus = case_inputs(case)
     reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
@@ -164,10 +164,10 @@ def test_scan_from_an_initial_state_matches_reference(case, implementation, dtyp
 
 @every_case
 def test_fused_cpu_backward_in_time_chunks_from_an_initial_state(monkeypatch, case):
-    """The AVX-512 backward's first pass starts every chunk from the initial state, and the gradient of that state is
+    """The vectorised backward's first pass starts every chunk from the initial state, and the gradient of that state is
     what the reverse sweep carries out of the first chunk."""
-    if not cpu_scan.avx512_enabled():
-        pytest.skip("this CPU has no AVX-512")
+    if not cpu_scan.vector_kernels_enabled():
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", 16)
     inputs, softplus = case_inputs(case)
     inputs = with_initial_state(inputs)
@@ -304,12 +304,12 @@ def test_fused_cpu_forward_without_grad_calls_the_extension_directly(monkeypatch
 
 
 @pytest.mark.parametrize("use_z", [False, True])
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
+@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
 def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx512, use_z):
     """`bwd` with return_out gives the forward's output, and with reuse_inputs the same gradients (the memory of u,
     delta, z and dout may then hold them): what MixerCPUFn relies on."""
-    if avx512 and not cpu_scan.avx512_enabled():
-        pytest.skip("this CPU has no AVX-512")
+    if avx512 and not cpu_scan.vector_kernels_enabled():
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     extension = cpu_scan.load_cpu_scan()
     inputs = make_inputs(2, 37, 150, 16, use_D=True, use_z=use_z, use_bias=True, softplus=True)
     inputs = {k: None if v is None else (channel_last(v) if v.dim() == 3 else v).float() for k, v in inputs.items()}

@@ -281,7 +281,7 @@ def parameter_gradients(model, input_ids, labels):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "generic"])
+@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
 @pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
 @pytest.mark.parametrize("backward_chunk", [1024, 8])
 def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, selection_source, backward_chunk):
@@ -290,8 +290,8 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", backward_chunk)
     if not avx512:
         monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
-    elif not cpu_scan.avx512_enabled():
-        pytest.skip("this CPU has no AVX-512")
+    elif not cpu_scan.vector_kernels_enabled():
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     model = tiny_model(selection_source=selection_source, num_hidden_layers=2).train()
     with torch.no_grad():  # away from the initialisation, where several gradients are exactly zero
         for parameter in model.parameters():

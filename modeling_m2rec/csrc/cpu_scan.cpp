@@ -1,4 +1,4 @@
-// M2Rec's fused CPU kernels: the selective scan (forward, backward; generic and AVX-512 variants), the causal
+// M2Rec's fused CPU kernels: the selective scan (forward, backward; generic, AVX-512 and AVX2 variants), the causal
 // depthwise convolution (+ SiLU), and the causal filter's window sum of a cached step. Compiled on first use by
 // torch.utils.cpp_extension.load_inline from the copy of this file in cpu_scan_source.py (transformers' remote-code
 // loader copies only .py files next to a checkpoint):
@@ -352,9 +352,8 @@ __attribute__((target("avx512f"))) void forward_avx512(const Scan<float>& s, boo
 // The float32 forward on CPUs with AVX2 and FMA but no AVX-512 (many AMD EPYC and desktop CPUs):
 // the algorithm of forward_avx512 on the same (L, 16) tiles, each 16-channel step taken as two
 // halves of 8 channels, one AVX2 register each. 2^x takes its 2^k from the exponent bits (AVX2
-// has no vscalefps); silu(z) and softplus use the formulas of the AVX-512 forward. The output is
-// written as (B, D, L) rows, the generic layout, so that the custom op's fake implementation and
-// the generic backward, which runs on these CPUs, see what they expect.
+// has no vscalefps); silu(z) and softplus use the formulas of the AVX-512 forward. Inputs and
+// output in the same layouts as there.
 #define M2REC_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 constexpr int64_t kHalf = kChannels / 2;
 
@@ -451,12 +450,232 @@ __attribute__((target("avx2,fma"))) void forward_avx2(const Scan<float>& s, bool
         _mm256_storeu_ps(y_p + lane, y);
       }
     }
-    tile_to_block(y_p, /*channel_last=*/false, b, d0, width, dim, L, 0, L, out);
+    tile_to_block(y_p, channel_last, b, d0, width, dim, L, 0, L, out);
     store_state_block(h.data(), row0, width, Np, last);
   }
 }
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// step_from_raw_avx512 for AVX2: the raw steps of a (steps, 16) tile, in place, as the step
+// softplus(dt + bias) (each part optional; bias_lanes holds the block's 16 biases, 0 where absent),
+// and its derivative into `dstep` unless nullptr.
+__attribute__((target("avx2,fma"))) void step_from_raw_avx2(float* dt, float* dstep, const float* bias_lanes,
+                                                            bool softplus, int64_t steps) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t i = 0; i < steps * kChannels; i += kHalf) {
+    const __m256 pre = _mm256_add_ps(_mm256_loadu_ps(dt + i), _mm256_loadu_ps(bias_lanes + i % kChannels));
+    _mm256_storeu_ps(dt + i, softplus ? softplus_avx2(pre) : pre);
+    if (dstep != nullptr) {
+      const __m256 sigmoid =
+          _mm256_div_ps(one, _mm256_add_ps(one, exp2_avx2(_mm256_mul_ps(pre, _mm256_set1_ps(-kLog2e)))));
+      _mm256_storeu_ps(dstep + i, softplus ? sigmoid : one);
+    }
+  }
+}
+
+// The backward on AVX2, float32: backward_avx512's algorithm (see there: time chunks, the first
+// pass for the states entering them, the recompute, the reverse sweep, dB and dC summed lane-wise
+// over the blocks) with every 16-channel step taken as two halves of 8 channels, as forward_avx2.
+// Same arguments and outputs as backward_avx512.
+__attribute__((target("avx2,fma"))) void backward_avx2(const Scan<float>& s, bool channel_last,
+                                                        const float* delta_bias, bool softplus,
+                                                        const float* dout, float* du, float* ddt,
+                                                        float* dz, double* dA_rows, double* dD_rows,
+                                                        double* dbias_rows, float* dBt, float* dCt,
+                                                        float* out, float* dh0, int64_t chunk, int64_t lo,
+                                                        int64_t hi) {
+  const int64_t L = s.L, Np = s.Np, dim = s.dim, blocks = (dim + kChannels - 1) / kChannels;
+  const int64_t T = std::max<int64_t>(1, std::min(chunk, L)), chunks = (L + T - 1) / T;
+  const int64_t tile = T * kChannels, state = Np * kChannels;
+  std::vector<float> work(8 * tile + 3 * T * state + 3 * state + 2 * kChannels);
+  float* dt_t = work.data();  // (T, 16) tiles, as in backward_avx512
+  float* dstep_t = dt_t + tile;
+  float* u_t = dstep_t + tile;
+  float* z_t = u_t + tile;
+  float* dout_t = z_t + tile;
+  float* y_t = dout_t + tile;
+  float* du_t = y_t + tile;
+  float* ddt_t = du_t + tile;
+  float* hs = ddt_t + tile;  // (T, Np, 16)
+  float* dBv = hs + T * state;
+  float* dCv = dBv + T * state;
+  float* a2 = dCv + T * state;  // (Np, 16) each
+  float* A = a2 + state;
+  float* h = A + state;
+  float* bias_lanes = h + state;  // delta_bias and D of the block, 0 where absent or past width
+  float* skip_lanes = bias_lanes + kChannels;
+  std::vector<float> entering(chunks * blocks * state), gh(blocks * state), dA_f(blocks * state);
+  std::vector<float> dD(blocks * kChannels), dbias(blocks * kChannels);
+  std::vector<double> dA(blocks * state);
+  const __m256 one = _mm256_set1_ps(1.0f);
+
+  auto load_block = [&](int64_t d0, int64_t width) {
+    for (int64_t n = 0; n < Np; ++n) {
+      for (int64_t j = 0; j < kChannels; ++j) {
+        A[n * kChannels + j] = j < width ? s.A[(d0 + j) * Np + n] : 0.0f;
+        a2[n * kChannels + j] = A[n * kChannels + j] * kLog2e;
+      }
+    }
+    for (int64_t j = 0; j < kChannels; ++j) {
+      bias_lanes[j] = delta_bias != nullptr && j < width ? delta_bias[d0 + j] : 0.0f;
+      skip_lanes[j] = s.D != nullptr && j < width ? s.D[d0 + j] : 0.0f;
+    }
+  };
+  auto load_step = [&](int64_t b, int64_t d0, int64_t width, int64_t t0, int64_t steps, bool with_dstep) {
+    block_to_tile(s.dt, channel_last, b, d0, width, dim, L, t0, steps, dt_t);
+    step_from_raw_avx2(dt_t, with_dstep ? dstep_t : nullptr, bias_lanes, softplus, steps);
+  };
+
+  for (int64_t b = lo; b < hi; ++b) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {  // first pass: the state entering every chunk
+      const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+      load_state_block(s.h0, b * dim + d0, width, Np, h);
+      std::copy(h, h + state, entering.data() + blk * state);
+      if (chunks > 1) load_block(d0, width);
+      for (int64_t c = 0; c + 1 < chunks; ++c) {
+        load_step(b, d0, width, c * T, T, false);
+        block_to_tile(s.u, channel_last, b, d0, width, dim, L, c * T, T, u_t);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* Bn = s.Bt + (b * L + c * T + t) * Np;
+          for (int64_t half = 0; half < kChannels; half += kHalf) {
+            const __m256 dt = _mm256_loadu_ps(dt_t + t * kChannels + half);
+            const __m256 dtu = _mm256_mul_ps(dt, _mm256_loadu_ps(u_t + t * kChannels + half));
+            for (int64_t n = 0; n < Np; ++n) {
+              float* h_n = h + n * kChannels + half;
+              const __m256 a = exp2_avx2(_mm256_mul_ps(dt, _mm256_loadu_ps(a2 + n * kChannels + half)));
+              _mm256_storeu_ps(h_n, _mm256_fmadd_ps(a, _mm256_loadu_ps(h_n), _mm256_mul_ps(dtu, _mm256_set1_ps(Bn[n]))));
+            }
+          }
+        }
+        std::copy(h, h + state, entering.data() + ((c + 1) * blocks + blk) * state);
+      }
+    }
+    std::fill(gh.begin(), gh.end(), 0.0f);
+    std::fill(dA_f.begin(), dA_f.end(), 0.0f);
+    std::fill(dA.begin(), dA.end(), 0.0);
+    std::fill(dD.begin(), dD.end(), 0.0f);
+    std::fill(dbias.begin(), dbias.end(), 0.0f);
+
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = c * T, steps = std::min(T, L - t0);
+      std::fill(dBv, dBv + 2 * T * state, 0.0f);  // dBv and dCv
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+        load_block(d0, width);
+        load_step(b, d0, width, t0, steps, true);
+        block_to_tile(s.u, channel_last, b, d0, width, dim, L, t0, steps, u_t);
+        block_to_tile(dout, channel_last, b, d0, width, dim, L, t0, steps, dout_t);
+        if (s.z != nullptr) block_to_tile(s.z, channel_last, b, d0, width, dim, L, t0, steps, z_t);
+        const float* h_in = entering.data() + (c * blocks + blk) * state;  // h_{t0 - 1}
+        float* gh_b = gh.data() + blk * state;
+        float* dA_fb = dA_f.data() + blk * state;
+        double* dA_b = dA.data() + blk * state;
+
+        for (int64_t t = 0; t < steps; ++t) {  // forward recompute: h_t and y before the gate
+          const float* Bn = s.Bt + (b * L + t0 + t) * Np;
+          const float* Cn = s.Ct + (b * L + t0 + t) * Np;
+          const float* h_prev = t > 0 ? hs + (t - 1) * state : h_in;
+          float* h_t = hs + t * state;
+          for (int64_t half = 0; half < kChannels; half += kHalf) {
+            const int64_t lane = t * kChannels + half;
+            const __m256 dt = _mm256_loadu_ps(dt_t + lane);
+            const __m256 u = _mm256_loadu_ps(u_t + lane);
+            const __m256 dtu = _mm256_mul_ps(dt, u);
+            __m256 y = _mm256_setzero_ps();
+            for (int64_t n = 0; n < Np; ++n) {
+              const int64_t at = n * kChannels + half;
+              const __m256 a = exp2_avx2(_mm256_mul_ps(dt, _mm256_loadu_ps(a2 + at)));
+              const __m256 hn =
+                  _mm256_fmadd_ps(a, _mm256_loadu_ps(h_prev + at), _mm256_mul_ps(dtu, _mm256_set1_ps(Bn[n])));
+              _mm256_storeu_ps(h_t + at, hn);
+              y = _mm256_fmadd_ps(_mm256_set1_ps(Cn[n]), hn, y);
+            }
+            _mm256_storeu_ps(y_t + lane, _mm256_fmadd_ps(_mm256_loadu_ps(skip_lanes + half), u, y));
+          }
+        }
+
+        for (int64_t t = steps - 1; t >= 0; --t) {  // reverse sweep; gh = exp(dt_{t+1} A) dL/dh_{t+1}
+          const float* Bn = s.Bt + (b * L + t0 + t) * Np;
+          const float* Cn = s.Ct + (b * L + t0 + t) * Np;
+          const float* h_t = hs + t * state;
+          const float* h_prev = t > 0 ? hs + (t - 1) * state : h_in;
+          for (int64_t half = 0; half < kChannels; half += kHalf) {
+            const int64_t lane = t * kChannels + half;
+            const __m256 dt = _mm256_loadu_ps(dt_t + lane);
+            const __m256 u = _mm256_loadu_ps(u_t + lane);
+            const __m256 dtu = _mm256_mul_ps(dt, u);
+            const __m256 g_out = _mm256_loadu_ps(dout_t + lane);
+            __m256 dy = g_out;
+            if (s.z != nullptr) {
+              const __m256 z = _mm256_loadu_ps(z_t + lane);
+              const __m256 sig =
+                  _mm256_div_ps(one, _mm256_add_ps(one, exp2_avx2(_mm256_mul_ps(z, _mm256_set1_ps(-kLog2e)))));
+              const __m256 y = _mm256_loadu_ps(y_t + lane);
+              const __m256 dsilu = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
+              _mm256_storeu_ps(dout_t + lane, _mm256_mul_ps(_mm256_mul_ps(g_out, y), dsilu));  // dz
+              const __m256 gate = _mm256_mul_ps(z, sig);
+              dy = _mm256_mul_ps(g_out, gate);
+              _mm256_storeu_ps(y_t + lane, _mm256_mul_ps(y, gate));  // the output, for `out`
+            }
+            float* dD_h = dD.data() + blk * kChannels + half;
+            _mm256_storeu_ps(dD_h, _mm256_fmadd_ps(dy, u, _mm256_loadu_ps(dD_h)));
+            __m256 gA = _mm256_setzero_ps(), gB = _mm256_setzero_ps();
+            for (int64_t n = 0; n < Np; ++n) {
+              const int64_t at = n * kChannels + half;
+              const __m256 gn = _mm256_fmadd_ps(dy, _mm256_set1_ps(Cn[n]), _mm256_loadu_ps(gh_b + at));
+              const __m256 a = exp2_avx2(_mm256_mul_ps(dt, _mm256_loadu_ps(a2 + at)));
+              const __m256 ga = _mm256_mul_ps(_mm256_mul_ps(gn, _mm256_loadu_ps(h_prev + at)), a);
+              _mm256_storeu_ps(dA_fb + at, _mm256_fmadd_ps(ga, dt, _mm256_loadu_ps(dA_fb + at)));
+              gA = _mm256_fmadd_ps(ga, _mm256_loadu_ps(A + at), gA);
+              gB = _mm256_fmadd_ps(gn, _mm256_set1_ps(Bn[n]), gB);
+              float* dC_tn = dCv + t * state + at;
+              float* dB_tn = dBv + t * state + at;
+              _mm256_storeu_ps(dC_tn, _mm256_fmadd_ps(dy, _mm256_loadu_ps(h_t + at), _mm256_loadu_ps(dC_tn)));
+              _mm256_storeu_ps(dB_tn, _mm256_fmadd_ps(gn, dtu, _mm256_loadu_ps(dB_tn)));
+              _mm256_storeu_ps(gh_b + at, _mm256_mul_ps(gn, a));
+            }
+            _mm256_storeu_ps(du_t + lane,
+                             _mm256_fmadd_ps(dt, gB, _mm256_mul_ps(dy, _mm256_loadu_ps(skip_lanes + half))));
+            const __m256 ddt_raw = _mm256_mul_ps(_mm256_fmadd_ps(u, gB, gA), _mm256_loadu_ps(dstep_t + lane));
+            _mm256_storeu_ps(ddt_t + lane, ddt_raw);
+            float* dbias_h = dbias.data() + blk * kChannels + half;
+            _mm256_storeu_ps(dbias_h, _mm256_add_ps(_mm256_loadu_ps(dbias_h), ddt_raw));
+          }
+          if ((t0 + t) % kTile == 0) {  // float sums over at most kTile steps, then double
+            for (int64_t i = 0; i < state; ++i) dA_b[i] += dA_fb[i];
+            std::fill(dA_fb, dA_fb + state, 0.0f);
+          }
+        }
+        tile_to_block(du_t, channel_last, b, d0, width, dim, L, t0, steps, du);
+        tile_to_block(ddt_t, channel_last, b, d0, width, dim, L, t0, steps, ddt);
+        if (s.z != nullptr) tile_to_block(dout_t, channel_last, b, d0, width, dim, L, t0, steps, dz);
+        if (out != nullptr) tile_to_block(y_t, channel_last, b, d0, width, dim, L, t0, steps, out);
+      }
+      float* dB = dBt + (b * L + t0) * Np;
+      float* dC = dCt + (b * L + t0) * Np;
+      for (int64_t i = 0; i < steps * Np; ++i) {
+        float sum_B = 0.0f, sum_C = 0.0f;
+        for (int64_t j = 0; j < kChannels; ++j) {
+          sum_B += dBv[i * kChannels + j];
+          sum_C += dCv[i * kChannels + j];
+        }
+        dB[i] = sum_B;
+        dC[i] = sum_C;
+      }
+    }
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t d0 = blk * kChannels, width = std::min(kChannels, dim - d0);
+      if (dh0 != nullptr) store_state_block(gh.data() + blk * state, b * dim + d0, width, Np, dh0);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t row = b * dim + d0 + j;
+        dD_rows[row] = dD[blk * kChannels + j];
+        dbias_rows[row] = dbias[blk * kChannels + j];
+        for (int64_t n = 0; n < Np; ++n) dA_rows[row * Np + n] = dA[blk * state + n * kChannels + j];
+      }
+    }
+  }
+}
 
 // The backward on AVX-512, float32, vectorised over channels like forward_avx512. A task is one
 // batch element. Time runs in chunks of `chunk` steps, the last chunk first, and within a chunk
@@ -671,6 +890,8 @@ void backward_avx512(const Scan<float>&, bool, const float*, bool, const float*,
                      double*, double*, float*, float*, float*, float*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx512() { return false; }
 void forward_avx2(const Scan<float>&, bool, const float*, bool, float*, float*, int64_t, int64_t) {}
+void backward_avx2(const Scan<float>&, bool, const float*, bool, const float*, float*, float*, float*, double*,
+                   double*, double*, float*, float*, float*, float*, int64_t, int64_t, int64_t) {}
 bool cpu_has_avx2() { return false; }
 #endif
 
@@ -1045,9 +1266,9 @@ int64_t grain_rows(const Inputs& in) {
 
 // Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state
 // (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With
-// `avx512` and float32 inputs, a channel-vectorised forward runs: forward_avx512 on a CPU with
-// AVX-512F (for channel-last inputs out is then a (B, D, L) view of channel-last memory too), else
-// forward_avx2 on one with AVX2 and FMA (out in rows).
+// `avx512` and float32 inputs, a channel-vectorised forward runs, forward_avx512 on a CPU with
+// AVX-512F, else forward_avx2 on one with AVX2 and FMA; for channel-last inputs out is then a
+// (B, D, L) view of channel-last memory too.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -1063,9 +1284,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
     const Inputs in = check_inputs(u, dt, A, B, C, D, z, initial_state, channel_last);
-    const bool out_channel_last = channel_last && wide;
-    at::Tensor out = out_channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
-                                      : at::empty({in.batch, in.dim, in.L}, in.u.options());
+    at::Tensor out = channel_last ? at::empty({in.batch, in.L, in.dim}, in.u.options())
+                                  : at::empty({in.batch, in.dim, in.L}, in.u.options());
     at::Tensor last = at::empty({in.batch, in.dim, in.Np}, in.u.options());
     const Scan<float> s = in.view<float>();
     const int64_t blocks = (in.dim + kChannels - 1) / kChannels;
@@ -1077,7 +1297,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
                            s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus, out_ptr,
                            last_ptr, lo, hi);
                      });
-    return {out_channel_last ? out.transpose(1, 2) : out, last.narrow(2, 0, in.N)};
+    return {channel_last ? out.transpose(1, 2) : out, last.narrow(2, 0, in.N)};
   }
   at::Tensor dt = delta_bias.has_value() ? delta + delta_bias->unsqueeze(1) : delta;
   if (softplus) dt = at::softplus(dt);
@@ -1100,7 +1320,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 // the input was absent; out, the forward's output recomputed on the way, only with `return_out`).
 // With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold du,
 // ddelta, dz and out (the AVX-512 kernel copies each block of them into its tiles before it writes
-// the block back). The AVX-512 backward runs in time chunks of `chunk` steps (see backward_avx512).
+// the block back). The vectorised backward (AVX-512, else AVX2, with `avx512` as in fwd) runs in
+// time chunks of `chunk` steps (see backward_avx512).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -1108,7 +1329,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
                             const std::optional<at::Tensor>& initial_state, bool softplus, bool return_out,
                             bool reuse_inputs, int64_t chunk, bool avx512) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
-  if (avx512 && cpu_has_avx512() && u.scalar_type() == at::kFloat) {
+  const bool wide = cpu_has_avx512();
+  if (avx512 && (wide || cpu_has_avx2()) && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
@@ -1130,7 +1352,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const a
     at::Tensor dh0 = in.h0.defined() ? at::empty_like(in.h0) : at::Tensor();
     const Scan<float> s = in.view<float>();
     at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-      backward_avx512(s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus,
+      (wide ? backward_avx512 : backward_avx2)(s, channel_last, bias.defined() ? bias.data_ptr<float>() : nullptr, softplus,
                       dout_c.data_ptr<float>(), du.data_ptr<float>(), ddt.data_ptr<float>(),
                       dz.defined() ? dz.data_ptr<float>() : nullptr, dA_rows.data_ptr<double>(),
                       dD_rows.data_ptr<double>(), dbias_rows.data_ptr<double>(), dBt.data_ptr<float>(),
@@ -1347,7 +1569,7 @@ at::Tensor window_sum(const at::Tensor& window_ids, const at::Tensor& table, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward: out (B, D, L), last state (B, D, N)");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 forward and backward");
-  m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2 forward (AVX2 and FMA)");
+  m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2 forward and backward (AVX2 and FMA)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward: out (B, D, L)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward: dx, dweight, dbias");
   m.def("window_sum", &window_sum, "the causal filter's window sum of one step: out (B, D)");
