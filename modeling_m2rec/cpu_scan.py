@@ -14,8 +14,8 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
 - AVX2 (float32 where the CPU has AVX2 and FMA but no AVX-512F; `vector_kernels_enabled`): the AVX-512
   variants' algorithms with each 16-channel step taken as two 8-float halves.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
-(`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and window_sum, the causal filter's sum over a cached step's
-window of items, inference only) with fake implementations and autograd, so that torch.compile and torch.export
+(`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and, inference only, window_sum, the causal filter's sum
+over a cached step's window of items, and causal_filter, the filter summed directly over short whole sequences) with fake implementations and autograd, so that torch.compile and torch.export
 trace through them.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
@@ -325,12 +325,22 @@ def _define_ops():
     def _(window_ids, table, kernel):
         return table.new_empty(window_ids.shape[0], table.shape[1])
 
+    @torch.library.custom_op(f"{namespace}::causal_filter", mutates_args=())
+    def causal_filter(x: Tensor, kernel: Tensor) -> Tensor:
+        """The extension's `causal_filter`: (B, D, L) as a view of channel-last memory. Inference only: no autograd
+        formula (`kernels.causal_filter_convolution` takes the FFT convolution where a gradient is wanted)."""
+        return load_cpu_scan().causal_filter(x, kernel).contiguous()  # an op's output may not be a view
+
+    @causal_filter.register_fake
+    def _(x, kernel):
+        return x.new_empty(x.shape)
+
 
 try:
     getattr(getattr(torch.ops, OPS_NAMESPACE), "scan_fwd")
 except AttributeError:  # the first copy of this source in the process defines the ops
     _define_ops()
-kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd, window_sum
+kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd, window_sum, causal_filter
 
 
 def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, initial_state=None,
@@ -425,6 +435,23 @@ def filter_window_sum_cpu(window_ids, table, kernel):
     return window_sum(window_ids, table.to(compute_dtype), kernel)
 
 
+def causal_filter_cpu(x, kernel, kernel_spectrum=None):
+    """The causal filter summed directly over the lags by the fused CPU loop (the custom op `causal_filter`, without
+    gradient); same signature and result as `kernels.causal_fft_convolution_torch`: x (B, D, L), kernel (D, W) or
+    (1, W), lag 0 first (lags ≥ W, like lags > t, contribute nothing), kernel_spectrum not read → (B, D, L), a view
+    of channel-last memory, in x's dtype (computed in float32, or float64 for float64 inputs).
+
+    Raises RuntimeError where the extension cannot be built (see `load_cpu_scan`).
+    """
+    if not fused_kernels_available():
+        raise RuntimeError("the fused CPU kernels could not be built; see the log")
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    kernel = kernel[:, :x.shape[-1]].to(compute_dtype).expand(x.shape[1], -1)  # a fixed filter's (1, W) for all D
+    if torch.compiler.is_compiling():
+        return kernel_ops.causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
+    return load_cpu_scan().causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
+
+
 def build_kernels_main(argv=None):
     """`m2rec-build-kernels`: compile the fused CPU kernels ahead of time (e.g. while building a container image), or
     find the cached build, and say where they are cached and whether the AVX-512 variants run on this CPU.
@@ -456,6 +483,6 @@ def build_kernels_main(argv=None):
     return 0
 
 
-__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "env_flag", "filter_window_sum_cpu",
-           "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops", "load_cpu_scan",
+__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "causal_filter_cpu", "env_flag",
+           "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops", "load_cpu_scan",
            "selective_scan_cpu", "vector_kernels_enabled"]

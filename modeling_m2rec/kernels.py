@@ -15,14 +15,16 @@ default) and passed to the dispatchers as `backend=`:
         selective_state_update  -> mamba_ssm's `selective_state_update` (Triton)
         causal_conv1d_update    -> causal-conv1d's `causal_conv1d_update`
       (a kernel that is not installed falls back to its twin, logged once)
-    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan, the convolution and the filter's window sum of a
-        cached step (`filter_window_sum`) run the fused C++ loops of `cpu_scan` (registered torch custom ops); the
-        one-step forms of the scan and the convolution run their twins
+    backend "cpu_fused" (CPU tensors, a C++ compiler): the scan, the convolution, the filter's window sum of a
+        cached step (`filter_window_sum`) and, without gradient, the causal filter over short sequences
+        (`causal_filter_convolution`, a direct sum) run the fused C++ loops of `cpu_scan` (registered torch custom
+        ops); the one-step forms of the scan and the convolution run their twins
     backend "torch": `selective_scan_torch` (exact, chunked), `causal_conv1d_torch`, `selective_state_update_torch`,
         `causal_conv1d_update_torch`, `filter_window_sum_torch`, on any device
 
 The causal FFT convolution and the cross-entropy have no extension kernel: their memory-lean autograd functions
-(`causal_fft_convolution`, `full_softmax_cross_entropy`) are plain PyTorch and run on every backend; their twins
+(`causal_fft_convolution`, which `causal_filter_convolution` runs wherever the direct sum does not, and
+`full_softmax_cross_entropy`) are plain PyTorch and run on every backend; their twins
 (`*_torch`, autograd through the obvious computation, which stores what the lean forms recompute) define them.
 
 `selective_scan_ref`, a loop over time steps, and the other `*_ref` functions (float64) are the definitions the
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 
 from . import cpu_scan
 from .configuration_m2rec import KERNEL_BACKENDS
-from .cpu_scan import causal_conv1d_cpu, filter_window_sum_cpu, load_cpu_scan, selective_scan_cpu
+from .cpu_scan import (causal_conv1d_cpu, causal_filter_cpu, filter_window_sum_cpu, load_cpu_scan,
+                       selective_scan_cpu)
 
 
 try:
@@ -561,6 +564,23 @@ def causal_fft_convolution_ref(x, kernel, kernel_spectrum=None):
     length = x.shape[-1]
     windows = F.pad(x, (length - 1, 0)).unfold(-1, length, 1)  # (B, D, L, L): window t holds x[t − L + 1 .. t]
     return (windows * kernel.flip(-1)[:, None, :]).sum(-1)  # lag 0 meets x[t]
+
+
+DIRECT_FILTER_MAX_LENGTH = 256  # the longest input the fused CPU path sums directly instead of through FFTs
+
+
+def causal_filter_convolution(x, kernel, kernel_spectrum=None, backend=None):
+    """The causal filter's convolution on `backend`'s path; same signature and result as
+    `causal_fft_convolution_torch` (x (B, D, L), kernel (D, W) or (1, W), lag 0 first → (B, D, L)). For "cpu_fused",
+    without gradient and for L ≤ `DIRECT_FILTER_MAX_LENGTH`: the direct sum over the lags of `cpu_scan` (L·W/2
+    multiply-adds per channel, in cache, channel-last; at L = 200 and batch 1 about 0.6× the FFTs' time, at batch
+    256 0.5×, and slower from L ≈ 400 on, docs/BENCHMARKS.md). Everywhere else `causal_fft_convolution`, whose
+    backward the direct loop does not have."""
+    backend = resolve_backend(x.device) if backend is None else backend
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
+    if backend == "cpu_fused" and not wants_grad and x.shape[-1] <= DIRECT_FILTER_MAX_LENGTH:
+        return causal_filter_cpu(x, kernel)
+    return causal_fft_convolution(x, kernel, kernel_spectrum)
 
 
 # ------------------------------------------------------------------ the causal filter's window sum (one cached step)

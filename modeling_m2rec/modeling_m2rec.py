@@ -30,7 +30,7 @@ from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn
 from .item_text import encode_texts, format_item_text
 from .kernels import (bf16_scoring_supported, blocked_window_sum, causal_conv1d, causal_conv1d_update,
-                      causal_fft_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_window_sum,
+                      causal_filter_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_window_sum,
                       first_occurrences, full_softmax_cross_entropy, resolve_backend, sampled_softmax_cross_entropy,
                       selective_scan, selective_state_update, top_k_items)
 
@@ -318,8 +318,9 @@ class M2RecFrequencyFilter(nn.Module):
         response = self.masked_response(device).t()  # (D, F), or (1, F)
         return torch.fft.irfft(response, n=self.fft_size)[..., :self.max_len]
 
-    def filter(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32.
+    def filter(self, hidden_states: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """The filtered sequence F⁻¹(W ⊙ M ⊙ F(x)), (B, L, D) → (B, L, D), computed in float32; backend: the kernels'
+        (None: "auto"), on which the causal convolution may be a direct sum (`causal_filter_convolution`).
 
         The transforms run along the last dimension of the (B, D, L) transpose: over contiguous memory they need
         none of the strided copies that transforming dim 1 of (B, L, D) costs, which took as long as the FFTs."""
@@ -331,7 +332,7 @@ class M2RecFrequencyFilter(nn.Module):
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
             kernel, spectrum = self.causal_kernel(x.device, seq_len)
-            filtered = causal_fft_convolution(x, kernel[..., :seq_len], spectrum)  # (B, D, L): causal lags 0..L-1
+            filtered = causal_filter_convolution(x, kernel[..., :seq_len], spectrum, backend)  # (B, D, L): lags < L
         return filtered.transpose(1, 2)  # (B, L, D), a view
 
     def forward(self, hidden_states: torch.Tensor, window_ids: torch.Tensor | None = None,
@@ -342,7 +343,7 @@ class M2RecFrequencyFilter(nn.Module):
         see every use of W."""
         if window_ids is not None:
             return self.step(hidden_states, window_ids, window_rows, backend)
-        filtered = self.filter(hidden_states).to(hidden_states.dtype)
+        filtered = self.filter(hidden_states, backend).to(hidden_states.dtype)
         return self.layer_norm(hidden_states + self.dropout(filtered))
 
     def step(self, newest: torch.Tensor, window_ids: torch.Tensor,
@@ -908,10 +909,12 @@ class M2RecModel(M2RecPreTrainedModel):
         if (use_cache or cache_params is not None) and self.config.fft_mode == "global":
             raise ValueError(_GLOBAL_FILTER_HAS_NO_CACHE)
 
+        backend = resolve_backend(input_ids.device, self.config.kernel_backend)
         if cache_params is None:
             mask = self._validate_inputs(input_ids, attention_mask)
             embedded = self.embed(input_ids * mask)  # (B, L, D)
-            hidden = embedded if self.frequency_filter is None else self.frequency_filter(embedded)
+            hidden = (embedded if self.frequency_filter is None
+                      else self.frequency_filter(embedded, backend=backend))
             cache = None
             if use_cache:
                 cache = M2RecCache(self.config, input_ids.shape[0], device=input_ids.device, dtype=self.dtype)
@@ -926,7 +929,6 @@ class M2RecModel(M2RecPreTrainedModel):
             if self.frequency_filter is None:
                 hidden = embedded
             else:  # the filter reads the window of recent items
-                backend = resolve_backend(input_ids.device, self.config.kernel_backend)
                 hidden = self.frequency_filter(embedded, cache.item_ids, self._window_rows(input_ids.device), backend)
         all_hidden = (embedded, hidden)
 

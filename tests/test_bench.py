@@ -69,7 +69,7 @@ def test_interleaved_rounds_alternate_the_rows_and_ratios_are_per_round():
     assert value.within(4.0) and not value.within(3.5) and value.within(2.0, at_most=False)
 
 
-@pytest.mark.parametrize("script", ["bench_streaming", "bench_scan", "bench_efficiency"])
+@pytest.mark.parametrize("script", ["bench_streaming", "bench_scan", "bench_efficiency", "bench_filter"])
 def test_each_benchmark_runs_at_tiny_sizes(script, capsys):
     table = importlib.import_module(f"bench.{script}").main(["--smoke"])
     assert "(" in table and "–" in table  # ratios come with their range

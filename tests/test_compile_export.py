@@ -102,6 +102,8 @@ def test_custom_ops_pass_opcheck(channel_last, optional_inputs, avx512):
     # the cached step's window sum (inference only, no autograd)
     window_ids = torch.randint(0, 9, (3, 7))
     torch.library.opcheck(cpu_scan.kernel_ops.window_sum, (window_ids, torch.randn(9, dim), torch.randn(7, dim)))
+    # the causal filter summed directly (inference only, no autograd)
+    torch.library.opcheck(cpu_scan.kernel_ops.causal_filter, (sequence(channel_last), torch.randn(dim, 5)))
 
 
 def test_a_remote_code_copy_in_the_same_process_uses_the_same_ops(tmp_path):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.cpp_extension
 
 from m2rec import cpu_scan, kernels
@@ -579,6 +580,51 @@ def test_fused_filter_window_sum_refuses_ids_outside_the_table():
             cpu_scan.filter_window_sum_cpu(ids, table.float(), kernel.float())
     with pytest.raises(RuntimeError, match=r"kernel must be \(W, D\) = \(70, 12\)"):
         cpu_scan.filter_window_sum_cpu(ids.clamp(0, 8), table.float(), kernel[:-1].float())
+
+
+FILTER_CONVOLUTIONS = {"fft": kernels.causal_fft_convolution, "torch": kernels.causal_fft_convolution_torch,
+                       "fused_cpu": cpu_scan.causal_filter_cpu, "dispatcher": kernels.causal_filter_convolution}
+
+
+@pytest.mark.parametrize("implementation", FILTER_CONVOLUTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel_lags", [21, 9, 1], ids=["lags beyond L", "lags up to L", "one lag"])
+@pytest.mark.parametrize("kernel_channels", [6, 1], ids=["learned W", "fixed filter"])
+@pytest.mark.parametrize("layout", ["channel-first", "channel-last"])
+def test_causal_filter_paths_equal_the_definition(implementation, dtype, kernel_lags, kernel_channels, layout):
+    """The filter's convolution on every path equals the float64 sum over the lags, for lengths on both sides of the
+    direct loop's blocks of 4 positions, kernels longer and shorter than the input, and x in either layout."""
+    gen = torch.Generator().manual_seed(3)
+    for length in (1, 3, 4, 9, 13):
+        x = torch.randn(2, 6, length, generator=gen, dtype=torch.float64)
+        if layout == "channel-last":
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        kernel = torch.randn(kernel_channels, kernel_lags, generator=gen, dtype=torch.float64)
+        expected = kernels.causal_fft_convolution_ref(x, F.pad(kernel, (0, max(0, length - kernel_lags)))[:, :length])
+        with torch.no_grad():
+            actual = FILTER_CONVOLUTIONS[implementation](x.to(dtype), kernel[:, :length].to(dtype))
+        assert actual.shape == x.shape and actual.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_causal_filter_dispatcher_sums_short_inputs_directly_without_gradient(monkeypatch):
+    """The dispatcher takes the direct loop on the fused CPU backend for inputs up to DIRECT_FILTER_MAX_LENGTH
+    without gradient, and the FFT convolution (which has a backward) for longer inputs, for gradients and on the
+    torch backend."""
+    calls = []
+    monkeypatch.setattr(kernels, "causal_filter_cpu", lambda *args: calls.append("direct") or args[0])
+    monkeypatch.setattr(kernels, "causal_fft_convolution", lambda *args: calls.append("fft") or args[0])
+    longest = kernels.DIRECT_FILTER_MAX_LENGTH
+    short, long = torch.randn(1, 4, longest), torch.randn(1, 4, longest + 1)
+    kernel = torch.randn(4, longest, requires_grad=True)
+    with torch.no_grad():
+        kernels.causal_filter_convolution(short, kernel, backend="cpu_fused")
+        kernels.causal_filter_convolution(long, kernel, backend="cpu_fused")
+        kernels.causal_filter_convolution(short, kernel, backend="torch")
+    kernels.causal_filter_convolution(short, kernel, backend="cpu_fused")  # W wants a gradient
+    kernels.causal_filter_convolution(short, kernel.detach(), backend="cpu_fused")
+    assert calls == ["direct", "fft", "fft", "fft", "direct"]
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,5 +1,6 @@
 // M2Rec's fused CPU kernels: the selective scan (forward, backward; generic, AVX-512 and AVX2 variants), the causal
-// depthwise convolution (+ SiLU), and the causal filter's window sum of a cached step. Compiled on first use by
+// depthwise convolution (+ SiLU), and the causal filter summed directly: over whole sequences, and the window sum of
+// a cached step. Compiled on first use by
 // torch.utils.cpp_extension.load_inline from the copy of this file in cpu_scan_source.py (transformers' remote-code
 // loader copies only .py files next to a checkpoint):
 // after editing it, run `python scripts/embed_cpp_source.py` (tests/test_cpp_source.py fails while the copy is stale).
@@ -1564,6 +1565,102 @@ at::Tensor window_sum(const at::Tensor& window_ids, const at::Tensor& table, con
   return out;
 }
 
+// ---- the causal filter over whole sequences, summed directly: out[b, t] = sum_lag kernel[lag] * x[b, t - lag] ----
+// For the short sequences of inference a direct sum over the lags is cheaper than two FFTs of 2L points (and the
+// (B, D, L + 1) complex spectrum between them): at L = 200 and batch 1 it is 1.3 M multiply-adds over memory that
+// stays in cache. Channel-last throughout: a row of kLanes channels is summed over the lags in registers, and the
+// sequence is read as the layers produce it, without the transposes the FFTs along L need.
+// kPositions outputs at a time share each lag's kernel row and give the multiply-adds independent chains: with one
+// position the sums wait on each other's latency (151 against 119 us for the FFTs at L = 200, batch 1, AVX2).
+constexpr int64_t kPositions = 4;
+template <typename T, int64_t Width>
+M2REC_INLINE void filter_block(const T* x, const T* kernel, T* out, int64_t dim, int64_t length, int64_t lags,
+                               int64_t d0) {
+  int64_t t = 0;
+  for (; t + kPositions <= length; t += kPositions) {
+    T acc[kPositions][Width] = {};
+    const int64_t shared = std::min(t, lags - 1);  // lags every one of the kPositions outputs has
+    for (int64_t lag = 0; lag <= shared; ++lag) {
+      const T* weight = kernel + lag * dim + d0;
+      for (int64_t i = 0; i < kPositions; ++i) {
+        const T* row = x + (t + i - lag) * dim + d0;
+#pragma omp simd
+        for (int64_t j = 0; j < Width; ++j) acc[i][j] += weight[j] * row[j];
+      }
+    }
+    for (int64_t i = 1; i < kPositions; ++i) {  // the lags t + 1 .. t + i of the later outputs
+      for (int64_t lag = shared + 1; lag <= std::min(t + i, lags - 1); ++lag) {
+        const T* weight = kernel + lag * dim + d0;
+        const T* row = x + (t + i - lag) * dim + d0;
+#pragma omp simd
+        for (int64_t j = 0; j < Width; ++j) acc[i][j] += weight[j] * row[j];
+      }
+    }
+    for (int64_t i = 0; i < kPositions; ++i) std::copy(acc[i], acc[i] + Width, out + (t + i) * dim + d0);
+  }
+  for (; t < length; ++t) {
+    T acc[Width] = {};
+    for (int64_t lag = 0; lag <= std::min(t, lags - 1); ++lag) {
+      const T* weight = kernel + lag * dim + d0;
+      const T* row = x + (t - lag) * dim + d0;
+#pragma omp simd
+      for (int64_t j = 0; j < Width; ++j) acc[j] += weight[j] * row[j];
+    }
+    std::copy(acc, acc + Width, out + t * dim + d0);
+  }
+}
+template <typename T>
+M2REC_INLINE void filter_sequences(const T* x, const T* kernel, T* out, int64_t dim, int64_t length, int64_t lags,
+                                   int64_t lo, int64_t hi) {
+  for (int64_t b = lo; b < hi; ++b) {
+    const T* xb = x + b * length * dim;
+    T* outb = out + b * length * dim;
+    int64_t d0 = 0;
+    for (; d0 + kLanes <= dim; d0 += kLanes) filter_block<T, kLanes>(xb, kernel, outb, dim, length, lags, d0);
+    for (; d0 < dim; ++d0) filter_block<T, 1>(xb, kernel, outb, dim, length, lags, d0);
+  }
+}
+M2REC_CLONES void filter_sequences_f32(const float* x, const float* kernel, float* out, int64_t dim, int64_t length,
+                                       int64_t lags, int64_t lo, int64_t hi) {
+  filter_sequences(x, kernel, out, dim, length, lags, lo, hi);
+}
+M2REC_CLONES void filter_sequences_f64(const double* x, const double* kernel, double* out, int64_t dim,
+                                       int64_t length, int64_t lags, int64_t lo, int64_t hi) {
+  filter_sequences(x, kernel, out, dim, length, lags, lo, hi);
+}
+void filter_sequences_range(const float* x, const float* kernel, float* out, int64_t dim, int64_t length,
+                            int64_t lags, int64_t lo, int64_t hi) {
+  filter_sequences_f32(x, kernel, out, dim, length, lags, lo, hi);
+}
+void filter_sequences_range(const double* x, const double* kernel, double* out, int64_t dim, int64_t length,
+                            int64_t lags, int64_t lo, int64_t hi) {
+  filter_sequences_f64(x, kernel, out, dim, length, lags, lo, hi);
+}
+
+// x (B, D, L) (read channel-last: a transposed view of (B, L, D) memory is not copied), kernel (D, W) of x's dtype,
+// lag 0 first -> (B, D, L), a view of channel-last memory. Lags beyond W (or beyond t) contribute nothing.
+at::Tensor causal_filter(const at::Tensor& x, const at::Tensor& kernel) {
+  TORCH_CHECK(x.dim() == 3, "x must be (B, D, L), got ", x.sizes());
+  TORCH_CHECK(kernel.dim() == 2 && kernel.size(0) == x.size(1),
+              "kernel must be (D, W) with D=", x.size(1), ", got ", kernel.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "float32 or float64 expected, got ", dtype);
+  TORCH_CHECK(kernel.scalar_type() == dtype, "kernel must have x's dtype ", dtype);
+  TORCH_CHECK(x.device().is_cpu() && kernel.device().is_cpu(), "CPU tensors expected");
+  const at::Tensor rows = x.transpose(1, 2).contiguous(), weights = kernel.t().contiguous();  // (B, L, D), (W, D)
+  const int64_t batch = rows.size(0), length = rows.size(1), dim = rows.size(2), lags = weights.size(0);
+  at::Tensor out = at::empty_like(rows);
+  const int64_t work = length * std::min(length, lags) * dim;  // multiply-adds per sequence, up to a factor 2
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "m2rec_causal_filter", [&] {
+    at::parallel_for(0, batch, grain, [&](int64_t lo, int64_t hi) {
+      filter_sequences_range(rows.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                             dim, length, lags, lo, hi);
+    });
+  });
+  return out.transpose(1, 2);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1573,5 +1670,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward: out (B, D, L)");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward: dx, dweight, dbias");
   m.def("window_sum", &window_sum, "the causal filter's window sum of one step: out (B, D)");
+  m.def("causal_filter", &causal_filter, "the causal filter over whole sequences, summed directly: out (B, D, L)");
   m.def("bwd", &bwd, "selective scan backward: du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, out, dinitial_state");
 }
