@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.timing import ROUNDS, interleaved_seconds, ratio  # noqa: E402
-from modeling_m2rec import cpu_scan, kernels  # noqa: E402
+from m2rec import cpu_scan, kernels  # noqa: E402
 
 SIZES = ((1, 50), (1, 200), (1, 400), (256, 50), (256, 200))  # (B, L)
 CHANNELS = 64
