@@ -15,8 +15,8 @@ parallel on torch's intra-op threads (at::parallel_for). Two variants:
   variants' algorithms with each 16-channel step taken as two 8-float halves.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
 (`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and, inference only, window_sum, the causal filter's sum
-over a cached step's window of items, and causal_filter, the filter summed directly over short whole sequences) with fake implementations and autograd, so that torch.compile and torch.export
-trace through them.
+over a cached step's window of items, and causal_filter, the filter summed directly over short whole sequences)
+with fake implementations and autograd, so that torch.compile and torch.export trace through them.
 
 Shapes: B batch, D channels (d_inner), L length, N state size; the conventions are those of
 mamba-ssm's `selective_scan_fn` (see `kernels.selective_scan_ref`).
@@ -446,7 +446,7 @@ def causal_filter_cpu(x, kernel, kernel_spectrum=None):
     if not fused_kernels_available():
         raise RuntimeError("the fused CPU kernels could not be built; see the log")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    kernel = kernel[:, :x.shape[-1]].to(compute_dtype).expand(x.shape[1], -1)  # a fixed filter's (1, W) for all D
+    kernel = kernel.to(compute_dtype).expand(x.shape[1], -1)  # a fixed filter's (1, W) for every channel
     if torch.compiler.is_compiling():
         return kernel_ops.causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
     return load_cpu_scan().causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
@@ -484,5 +484,5 @@ def build_kernels_main(argv=None):
 
 
 __all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "causal_filter_cpu", "env_flag",
-           "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops", "load_cpu_scan",
-           "selective_scan_cpu", "vector_kernels_enabled"]
+           "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops",
+           "load_cpu_scan", "selective_scan_cpu", "vector_kernels_enabled"]

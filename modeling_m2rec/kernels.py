@@ -573,8 +573,8 @@ def causal_filter_convolution(x, kernel, kernel_spectrum=None, backend=None):
     """The causal filter's convolution on `backend`'s path; same signature and result as
     `causal_fft_convolution_torch` (x (B, D, L), kernel (D, W) or (1, W), lag 0 first → (B, D, L)). For "cpu_fused",
     without gradient and for L ≤ `DIRECT_FILTER_MAX_LENGTH`: the direct sum over the lags of `cpu_scan` (L·W/2
-    multiply-adds per channel, in cache, channel-last; at L = 200 and batch 1 about 0.6× the FFTs' time, at batch
-    256 0.5×, and slower from L ≈ 400 on, docs/BENCHMARKS.md). Everywhere else `causal_fft_convolution`, whose
+    multiply-adds per channel, in cache, channel-last; at L = 200 about 0.6× the FFTs' time at batch 1 and 0.3×
+    at batch 256, level at L = 400, docs/BENCHMARKS.md). Everywhere else `causal_fft_convolution`, whose
     backward the direct loop does not have."""
     backend = resolve_backend(x.device) if backend is None else backend
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)

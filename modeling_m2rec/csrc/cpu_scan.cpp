@@ -1,7 +1,6 @@
 // M2Rec's fused CPU kernels: the selective scan (forward, backward; generic, AVX-512 and AVX2 variants), the causal
 // depthwise convolution (+ SiLU), and the causal filter summed directly: over whole sequences, and the window sum of
-// a cached step. Compiled on first use by
-// torch.utils.cpp_extension.load_inline from the copy of this file in cpu_scan_source.py (transformers' remote-code
+// a cached step. Compiled on first use by torch.utils.cpp_extension.load_inline from the copy of this file in cpu_scan_source.py (transformers' remote-code
 // loader copies only .py files next to a checkpoint):
 // after editing it, run `python scripts/embed_cpp_source.py` (tests/test_cpp_source.py fails while the copy is stale).
 #include <torch/extension.h>
@@ -1573,6 +1572,17 @@ at::Tensor window_sum(const at::Tensor& window_ids, const at::Tensor& table, con
 // kPositions outputs at a time share each lag's kernel row and give the multiply-adds independent chains: with one
 // position the sums wait on each other's latency (151 against 119 us for the FFTs at L = 200, batch 1, AVX2).
 constexpr int64_t kPositions = 4;
+// acc[0..Width) += sum over lags first..last of kernel[lag] * x[t - lag], channels d0..d0 + Width.
+template <typename T, int64_t Width>
+M2REC_INLINE void add_lags(T* acc, const T* x, const T* kernel, int64_t dim, int64_t d0, int64_t t, int64_t first,
+                           int64_t last) {
+  for (int64_t lag = first; lag <= last; ++lag) {
+    const T* weight = kernel + lag * dim + d0;
+    const T* row = x + (t - lag) * dim + d0;
+#pragma omp simd
+    for (int64_t j = 0; j < Width; ++j) acc[j] += weight[j] * row[j];
+  }
+}
 template <typename T, int64_t Width>
 M2REC_INLINE void filter_block(const T* x, const T* kernel, T* out, int64_t dim, int64_t length, int64_t lags,
                                int64_t d0) {
@@ -1589,23 +1599,13 @@ M2REC_INLINE void filter_block(const T* x, const T* kernel, T* out, int64_t dim,
       }
     }
     for (int64_t i = 1; i < kPositions; ++i) {  // the lags t + 1 .. t + i of the later outputs
-      for (int64_t lag = shared + 1; lag <= std::min(t + i, lags - 1); ++lag) {
-        const T* weight = kernel + lag * dim + d0;
-        const T* row = x + (t + i - lag) * dim + d0;
-#pragma omp simd
-        for (int64_t j = 0; j < Width; ++j) acc[i][j] += weight[j] * row[j];
-      }
+      add_lags<T, Width>(acc[i], x, kernel, dim, d0, t + i, shared + 1, std::min(t + i, lags - 1));
     }
     for (int64_t i = 0; i < kPositions; ++i) std::copy(acc[i], acc[i] + Width, out + (t + i) * dim + d0);
   }
   for (; t < length; ++t) {
     T acc[Width] = {};
-    for (int64_t lag = 0; lag <= std::min(t, lags - 1); ++lag) {
-      const T* weight = kernel + lag * dim + d0;
-      const T* row = x + (t - lag) * dim + d0;
-#pragma omp simd
-      for (int64_t j = 0; j < Width; ++j) acc[j] += weight[j] * row[j];
-    }
+    add_lags<T, Width>(acc, x, kernel, dim, d0, t, 0, std::min(t, lags - 1));
     std::copy(acc, acc + Width, out + t * dim + d0);
   }
 }
