@@ -19,7 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import fused_backward, kernel_ops, vector_kernels_enabled
+from .cpu_scan import fused_backward, kernel_ops, load_cpu_scan, vector_kernels_enabled
 
 
 def _channels_first(t):
@@ -38,6 +38,50 @@ def _split_projection(projected, rank):
     return projected.split([rank, state_size, state_size], dim=-1)
 
 
+def _kernel(name):
+    """A fused kernel by its op's name: the custom op while torch.compile or torch.export traces (they need the op),
+    else the extension's own function, the same C++ without the op's Python dispatch."""
+    if torch.compiler.is_compiling():
+        return getattr(kernel_ops, name)
+    return getattr(load_cpu_scan(), "fwd" if name == "scan_fwd" else name)
+
+
+def _convolve(pre_activation, conv_kernel, conv_bias):
+    """SiLU(causal depthwise conv), (B, L, Di) → (B, L, Di)."""
+    return _channels_first(_kernel("conv_fwd")(_channels_first(pre_activation), conv_kernel, conv_bias, True))
+
+
+def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias, A_log,
+                  D, out_proj, output_positions=None):
+    """The mixer's output on the fused CPU kernels, without autograd: (B, L, d) → out (B, L, d), or (B, 1, d) at
+    `output_positions` (B,), one position per sequence (the scan reads every position; the gate and out_proj run at
+    those only); and x_proj's output (B, L, R + 2N), which `MixerCPUFn`'s backward keeps. Arguments as
+    `MixerCPUFn`'s. `MixerCPUFn.forward`, and the mixer's inference: a batch-1 call spent more time calling the
+    mixer's submodules and kernel wrappers one by one than in their arithmetic."""
+    conv_kernel = conv_weight.squeeze(1)  # (Di, K)
+    x_weight, z_weight = in_proj.chunk(2, dim=0)
+    x = _convolve(F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
+    selection = _convolve(F.linear(selection_states, x_weight), conv_kernel, conv_bias)
+    projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
+    del selection
+    dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
+    dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
+    if output_positions is None:
+        z = F.linear(selection_states, z_weight)
+    else:
+        # shape[0], not len(): torch.export keeps a dynamic batch symbolic only through the shape
+        rows = torch.arange(output_positions.shape[0], device=output_positions.device)
+        z = F.linear(selection_states[rows, output_positions], z_weight)  # (B, Di)
+    y, _ = _kernel("scan_fwd")(_channels_first(x), _channels_first(dt), -torch.exp(A_log), _channels_first(B),
+                               _channels_first(C), D, _channels_first(z) if output_positions is None else None,
+                               dt_bias, None, True, vector_kernels_enabled())  # (B, Di, L)
+    del x, dt
+    if output_positions is None:
+        return F.linear(_channels_first(y), out_proj), projected  # (B, L, d)
+    gated = y[rows, :, output_positions] * F.silu(z)  # (B, Di)
+    return F.linear(gated, out_proj).unsqueeze(1), projected  # (B, 1, d)
+
+
 class MixerCPUFn(torch.autograd.Function):
     """out = M2RecMixer(hidden_states, selection_states) for float32 CPU tensors; see the module docstring.
 
@@ -47,31 +91,14 @@ class MixerCPUFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def _convolve(pre_activation, conv_weight, conv_bias):
-        """SiLU(causal depthwise conv), (B, L, Di) → (B, L, Di)."""
-        return _channels_first(kernel_ops.conv_fwd(_channels_first(pre_activation), conv_weight, conv_bias, True))
-
-    @staticmethod
     def forward(ctx, hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias,
                 A_log, D, out_proj):
-        vectorised = vector_kernels_enabled()
-        conv_kernel = conv_weight.squeeze(1)  # (Di, K)
-        x_weight, z_weight = in_proj.chunk(2, dim=0)
-        rank = dt_proj.shape[1]
-        x = MixerCPUFn._convolve(F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
-        selection = MixerCPUFn._convolve(F.linear(selection_states, x_weight), conv_kernel, conv_bias)
-        projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
-        del selection
-        dt_rank, B, C = _split_projection(projected, rank)
-        dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
-        z = F.linear(selection_states, z_weight)
-        y, _ = kernel_ops.scan_fwd(*(_channels_first(t) for t in (x, dt)), -torch.exp(A_log), _channels_first(B),
-                                   _channels_first(C), D, _channels_first(z), dt_bias, None, True, vectorised)  # (B, Di, L)
-        del x, dt, z
+        out, projected = mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj,
+                                       dt_proj, dt_bias, A_log, D, out_proj)
         ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
                               dt_proj, dt_bias, A_log, D, out_proj)
-        ctx.avx512 = vectorised
-        return F.linear(_channels_first(y), out_proj)  # (B, L, d)
+        ctx.avx512 = vector_kernels_enabled()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -86,7 +113,7 @@ class MixerCPUFn(torch.autograd.Function):
         # 1. The scan path. bwd writes du, dΔ, dz and y over x, dt, z and grad_y, which are ours.
         grad_y = grad_out @ out_proj  # (B, L, Di)
         x_pre = F.linear(hidden_states, x_weight)
-        x = MixerCPUFn._convolve(x_pre, conv_kernel, conv_bias)
+        x = _convolve(x_pre, conv_kernel, conv_bias)
         dt = dt_rank @ dt_proj.t()
         z = F.linear(selection_states, z_weight)
         grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y, _ = fused_backward(
@@ -113,7 +140,7 @@ class MixerCPUFn(torch.autograd.Function):
 
         # 2. The selection path: x_proj's input, recomputed, and both of its products.
         selection_pre = F.linear(selection_states, x_weight)
-        selection = MixerCPUFn._convolve(selection_pre, conv_kernel, conv_bias)
+        selection = _convolve(selection_pre, conv_kernel, conv_bias)
         grad_projected = torch.cat([grad_dt_rank, _channels_first(grad_B), _channels_first(grad_C)], dim=-1)
         grad_x_proj = _flat(grad_projected).t() @ _flat(selection)
         del selection

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_m2rec import M2RecConfig
-from .cpu_mixer import MixerCPUFn
+from .cpu_mixer import MixerCPUFn, mixer_forward
 from .item_text import encode_texts, format_item_text
 from .kernels import (bf16_scoring_supported, blocked_window_sum, causal_conv1d, causal_conv1d_update,
                       causal_filter_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_window_sum,
@@ -302,7 +302,8 @@ class M2RecFrequencyFilter(nn.Module):
         if cached is not None and cached[0] == key and _same_tensors(cached[4], parameters):
             kernel, spectrum = cached[1], cached[3] if cached[2] == length else None
         else:
-            kernel, spectrum = self._kernel_from_response(device), None
+            # Kept in (max_len, D) memory, the layout the direct sum over the lags reads (it copied it at every call).
+            kernel, spectrum = self._kernel_from_response(device).t().contiguous().t(), None
         if length is not None and spectrum is None:
             spectrum = causal_fft_kernel_spectrum(kernel, length)
         # one spectrum, of the last length asked for: a dict of every length seen would grow to max_len entries
@@ -415,8 +416,8 @@ class M2RecMixer(nn.Module):
     `hidden_states` as in plain Mamba.
 
     Its weights are used by calling the submodules that hold them (never read from outside them), so that hooks on
-    those submodules, e.g. accelerate's offloading, see every use; only `MixerCPUFn` takes them all at once, and only
-    when every parameter is resident on the CPU.
+    those submodules, e.g. accelerate's offloading, see every use; only `MixerCPUFn` and `mixer_forward` take them
+    all at once, and only when every parameter is resident on the CPU.
     """
 
     def __init__(self, config: M2RecConfig, layer_idx: int):
@@ -453,26 +454,29 @@ class M2RecMixer(nn.Module):
                 output_positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D), or (B, 1, D) at `output_positions` (B,), one position per sequence. A training
         step on the fused CPU kernels runs through `MixerCPUFn`, which keeps only the inputs for the backward (the
-        same function and gradients as `compose`, to float32 rounding); everything else runs `compose`. With
+        same function and gradients as `compose`, to float32 rounding), and inference there through `mixer_forward`
+        (the same function, without the submodule calls); everything else runs `compose`. With
         `cache`: a call with `mask` (B, L) encodes whole sequences and stores each one's state after its last real
         item there (`compose`); a call without continues it by one event (`step`, L = 1). The kernels' backend is
         resolved here, once per call, from `config.kernel_backend`."""
         backend = resolve_backend(hidden_states.device, self.config.kernel_backend)
         if cache is not None and mask is None:
             return self.step(hidden_states, selection_states, cache, backend)
-        if cache is None and self._fused_cpu_training(hidden_states, backend):
+        if cache is None and self._fused_cpu(hidden_states, backend):
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
-            mixed = MixerCPUFn.apply(hidden_states, selection_states, self.in_proj.weight, self.conv1d.weight,
-                                     self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
-                                     self.A_log, self.D, self.out_proj.weight)
+            weights = (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                       self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight)
+            if not torch.is_grad_enabled():
+                return mixer_forward(hidden_states, selection_states, *weights, output_positions)[0]
+            mixed = MixerCPUFn.apply(hidden_states, selection_states, *weights)
             return mixed if output_positions is None else _at_positions(mixed, output_positions)
         return self.compose(hidden_states, selection_states, cache, mask, backend, output_positions)
 
-    def _fused_cpu_training(self, hidden_states: torch.Tensor, backend: str) -> bool:
-        """Whether `forward` takes `MixerCPUFn`: gradients are wanted, the backend is the fused CPU kernels, and
-        inputs and parameters are float32 outside autocast (the kernels' one dtype there)."""
-        return (torch.is_grad_enabled() and backend == "cpu_fused"
+    def _fused_cpu(self, hidden_states: torch.Tensor, backend: str) -> bool:
+        """Whether `forward` takes `MixerCPUFn` (with gradient) or `mixer_forward` (without): the backend is the
+        fused CPU kernels, and inputs and parameters are float32 outside autocast (the kernels' one dtype there)."""
+        return (backend == "cpu_fused"
                 and not torch.is_autocast_enabled("cpu") and hidden_states.dtype == torch.float32
                 and all(parameter.dtype == torch.float32 and parameter.device.type == "cpu"  # not offloaded
                         for parameter in self.parameters()))
@@ -784,7 +788,7 @@ class M2RecModel(M2RecPreTrainedModel):
         # batch with a problem runs the checks one by one, to name the first. A row that is empty or not
         # right-padded has a mask that rises somewhere (a real item after padding) or a padded first position.
         problem = (input_ids < 0) | (input_ids > self.config.num_items)  # (B, L)
-        problem[:, 1:] |= mask[:, 1:] & ~mask[:, :-1]
+        problem[:, 1:] |= mask[:, 1:] > mask[:, :-1]
         problem[:, :1] |= ~mask[:, :1]
         if attention_mask is not None:
             problem |= mask & (input_ids == 0)
@@ -833,7 +837,7 @@ class M2RecModel(M2RecPreTrainedModel):
         """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
         embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
         # Zero the padding so that the filter's spectrum and window only contain real items.
-        return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)
+        return embedded.masked_fill((input_ids == 0).unsqueeze(-1), 0.0)
 
     def _window_rows(self, device: torch.device) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor]:
         """What a cached step's filter reads its item window from (`M2RecFrequencyFilter.step`). A catalogue of at
@@ -912,7 +916,7 @@ class M2RecModel(M2RecPreTrainedModel):
         backend = resolve_backend(input_ids.device, self.config.kernel_backend)
         if cache_params is None:
             mask = self._validate_inputs(input_ids, attention_mask)
-            embedded = self.embed(input_ids * mask)  # (B, L, D)
+            embedded = self.embed(input_ids if attention_mask is None else input_ids * mask)  # (B, L, D)
             hidden = (embedded if self.frequency_filter is None
                       else self.frequency_filter(embedded, backend=backend))
             cache = None
@@ -1154,21 +1158,27 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                                  f"1..{self.config.num_items} (use -100 for positions without a target)")
 
         fuse_last_only = last_position_only and (labels is None or labels.dim() == 1)
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        # A tuple, not M2RecModelOutput: building the dataclass took 2 % of a batch-1 recommendation.
         outputs = self.m2rec(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-                             return_dict=True, last_position_only=fuse_last_only, cache_params=cache_params,
+                             return_dict=False, last_position_only=fuse_last_only, cache_params=cache_params,
                              use_cache=use_cache, output_attentions=output_attentions)
-        user_states = outputs.last_hidden_state  # (B, L, D), or (B, 1, D) when fused at the last position only
-        mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        user_states = outputs[0]  # (B, L, D), or (B, 1, D) when fused at the last position only
+        hidden_states = outputs[1] if output_hidden_states else None
+        cache = outputs[-1] if use_cache or cache_params is not None else None
         if fuse_last_only:
             last_states = user_states[:, 0]
         else:
+            mask = input_ids != 0 if attention_mask is None else attention_mask.bool()
             last_index = mask.sum(dim=1) - 1  # (B,)
             last_states = user_states[torch.arange(len(input_ids), device=input_ids.device), last_index]  # (B, D)
 
         # The items each scored position has seen: the inputs, or with a cache its window of recent items.
         seen_items = None
         if self.seen_item_offset is not None:
-            seen_items = outputs.cache_params.item_ids if cache_params is not None else input_ids * mask
+            seen_items = (cache.item_ids if cache_params is not None
+                          else input_ids if attention_mask is None else input_ids * attention_mask.bool())
 
         loss = None
         if labels is not None:
@@ -1183,10 +1193,9 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             logits = self.score(last_states if last_position_only else user_states, seen_items)
 
         if not return_dict:
-            return tuple(v for v in (loss, logits, user_states, outputs.hidden_states, outputs.cache_params)
-                         if v is not None)
+            return tuple(v for v in (loss, logits, user_states, hidden_states, cache) if v is not None)
         return M2RecRecommendationOutput(loss=loss, logits=logits, last_hidden_state=user_states,
-                                         hidden_states=outputs.hidden_states, cache_params=outputs.cache_params)
+                                         hidden_states=hidden_states, cache_params=cache)
 
     @torch.no_grad()
     def user_embeddings(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -1221,8 +1230,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         dtype's lowest value (the logits at the last position); or (B, C) over `candidates`, item ids in
         1..num_items, (C,) for every history or (B, C) per history. The seen-item offset is included, as in
         [`score`]. Args as [`recommend`]."""
-        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True,
-                      cache_params=cache_params).logits  # (B, I)
+        scores = self(input_ids, attention_mask=attention_mask, last_position_only=True, cache_params=cache_params,
+                      return_dict=False)[0]  # (B, I): without labels, the logits come first
         if candidates is None:
             return scores
         # A gather from the full scores, not a product with the candidates' vectors: one code path for the scores

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from m2rec import M2RecConfig, M2RecForSequentialRecommendation, cpu_scan, kernels
-from m2rec.cpu_mixer import MixerCPUFn
+from m2rec import modeling_m2rec
+from m2rec.cpu_mixer import MixerCPUFn, mixer_forward
 
 NUM_ITEMS = 40
 MAX_LEN = 24
@@ -314,16 +315,48 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
         torch.testing.assert_close(fused[name], expected, rtol=0, atol=1e-5 * expected.abs().max().item(), msg=name)
 
 
-def test_mixer_composes_its_kernels_outside_cpu_training():
+def test_mixer_composes_its_kernels_outside_the_fused_cpu_path():
     model = tiny_model()
     mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
-    assert mixer._fused_cpu_training(hidden_states, "cpu_fused")
-    assert not mixer._fused_cpu_training(hidden_states, "torch")
-    with torch.no_grad():
-        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
+    assert mixer._fused_cpu(hidden_states, "cpu_fused")
+    with torch.no_grad():  # inference takes mixer_forward
+        assert mixer._fused_cpu(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu(hidden_states, "torch")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not mixer._fused_cpu_training(hidden_states, "cpu_fused")
-    assert not mixer._fused_cpu_training(hidden_states.double(), "cpu_fused")
+        assert not mixer._fused_cpu(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu(hidden_states.double(), "cpu_fused")
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
+@pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
+def test_fused_cpu_inference_mixer_equals_its_composition(monkeypatch, avx512, selection_source):
+    """Without gradient the mixer runs `mixer_forward` on the fused CPU kernels: the composition's output at every
+    position, and at one position per sequence."""
+    if not avx512:
+        monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
+    elif not cpu_scan.vector_kernels_enabled():
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
+    model = tiny_model(selection_source=selection_source).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    mixer = model.m2rec.layers[0].mixer
+    hidden_states, selection_states = torch.randn(3, 20, 16), torch.randn(3, 20, 16)
+    selection_states = selection_states if selection_source == "unfiltered" else None
+    positions = torch.tensor([19, 0, 7])
+    calls = []
+    monkeypatch.setattr(modeling_m2rec, "mixer_forward",
+                        lambda *args: calls.append(1) or mixer_forward(*args))
+    with torch.no_grad():
+        for output_positions in (None, positions):
+            fused = mixer(hidden_states, selection_states, output_positions=output_positions)
+            composed = mixer.compose(hidden_states, selection_states, backend="cpu_fused",
+                                     output_positions=output_positions)
+            assert fused.shape == composed.shape
+            torch.testing.assert_close(fused, composed, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+    full = mixer(hidden_states, selection_states).detach()
+    torch.testing.assert_close(fused[:, 0], full[torch.arange(3), positions], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fft_mode", ["causal", "global", "none"])
@@ -480,9 +513,18 @@ def test_kernel_backend_of_the_config_chooses_the_kernels(monkeypatch):
         assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6
         calls.clear()
         model.config.kernel_backend = "cpu_fused"
+        monkeypatch.setattr(modeling_m2rec, "mixer_forward",
+                            lambda *a: calls.append("mixer_forward") or mixer_forward(*a))
         fused = model(input_ids).logits
-    assert sorted(set(calls)) == ["causal_conv1d_cpu", "selective_scan_cpu"] and len(calls) == 6
+    # without gradient each layer's mixer is one call of the fused kernels' mixer_forward
+    assert calls == ["mixer_forward"] * 2
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model(input_ids).logits.sum().backward()  # with gradient, MixerCPUFn, which calls the extension directly
+    assert calls == []
+    model.config.kernel_backend = "torch"
+    model(input_ids).logits.sum().backward()
+    assert sorted(set(calls)) == ["causal_conv1d_torch", "selective_scan_torch"] and len(calls) == 6
 
 
 def test_weight_decay_marks():
@@ -511,7 +553,7 @@ def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
         assert isinstance(cache, M2RecCache)
         torch.testing.assert_close(model(new_items, cache_params=cache).logits, expected_step, rtol=0, atol=0)
     # MixerCPUFn takes every weight at once: with offloaded weights the mixer composes its submodules instead.
-    assert not model.m2rec.layers[0].mixer._fused_cpu_training(torch.randn(2, 5, 16), "cpu_fused")
+    assert not model.m2rec.layers[0].mixer._fused_cpu(torch.randn(2, 5, 16), "cpu_fused")
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "popularity", "in_batch", "mixed"])
