@@ -837,7 +837,7 @@ class M2RecModel(M2RecPreTrainedModel):
         """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
         embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
         # Zero the padding so that the filter's spectrum and window only contain real items.
-        return embedded.masked_fill((input_ids == 0).unsqueeze(-1), 0.0)
+        return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)  # faster than masked_fill here
 
     def _window_rows(self, device: torch.device) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor]:
         """What a cached step's filter reads its item window from (`M2RecFrequencyFilter.step`). A catalogue of at
