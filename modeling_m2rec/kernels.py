@@ -398,7 +398,8 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
         dt = F.softplus(dt)
     decay = torch.exp(dt.unsqueeze(-1) * A)  # (B, D, N)
     state.mul_(decay).add_((dt * x_in).unsqueeze(-1) * B.unsqueeze(1))
-    y = torch.einsum("bdn,bn->bd", state, C)
+    # A batched product, not einsum: at batch 1 einsum's own planning took longer than the step's arithmetic.
+    y = (state @ C.unsqueeze(-1)).squeeze(-1)  # (B, D, N) @ (B, N, 1) → (B, D)
     if D is not None:
         y = y + x_in * D.to(compute_dtype)
     if z is not None:
@@ -464,7 +465,8 @@ def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     width = weight.shape[1]
     window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, D, S + 1)
-    out = torch.einsum("bdw,dw->bd", window[..., window.shape[-1] - width:], weight.to(conv_state.dtype))
+    # a product and a sum, not einsum, whose planning outweighs a one-step arithmetic at batch 1
+    out = (window[..., window.shape[-1] - width:] * weight.to(conv_state.dtype)).sum(dim=-1)  # (B, D)
     if bias is not None:
         out = out + bias.to(conv_state.dtype)
     conv_state.copy_(window[..., 1:])
