@@ -65,7 +65,9 @@ def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bi
     projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
     del selection
     dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
-    dt = dt_rank @ dt_proj.t()  # (B, L, Di), the raw step; the bias and softplus run in the kernel
+    # (B, L, Di), the raw step (bias and softplus run in the kernel). F.linear, not dt_rank @ dt_proj.t(): a whole
+    # batch-1 recommendation measured 8 % faster with it (interleaved, this product the only change).
+    dt = F.linear(dt_rank, dt_proj)
     if output_positions is None:
         z = F.linear(selection_states, z_weight)
     else:
@@ -114,7 +116,7 @@ class MixerCPUFn(torch.autograd.Function):
         grad_y = grad_out @ out_proj  # (B, L, Di)
         x_pre = F.linear(hidden_states, x_weight)
         x = _convolve(x_pre, conv_kernel, conv_bias)
-        dt = dt_rank @ dt_proj.t()
+        dt = F.linear(dt_rank, dt_proj)  # as in mixer_forward
         z = F.linear(selection_states, z_weight)
         grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y, _ = fused_backward(
             *(_channels_first(t) for t in (grad_y, x, dt)), A, _channels_first(B), _channels_first(C), D,
