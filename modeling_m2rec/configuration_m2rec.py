@@ -10,6 +10,7 @@ SELECTION_SOURCES = ("unfiltered", "filtered")
 FUSIONS = ("gate", "context_gate", "sum", "concat", "none")
 KERNEL_BACKENDS = ("auto", "cuda", "cpu_fused", "torch")
 LOSSES = ("full_softmax", "sampled_softmax")
+NEGATIVE_SHARING = ("batch", "sequence")
 NEGATIVE_SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
 ITEM_REPRESENTATIONS = ("id", "id+text")
 
@@ -110,7 +111,12 @@ class M2RecConfig(PreTrainedConfig):
             `set_item_counts`, as m2rec-train does); `"in_batch"` from the batch's own targets; `"mixed"` half
             in-batch, half uniform. Only read with `loss="sampled_softmax"`.
         num_negatives (`int`, defaults to 1024):
-            Negatives drawn per batch for the sampled softmax (K).
+            Negatives drawn per batch for the sampled softmax (K), or per sequence with `negative_sharing="sequence"`.
+        negative_sharing (`str`, defaults to `"batch"`):
+            Which targets share one draw of negatives: `"batch"`, every target of the batch (one (M, K) product);
+            `"sequence"`, the targets of one sequence, each sequence drawing its own K (`"uniform"` and
+            `"popularity"` only). At the same (M, K) logits, per-sequence draws reach B times as many items per
+            step, so that most of the catalogue gets a gradient at every step instead of K items.
         item_representation (`str`, defaults to `"id"`):
             The scorer's item vectors. `"id"` is the paper's head: scores are dot products with the item-id embeddings
             E_id. `"id+text"` adds each item's projected text, `E_id + LayerNorm(text_proj(E_text))` (the projection
@@ -161,6 +167,7 @@ class M2RecConfig(PreTrainedConfig):
     loss: str = "full_softmax"
     negative_sampler: str = "uniform"
     num_negatives: int = 1024
+    negative_sharing: str = "batch"
     item_representation: str = "id"
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
@@ -173,6 +180,11 @@ class M2RecConfig(PreTrainedConfig):
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("negative_sampler", self.negative_sampler, NEGATIVE_SAMPLERS)
+        _check_choice("negative_sharing", self.negative_sharing, NEGATIVE_SHARING)
+        if self.negative_sharing == "sequence" and self.negative_sampler in ("in_batch", "mixed"):
+            raise ValueError(f"negative_sharing='sequence' draws each sequence's own negatives, which "
+                             f"negative_sampler={self.negative_sampler!r} takes from the whole batch's targets; "
+                             f"use 'uniform' or 'popularity', or negative_sharing='batch'")
         _check_choice("item_representation", self.item_representation, ITEM_REPRESENTATIONS)
         if self.item_representation == "id+text" and self.fusion == "none":
             raise ValueError("item_representation='id+text' scores items by their text, but fusion='none' builds a "

@@ -787,10 +787,12 @@ def _count_in(item_ids: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
 
 
 def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_items: int,
-                   item_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   item_counts: torch.Tensor | None = None,
+                   num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The negatives a batch's sampled softmax shares: (K,) item ids in 1..num_items, and (K,) the log of each one's
     expected count among the draws (the logQ correction, so that Σ exp(logit − log expected count) over the draws is
-    an unbiased estimate of Σ exp(logit) over the items the sampler can draw).
+    an unbiased estimate of Σ exp(logit) over the items the sampler can draw). With `num_groups` G ("uniform" and
+    "popularity" only): G independent draws, one per group of targets (a sequence), (G, K) each.
 
     sampler:
         "uniform"     K ids drawn uniformly from 1..num_items, with replacement: expected count K / num_items.
@@ -805,6 +807,10 @@ def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_i
     (row 0, padding, is ignored); "popularity" only.
     """
     device = labels.device
+    shape = (num_negatives,) if num_groups is None else (num_groups, num_negatives)
+    if num_groups is not None and sampler not in ("uniform", "popularity"):
+        raise ValueError(f"negative_sampler={sampler!r} draws from the whole batch's targets, not per group: "
+                         f"per-sequence negatives take 'uniform' or 'popularity'")
     if sampler == "popularity":
         if item_counts is None:
             raise ValueError("negative_sampler='popularity' needs each item's training count: call "
@@ -813,11 +819,11 @@ def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_i
             raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, the catalogue needs "
                              f"({num_items + 1},) (row 0 for padding): set the counts again after resizing it")
         weights = item_counts[1:].to(device, torch.float64) + 1.0  # (num_items,)
-        negatives = torch.multinomial(weights, num_negatives, replacement=True) + 1
+        negatives = torch.multinomial(weights, math.prod(shape), replacement=True).view(shape) + 1
         return negatives, (num_negatives * weights[negatives - 1] / weights.sum()).log().float()
     if sampler == "uniform":
-        negatives = torch.randint(1, num_items + 1, (num_negatives,), device=device)
-        return negatives, torch.full((num_negatives,), math.log(num_negatives / num_items), device=device)
+        negatives = torch.randint(1, num_items + 1, shape, device=device)
+        return negatives, torch.full(shape, math.log(num_negatives / num_items), device=device)
     if sampler not in ("in_batch", "mixed"):
         raise ValueError(f"negative_sampler={sampler!r} is not supported; choose one of "
                          f"('uniform', 'popularity', 'in_batch', 'mixed')")
@@ -836,36 +842,52 @@ def draw_negatives(sampler: str, num_negatives: int, labels: torch.Tensor, num_i
 def sampled_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
                                   negatives: torch.Tensor, log_expected_counts: torch.Tensor,
                                   seen_offset: torch.Tensor | None = None,
-                                  seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                                  seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                                  sequences: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """Mean sampled-softmax cross-entropy with logQ correction: for each row, the softmax over its target and the
-    K negatives shared by the batch, each negative's logit lowered by the log of its expected count
+    K negatives of its draw, each negative's logit lowered by the log of its expected count
     (`draw_negatives`). A negative equal to the row's target (an accidental hit) is left out, so the corrected sum
     over the negatives estimates the normaliser's other items without bias, and with every item once as a negative
     (negatives = 1..I−1, log_expected_counts 0) this is exactly `full_softmax_cross_entropy`.
 
-    user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1 or −100, negatives (K,), log_expected_counts (K,);
-    seen_offset and seen as in `full_softmax_cross_entropy`. Costs (M, K) logits instead of (M, I). Computed in
-    float32 (or wider).
+    user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1 or −100; negatives and log_expected_counts (K,),
+    shared by every row, or (G, K), one draw per sequence, with `sequences` = (each row's sequence (M,), its slot in
+    the sequence (M,), the number of slots S): the logits are then one (G, S, D) × (G, D, K) batched product, so
+    that no (M, K, D) tensor of gathered vectors exists. seen_offset and seen as in `full_softmax_cross_entropy`.
+    Costs (M, K) logits instead of (M, I). Computed in float32 (or wider).
     """
     if not torch.compiler.is_compiling() and not (labels != -100).any():
         raise ValueError("no labelled position in the batch: every label is -100")
     if (seen_offset is None) != (seen is None):
         raise ValueError("seen_offset and seen go together")
+    if (negatives.dim() == 2) != (sequences is not None):
+        raise ValueError("per-sequence negatives (G, K) need `sequences`, shared ones (K,) do not take it")
     dtype = torch.promote_types(user_states.dtype, torch.float32)
     states = user_states.to(dtype)  # (M, D)
     targets = labels.clamp(min=0)  # an ignored row reads padding and is then given no weight
     # One gather for both: its backward scatters into one dense (I, D) gradient, not two (256 MB each at 10^6 items).
-    gathered = item_weights[torch.cat([targets, negatives])].to(dtype)  # (M + K, D)
+    gathered = item_weights[torch.cat([targets, negatives.flatten()])].to(dtype)  # (M + G·K, D)
     target_logits = (states * gathered[:len(targets)]).sum(dim=1)  # (M,)
-    negative_logits = states @ gathered[len(targets):].t() - log_expected_counts.to(dtype)  # (M, K)
+    negative_vectors = gathered[len(targets):]  # (K, D), or (G·K, D)
+    if sequences is None:
+        negative_logits = states @ negative_vectors.t()  # (M, K)
+        row_negatives, row_log_counts = negatives[None, :], log_expected_counts[None, :]
+    else:
+        rows, slots, num_slots = sequences
+        groups, num_negatives = negatives.shape
+        by_sequence = states.new_zeros(groups, num_slots, states.shape[1]).index_put((rows, slots), states)
+        negative_logits = torch.bmm(by_sequence, negative_vectors.view(groups, num_negatives, -1).transpose(1, 2))
+        negative_logits = negative_logits[rows, slots]  # (G, S, K) → (M, K)
+        row_negatives, row_log_counts = negatives[rows], log_expected_counts[rows]  # (M, K)
+    negative_logits = negative_logits - row_log_counts.to(dtype)
     if seen_offset is not None:
         first_items, rows, positions = seen
-        negative_positions = first_positions(first_items, negatives.repeat(len(first_items), 1))  # (B, K)
-        negatives_seen = negative_positions[rows] <= positions[:, None]  # (M, K)
+        shared = negatives.repeat(len(first_items), 1) if negatives.dim() == 1 else negatives  # (B, K)
+        negatives_seen = first_positions(first_items, shared)[rows] <= positions[:, None]  # (M, K)
         target_seen = first_positions(first_items[rows], targets[:, None])[:, 0] <= positions  # (M,)
         negative_logits = negative_logits + negatives_seen * seen_offset.to(dtype)
         target_logits = target_logits + target_seen * seen_offset.to(dtype)
-    negative_logits = negative_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    negative_logits = negative_logits.masked_fill(row_negatives == targets[:, None], float("-inf"))
     log_normalizers = torch.cat([target_logits[:, None], negative_logits], dim=1).logsumexp(dim=1)  # (M,)
     labelled = labels != -100
     return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()

@@ -174,39 +174,43 @@ class M2RecRecommendationOutput(ModelOutput):
 def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_weights: torch.Tensor,
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
                    seen_offset: torch.Tensor | None = None, negative_sampler: str | None = None,
-                   num_negatives: int = 0, item_counts: torch.Tensor | None = None) -> torch.Tensor:
+                   num_negatives: int = 0, item_counts: torch.Tensor | None = None,
+                   negative_sharing: str = "batch") -> torch.Tensor:
     """Cross-entropy of the next item, over the full catalogue or sampled, shared by M2Rec and the bench baselines.
 
     user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
     logits get the offset: at position t the items up to t, for the last position all of them.
     With `negative_sampler` (see `kernels.draw_negatives`; `item_counts` (I,) for "popularity"), the sampled softmax
-    with logQ correction over `num_negatives` negatives shared by the batch instead of the full softmax.
+    with logQ correction over `num_negatives` negatives shared by the batch (`negative_sharing="batch"`) or drawn for
+    each sequence (`"sequence"`) instead of the full softmax.
     """
     batch = labels.shape[0]
     if labels.dim() == 1:
-        states = last_states
+        states, length = last_states, 1
         rows = torch.arange(batch, device=labels.device)
         positions = torch.full_like(rows, seen_items.shape[1] - 1 if seen_items is not None else 0)
+        slots = torch.zeros_like(rows)  # each row's place among its sequence's scored rows
     else:
         length = labels.shape[1]
         states, labels = user_states.flatten(0, 1), labels.flatten()  # (B·L, D), (B·L,)
         rows = torch.arange(batch, device=labels.device).repeat_interleave(length)
-        positions = torch.arange(length, device=labels.device).repeat(batch)
+        positions = slots = torch.arange(length, device=labels.device).repeat(batch)
     if not torch.compiler.is_compiling():
         # Leave the unlabelled rows (padding) out of the loss's work. Their number depends on the data, which a
         # compiled graph cannot follow: it passes them on, and the loss gives them no weight.
         labelled = labels != -100
-        states, labels, rows, positions = states[labelled], labels[labelled], rows[labelled], positions[labelled]
+        states, labels, rows, positions, slots = (t[labelled] for t in (states, labels, rows, positions, slots))
     seen = None
     if seen_offset is not None:
         seen = (first_occurrences(seen_items), rows, positions)
     if negative_sampler is None:
         return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+    per_sequence = negative_sharing == "sequence"
     negatives, log_expected_counts = draw_negatives(negative_sampler, num_negatives, labels, item_weights.shape[0] - 1,
-                                                    item_counts)
+                                                    item_counts, num_groups=batch if per_sequence else None)
     return sampled_softmax_cross_entropy(states, item_weights, labels, negatives, log_expected_counts, seen_offset,
-                                         seen)
+                                         seen, sequences=(rows, slots, length) if per_sequence else None)
 
 
 def add_seen_item_offset(logits: torch.Tensor, seen_items: torch.Tensor, seen_offset: torch.Tensor) -> torch.Tensor:
@@ -1186,7 +1190,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
             loss = next_item_loss(user_states, last_states, self.item_vectors("the loss (labels)"), labels,
                                   seen_items, self.seen_item_offset,
                                   negative_sampler=self.config.negative_sampler if sampled else None,
-                                  num_negatives=self.config.num_negatives, item_counts=self.item_counts)
+                                  num_negatives=self.config.num_negatives, item_counts=self.item_counts,
+                                  negative_sharing=self.config.negative_sharing)
 
         logits = None
         if return_logits:

@@ -816,6 +816,53 @@ def test_sampled_softmax_with_every_item_once_is_the_full_softmax(with_offset):
         torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
 
 
+def _sequence_slots(rows, num_sequences):
+    """Each row's place among the rows of its sequence, and the number of places: unique (sequence, slot) pairs."""
+    slots = torch.zeros_like(rows)
+    for sequence in range(num_sequences):
+        members = (rows == sequence).nonzero().flatten()
+        slots[members] = torch.arange(len(members))
+    return slots, int(slots.max()) + 1
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "seen_offset"])
+def test_per_sequence_negatives_with_every_item_once_are_the_full_softmax(with_offset):
+    """One draw per sequence (G, K), each the whole catalogue in its own order: the batched product gives every row
+    exactly the full softmax's loss and gradients, as the shared draw does."""
+    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(2), with_offset)
+    rows = seen[1] if with_offset else torch.randint(0, 3, (700,), generator=torch.Generator().manual_seed(7))
+    slots, num_slots = _sequence_slots(rows, 3)
+    inputs = (states, weights, offset) if with_offset else (states, weights)
+    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
+    every_item = torch.stack([torch.randperm(299) + 1 for _ in range(3)])  # (G, K)
+    loss = kernels.sampled_softmax_cross_entropy(states, weights, labels, every_item,
+                                                 torch.zeros(3, 299, dtype=torch.float64), offset, seen,
+                                                 sequences=(rows, slots, num_slots))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for grad, reference in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="per-sequence negatives"):
+        kernels.sampled_softmax_cross_entropy(states, weights, labels, every_item, torch.zeros(3, 299), offset, seen)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity"])
+def test_per_sequence_draws_are_independent_with_the_same_correction(sampler):
+    """num_groups draws (G, K): each group its own negatives, each corrected by the same expected count as one
+    shared draw of K; the in-batch samplers, which draw from the whole batch, refuse groups."""
+    torch.manual_seed(6)
+    labels, counts = torch.tensor([1, 2, 3, -100]), torch.arange(41).double()
+    negatives, log_expected = kernels.draw_negatives(sampler, 500, labels, 40, counts, num_groups=3)
+    assert negatives.shape == log_expected.shape == (3, 500)
+    assert negatives.min() >= 1 and negatives.max() <= 40
+    assert not torch.equal(negatives[0], negatives[1])
+    shared, shared_log_expected = kernels.draw_negatives(sampler, 500, labels, 40, counts)
+    expected = torch.zeros(41).scatter_(0, shared, shared_log_expected)  # the shared draw's correction per item
+    torch.testing.assert_close(log_expected, expected[negatives])
+    for in_batch in ("in_batch", "mixed"):
+        with pytest.raises(ValueError, match="per-sequence negatives take 'uniform' or 'popularity'"):
+            kernels.draw_negatives(in_batch, 8, labels, 40, num_groups=3)
+
+
 @pytest.mark.parametrize("sampler", ["uniform", "popularity", "mixed"])
 def test_sampled_softmax_approaches_the_full_softmax_with_many_draws(sampler):
     """The logQ-corrected estimate of the normaliser is unbiased, so with many draws the loss and the gradient of

@@ -556,13 +556,15 @@ def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
     assert not model.m2rec.layers[0].mixer._fused_cpu(torch.randn(2, 5, 16), "cpu_fused")
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "popularity", "in_batch", "mixed"])
+@pytest.mark.parametrize("sampler, sharing", [("uniform", "batch"), ("popularity", "batch"), ("in_batch", "batch"),
+                                              ("mixed", "batch"), ("uniform", "sequence"), ("popularity", "sequence")])
 @pytest.mark.parametrize("seen_item_bias", [False, True], ids=["plain", "seen_offset"])
-def test_sampled_softmax_trains_every_parameter_and_approaches_the_full_loss(sampler, seen_item_bias):
+def test_sampled_softmax_trains_every_parameter_and_approaches_the_full_loss(sampler, sharing, seen_item_bias):
     """loss="sampled_softmax": every parameter (the seen-item offset too) gets a gradient, and with many uniform or
-    popularity draws the loss of the same weights is the full softmax's (the logQ-corrected estimate converges)."""
+    popularity draws, shared by the batch or one per sequence, the loss of the same weights is the full softmax's
+    (the logQ-corrected estimate converges)."""
     model = tiny_model(seen_item_bias=seen_item_bias, loss="sampled_softmax", negative_sampler=sampler,
-                       num_negatives=8).train()
+                       num_negatives=8, negative_sharing=sharing).train()
     with torch.no_grad():
         if seen_item_bias:
             model.seen_item_offset.fill_(-0.7)
@@ -592,6 +594,10 @@ def test_loss_settings_are_checked():
         M2RecConfig(negative_sampler="random")
     with pytest.raises(ValueError, match="num_negatives must be a positive integer, got 0"):
         M2RecConfig(num_negatives=0)
+    with pytest.raises(ValueError, match="negative_sharing='sequence' draws each sequence's own negatives"):
+        M2RecConfig(negative_sharing="sequence", negative_sampler="in_batch")
+    with pytest.raises(ValueError, match="negative_sharing='row' is not supported"):
+        M2RecConfig(negative_sharing="row")
     model = tiny_model(loss="sampled_softmax", negative_sampler="popularity")
     input_ids = random_histories(2, 5)
     with pytest.raises(ValueError, match="set_item_counts"):

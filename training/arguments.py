@@ -56,7 +56,12 @@ class ModelArguments:
     negative_sampler: Literal["uniform", "popularity", "in_batch", "mixed"] = field(
         default="uniform", metadata={"help": "Where sampled_softmax draws its negatives: uniformly, by training "
                                              "count, from the batch's targets, or half in-batch half uniform."})
-    num_negatives: int = field(default=1024, metadata={"help": "Negatives per batch for sampled_softmax."})
+    num_negatives: int = field(default=1024, metadata={"help": "Negatives per batch (or per sequence, see "
+                                                                "negative_sharing) for sampled_softmax."})
+    negative_sharing: Literal["batch", "sequence"] = field(
+        default="batch", metadata={"help": "sampled_softmax: one draw of negatives for the whole batch, or one per "
+                                           "sequence (uniform and popularity samplers; see "
+                                           "M2RecConfig.negative_sharing)."})
     item_representation: Literal["id", "id+text"] = "id"
 
 
