@@ -49,6 +49,8 @@ LOSSES = {
     "sampled, uniform": dict(loss="sampled_softmax", negative_sampler="uniform", num_negatives=NUM_NEGATIVES),
     "sampled, popularity": dict(loss="sampled_softmax", negative_sampler="popularity", num_negatives=NUM_NEGATIVES),
     "sampled, mixed": dict(loss="sampled_softmax", negative_sampler="mixed", num_negatives=NUM_NEGATIVES),
+    "sampled, uniform per sequence": dict(loss="sampled_softmax", negative_sampler="uniform",
+                                          num_negatives=NUM_NEGATIVES, negative_sharing="sequence"),
 }
 
 
