@@ -19,7 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import fused_backward, kernel_ops, load_cpu_scan, vector_kernels_enabled
+from .cpu_scan import fused_backward, kernel_ops, traced_or_direct, vector_kernels_enabled
 
 
 def _channels_first(t):
@@ -38,17 +38,10 @@ def _split_projection(projected, rank):
     return projected.split([rank, state_size, state_size], dim=-1)
 
 
-def _kernel(name):
-    """A fused kernel by its op's name: the custom op while torch.compile or torch.export traces (they need the op),
-    else the extension's own function, the same C++ without the op's Python dispatch."""
-    if torch.compiler.is_compiling():
-        return getattr(kernel_ops, name)
-    return getattr(load_cpu_scan(), "fwd" if name == "scan_fwd" else name)
-
-
 def _convolve(pre_activation, conv_kernel, conv_bias):
     """SiLU(causal depthwise conv), (B, L, Di) → (B, L, Di)."""
-    return _channels_first(_kernel("conv_fwd")(_channels_first(pre_activation), conv_kernel, conv_bias, True))
+    convolve = traced_or_direct("conv_fwd")
+    return _channels_first(convolve(_channels_first(pre_activation), conv_kernel, conv_bias, True))
 
 
 def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bias, x_proj, dt_proj, dt_bias, A_log,
@@ -74,9 +67,10 @@ def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bi
         # shape[0], not len(): torch.export keeps a dynamic batch symbolic only through the shape
         rows = torch.arange(output_positions.shape[0], device=output_positions.device)
         z = F.linear(selection_states[rows, output_positions], z_weight)  # (B, Di)
-    y, _ = _kernel("scan_fwd")(_channels_first(x), _channels_first(dt), -torch.exp(A_log), _channels_first(B),
-                               _channels_first(C), D, _channels_first(z) if output_positions is None else None,
-                               dt_bias, None, True, vector_kernels_enabled())  # (B, Di, L)
+    y, _ = traced_or_direct("scan_fwd")(_channels_first(x), _channels_first(dt), -torch.exp(A_log),
+                                        _channels_first(B), _channels_first(C), D,
+                                        _channels_first(z) if output_positions is None else None,
+                                        dt_bias, None, True, vector_kernels_enabled())  # (B, Di, L)
     del x, dt
     if output_positions is None:
         return F.linear(_channels_first(y), out_proj), projected  # (B, L, d)

@@ -360,6 +360,14 @@ def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, 
     return tuple(grad if wanted else None for grad, wanted in zip(grads, asked))
 
 
+def traced_or_direct(name):
+    """A fused inference kernel by its op's name in `kernel_ops`: the custom op while torch.compile or torch.export
+    traces (they need the op), else the extension's own function, the same C++ without the op's Python dispatch."""
+    if torch.compiler.is_compiling():
+        return getattr(kernel_ops, name)
+    return getattr(load_cpu_scan(), "fwd" if name == "scan_fwd" else name)
+
+
 def _needs_op():
     """Whether a forward kernel runs as its custom op: for autograd (gradients enabled) and for compile and export,
     which trace the op. Without either the extension's function is called directly, the same C++ without the op's
@@ -431,8 +439,7 @@ def filter_window_sum_cpu(window_ids, table, kernel):
     kernel = kernel.to(compute_dtype)
     if kernel.dim() == 2 and kernel.shape[1] == 1:  # a fixed filter's (W, 1) kernel, for every channel
         kernel = kernel.expand(-1, table.shape[1])
-    window_sum = kernel_ops.window_sum if torch.compiler.is_compiling() else load_cpu_scan().window_sum
-    return window_sum(window_ids, table.to(compute_dtype), kernel)
+    return traced_or_direct("window_sum")(window_ids, table.to(compute_dtype), kernel)
 
 
 def causal_filter_cpu(x, kernel, kernel_spectrum=None):
@@ -447,9 +454,7 @@ def causal_filter_cpu(x, kernel, kernel_spectrum=None):
         raise RuntimeError("the fused CPU kernels could not be built; see the log")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     kernel = kernel.to(compute_dtype).expand(x.shape[1], -1)  # a fixed filter's (1, W) for every channel
-    if torch.compiler.is_compiling():
-        return kernel_ops.causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
-    return load_cpu_scan().causal_filter(x.to(compute_dtype), kernel).to(x.dtype)
+    return traced_or_direct("causal_filter")(x.to(compute_dtype), kernel).to(x.dtype)
 
 
 def build_kernels_main(argv=None):
@@ -485,4 +490,4 @@ def build_kernels_main(argv=None):
 
 __all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "causal_filter_cpu", "env_flag",
            "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops",
-           "load_cpu_scan", "selective_scan_cpu", "vector_kernels_enabled"]
+           "load_cpu_scan", "selective_scan_cpu", "traced_or_direct", "vector_kernels_enabled"]
