@@ -13,8 +13,10 @@ M2Rec is the full model (causal FFT filter, one AFFM layer, gate, 1024-d text bu
 comparison model of bench/sasrec.py (2 layers, 2 heads), both of width 64 over ML-1M's 3,416 items with
 max_len = L, in eval mode. Histories are random item ids.
 
-The four rows of one (L, B) run in interleaved rounds (bench/timing.py); latency is the median over the rounds of
-the time per call, throughput B over it, and each ratio the median of the per-round ratios with its range. State per
+The four rows of one (L, B) run in rounds, called in turn one call at a time (bench/timing.py,
+`alternating_call_seconds`); a row's latency in a round is the median of its calls there, its latency the median
+over the rounds, throughput B over it, and each ratio the median of the per-round ratios with its range. (Until
+session 16 a round timed the mean of back-to-back calls, whose batch-1 ratios moved by ±15 % on this VM.) State per
 user: the bytes of every tensor in M2Rec's cache (the last max_len item ids, the convolution and SSM states, the
 event count) and in SASRec's key/value cache (keys and values of L positions per layer), over B.
 """
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_efficiency import build  # noqa: E402
-from bench.timing import ROUNDS, interleaved_seconds, ratio  # noqa: E402
+from bench.timing import ROUNDS, alternating_call_seconds, ratio  # noqa: E402
 
 NUM_ITEMS = 3416  # ML-1M's catalogue
 LENGTHS = (200, 2000)
@@ -136,7 +138,7 @@ def main(argv=None):
     for length in args.lengths:
         for batch in args.batches:
             rows, state = streaming_rows(length, batch, args.num_items)
-            seconds = interleaved_seconds(rows, rounds=args.rounds)
+            seconds = alternating_call_seconds(rows, rounds=args.rounds)
             results.append({"length": length, "batch": batch, "seconds": seconds, "state_bytes_per_user": state})
             print(json.dumps(results[-1]), flush=True)
     table = markdown(results)

@@ -466,24 +466,27 @@ class M2RecMixer(nn.Module):
         backend = resolve_backend(hidden_states.device, self.config.kernel_backend)
         if cache is not None and mask is None:
             return self.step(hidden_states, selection_states, cache, backend)
-        if cache is None and self._fused_cpu(hidden_states, backend):
+        weights = None if cache is not None else self._fused_cpu_weights(hidden_states, backend)
+        if weights is not None:
             # Without a selection sequence, both paths read hidden_states: the same x as `compose` shares.
             selection_states = hidden_states if selection_states is None else selection_states
-            weights = (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
-                       self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight)
             if not torch.is_grad_enabled():
                 return mixer_forward(hidden_states, selection_states, *weights, output_positions)[0]
             mixed = MixerCPUFn.apply(hidden_states, selection_states, *weights)
             return mixed if output_positions is None else _at_positions(mixed, output_positions)
         return self.compose(hidden_states, selection_states, cache, mask, backend, output_positions)
 
-    def _fused_cpu(self, hidden_states: torch.Tensor, backend: str) -> bool:
-        """Whether `forward` takes `MixerCPUFn` (with gradient) or `mixer_forward` (without): the backend is the
-        fused CPU kernels, and inputs and parameters are float32 outside autocast (the kernels' one dtype there)."""
-        return (backend == "cpu_fused"
-                and not torch.is_autocast_enabled("cpu") and hidden_states.dtype == torch.float32
-                and all(parameter.dtype == torch.float32 and parameter.device.type == "cpu"  # not offloaded
-                        for parameter in self.parameters()))
+    def _fused_cpu_weights(self, hidden_states: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...] | None:
+        """Every parameter, in the order `MixerCPUFn` (with gradient) and `mixer_forward` (without) take them, when
+        `forward` takes them: the backend is the fused CPU kernels, and inputs and parameters are float32 outside
+        autocast (the kernels' one dtype there) and on the CPU (not offloaded); None otherwise. The tuple, not
+        `self.parameters()`: walking the module tree took 4 % of a batch-1 recommendation."""
+        weights = (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                   self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight)
+        fused = (backend == "cpu_fused" and not torch.is_autocast_enabled("cpu")
+                 and hidden_states.dtype == torch.float32
+                 and all(weight.dtype == torch.float32 and weight.device.type == "cpu" for weight in weights))
+        return weights if fused else None
 
     def compose(self, hidden_states: torch.Tensor, selection_states: torch.Tensor | None = None,
                 cache: M2RecCache | None = None, mask: torch.Tensor | None = None,
@@ -788,15 +791,15 @@ class M2RecModel(M2RecPreTrainedModel):
         # see, where such a check cannot branch: they skip them (eager mode, where errors are raised, always checks).
         if torch.compiler.is_compiling():
             return mask
-        # One flag for every problem, read with one sync (each check's own .any() would wait for its own); only a
-        # batch with a problem runs the checks one by one, to name the first. A row that is empty or not
-        # right-padded has a mask that rises somewhere (a real item after padding) or a padded first position.
-        problem = (input_ids < 0) | (input_ids > self.config.num_items)  # (B, L)
-        problem[:, 1:] |= mask[:, 1:] > mask[:, :-1]
-        problem[:, :1] |= ~mask[:, :1]
-        if attention_mask is not None:
-            problem |= mask & (input_ids == 0)
-        if input_ids.shape[1] == 0 or problem.any():  # no position at all: every row is empty
+        # Whether anything is wrong, in as few operators as possible (a (B, L) flag tensor built from every check
+        # took 2 % of a batch-1 recommendation); only a batch with a problem runs the checks one by one, to name the
+        # first. A row that is empty or not right-padded has a padded first position or a mask that rises somewhere
+        # (a real item after padding). On CUDA each test waits for the device: four short waits on a valid batch.
+        if input_ids.shape[1] == 0:  # no position at all: every row is empty
+            self._raise_input_error(input_ids, attention_mask, mask)
+        lowest, highest = torch.aminmax(input_ids)
+        if (lowest < 0 or highest > self.config.num_items or not mask[:, 0].all() or (mask[:, 1:] > mask[:, :-1]).any()
+                or (attention_mask is not None and (mask & (input_ids == 0)).any())):
             self._raise_input_error(input_ids, attention_mask, mask)
         return mask
 
@@ -837,11 +840,14 @@ class M2RecModel(M2RecPreTrainedModel):
         part of the scorer's item vectors under `item_representation="id+text"`."""
         return self.text_norm(self.text_proj(self.text_embeddings))
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The embedded sequence, padding (id 0) zeroed: (B, L) → (B, L, D)."""
+    def embed(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedded sequence, padding zeroed: (B, L) → (B, L, D). `mask` (B, L): the real items, when the caller
+        has it (`input_ids != 0` otherwise)."""
         embedded = self.dropout(self.embedding_norm(self.item_embeddings(input_ids)))  # (B, L, D)
-        # Zero the padding so that the filter's spectrum and window only contain real items.
-        return embedded * (input_ids != 0).unsqueeze(-1).to(embedded.dtype)  # faster than masked_fill here
+        mask = input_ids != 0 if mask is None else mask
+        # Zero the padding so that the filter's spectrum and window only contain real items. A product with the
+        # boolean mask (promoted to the embedding's dtype): faster than masked_fill here.
+        return embedded * mask.unsqueeze(-1)
 
     def _window_rows(self, device: torch.device) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor]:
         """What a cached step's filter reads its item window from (`M2RecFrequencyFilter.step`). A catalogue of at
@@ -920,7 +926,7 @@ class M2RecModel(M2RecPreTrainedModel):
         backend = resolve_backend(input_ids.device, self.config.kernel_backend)
         if cache_params is None:
             mask = self._validate_inputs(input_ids, attention_mask)
-            embedded = self.embed(input_ids if attention_mask is None else input_ids * mask)  # (B, L, D)
+            embedded = self.embed(input_ids if attention_mask is None else input_ids * mask, mask)  # (B, L, D)
             hidden = (embedded if self.frequency_filter is None
                       else self.frequency_filter(embedded, backend=backend))
             cache = None
@@ -1328,10 +1334,12 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
         if candidates is None and self.config.vocab_size > TOP_K_CHUNK_ITEMS and weight.device.type != "meta":
             return self._recommend_in_chunks(input_ids, attention_mask, k, exclude_seen, cache_params, exclude_ids)
         scores = self.next_item_scores(input_ids, attention_mask, cache_params=cache_params).float()  # (B, I)
-        for item_ids in self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
-                                             scores.device):
+        excluded = self._excluded_items(input_ids, attention_mask, exclude_seen, cache_params, exclude_ids,
+                                        scores.device)
+        for item_ids in excluded:
             scores.scatter_(1, item_ids, torch.finfo(scores.dtype).min)
-        scores[:, 0] = float("-inf")  # below every excluded item, so padding is never returned
+        if excluded:  # padding below every excluded item, so it is never returned (it is already below the rest)
+            scores[:, 0] = float("-inf")
         if candidates is None:
             top_scores, top_items = scores.topk(k, dim=1)
             return top_items, top_scores

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.sasrec import SASRec, SASRecConfig, SASRecKVCache
-from bench.timing import Ratio, interleaved_seconds, ratio
+from bench import timing
+from bench.timing import Ratio, alternating_call_seconds, interleaved_seconds, ratio
 
 NUM_ITEMS, MAX_LEN = 30, 12
 
@@ -67,6 +68,25 @@ def test_interleaved_rounds_alternate_the_rows_and_ratios_are_per_round():
     value = ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0])
     assert value == Ratio(median=3.0, low=2.0, high=4.0)
     assert value.within(4.0) and not value.within(3.5) and value.within(2.0, at_most=False)
+
+
+def test_alternating_calls_take_each_rounds_median_call(monkeypatch):
+    """Rows alternate call by call; a row's time in a round is the median of its calls there, so one slow call (an
+    interrupt, a garbage collection) does not move it; a row slower than min_seconds gets one call per round."""
+    clock, calls = [0.0], []
+    durations = {"A": iter([0.1] + [1.0, 1.0, 50.0] * 2), "B": iter([0.1] + [2.0, 2.0, 2.0] * 2), "slow": iter([9.0] * 3)}
+
+    def row(name):
+        def call():
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return call
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    seconds = alternating_call_seconds({name: row(name) for name in ("A", "B", "slow")}, rounds=2, min_seconds=0.3)
+    assert calls == ["A", "B", "slow"] + (["A", "B", "slow"] + ["A", "B"] * 2) * 2  # warm-ups, then call by call
+    assert seconds == {"A": [1.0, 1.0], "B": [2.0, 2.0], "slow": [9.0, 9.0]}
+    assert ratio(seconds["A"], seconds["B"]) == Ratio(median=0.5, low=0.5, high=0.5)
 
 
 @pytest.mark.parametrize("script", ["bench_streaming", "bench_scan", "bench_efficiency", "bench_filter"])

@@ -318,13 +318,13 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
 def test_mixer_composes_its_kernels_outside_the_fused_cpu_path():
     model = tiny_model()
     mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
-    assert mixer._fused_cpu(hidden_states, "cpu_fused")
+    assert mixer._fused_cpu_weights(hidden_states, "cpu_fused")
     with torch.no_grad():  # inference takes mixer_forward
-        assert mixer._fused_cpu(hidden_states, "cpu_fused")
-    assert not mixer._fused_cpu(hidden_states, "torch")
+        assert mixer._fused_cpu_weights(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_weights(hidden_states, "torch")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not mixer._fused_cpu(hidden_states, "cpu_fused")
-    assert not mixer._fused_cpu(hidden_states.double(), "cpu_fused")
+        assert not mixer._fused_cpu_weights(hidden_states, "cpu_fused")
+    assert not mixer._fused_cpu_weights(hidden_states.double(), "cpu_fused")
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
@@ -553,7 +553,7 @@ def test_offloaded_weights_are_loaded_by_their_modules(monkeypatch):
         assert isinstance(cache, M2RecCache)
         torch.testing.assert_close(model(new_items, cache_params=cache).logits, expected_step, rtol=0, atol=0)
     # MixerCPUFn takes every weight at once: with offloaded weights the mixer composes its submodules instead.
-    assert not model.m2rec.layers[0].mixer._fused_cpu(torch.randn(2, 5, 16), "cpu_fused")
+    assert not model.m2rec.layers[0].mixer._fused_cpu_weights(torch.randn(2, 5, 16), "cpu_fused")
 
 
 @pytest.mark.parametrize("sampler, sharing", [("uniform", "batch"), ("popularity", "batch"), ("in_batch", "batch"),
