@@ -318,7 +318,9 @@ def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, se
 def test_mixer_composes_its_kernels_outside_the_fused_cpu_path():
     model = tiny_model()
     mixer, hidden_states = model.m2rec.layers[0].mixer, torch.randn(2, 5, 16)
-    assert mixer._fused_cpu_weights(hidden_states, "cpu_fused")
+    weights = mixer._fused_cpu_weights(hidden_states, "cpu_fused")
+    # every parameter, each once: the fused path takes all of them, and its dtype and device checks see all of them
+    assert sorted(map(id, weights)) == sorted(map(id, mixer.parameters()))
     with torch.no_grad():  # inference takes mixer_forward
         assert mixer._fused_cpu_weights(hidden_states, "cpu_fused")
     assert not mixer._fused_cpu_weights(hidden_states, "torch")
