@@ -480,7 +480,7 @@ class M2RecMixer(nn.Module):
         """Every parameter, in the order `MixerCPUFn` (with gradient) and `mixer_forward` (without) take them, when
         `forward` takes them: the backend is the fused CPU kernels, and inputs and parameters are float32 outside
         autocast (the kernels' one dtype there) and on the CPU (not offloaded); None otherwise. The tuple, not
-        `self.parameters()`: walking the module tree took 4 % of a batch-1 recommendation."""
+        `self.parameters()`: walking the module tree was about 3 % of a batch-1 recommendation (cProfile)."""
         weights = (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                    self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight)
         fused = (backend == "cpu_fused" and not torch.is_autocast_enabled("cpu")
@@ -792,13 +792,14 @@ class M2RecModel(M2RecPreTrainedModel):
         if torch.compiler.is_compiling():
             return mask
         # Whether anything is wrong, in as few operators as possible (a (B, L) flag tensor built from every check
-        # took 2 % of a batch-1 recommendation); only a batch with a problem runs the checks one by one, to name the
-        # first. A row that is empty or not right-padded has a padded first position or a mask that rises somewhere
-        # (a real item after padding). On CUDA each test waits for the device: four short waits on a valid batch.
+        # took 47-73 µs for a (1, 200) batch, these tests 28 µs); only a batch with a problem runs the checks one by
+        # one, to name the first. A row that is empty or not right-padded has a padded first position or a mask that
+        # rises somewhere (a real item after padding). On CUDA each test waits for the device: four short waits.
         if input_ids.shape[1] == 0:  # no position at all: every row is empty
             self._raise_input_error(input_ids, attention_mask, mask)
         lowest, highest = torch.aminmax(input_ids)
-        if (lowest < 0 or highest > self.config.num_items or not mask[:, 0].all() or (mask[:, 1:] > mask[:, :-1]).any()
+        if (lowest < 0 or highest > self.config.num_items or not mask[:, 0].all()
+                or (mask[:, 1:] > mask[:, :-1]).any()
                 or (attention_mask is not None and (mask & (input_ids == 0)).any())):
             self._raise_input_error(input_ids, attention_mask, mask)
         return mask
