@@ -52,8 +52,15 @@ def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bi
     `MixerCPUFn`'s. `MixerCPUFn.forward`, and the mixer's inference: a batch-1 call spent more time calling the
     mixer's submodules and kernel wrappers one by one than in their arithmetic."""
     conv_kernel, x_weight = conv_weight[:, 0], in_proj[:conv_weight.shape[0]]  # (Di, K), (Di, d)
-    x = _convolve(F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
-    selection = _convolve(F.linear(selection_states, x_weight), conv_kernel, conv_bias)
+    if selection_states is hidden_states:
+        x = selection = _convolve(F.linear(hidden_states, x_weight), conv_kernel, conv_bias)  # (B, L, Di)
+    else:
+        # Both streams through one product and one convolution, stacked on the batch: at batch 1 a second call
+        # of each cost more than the copy (a whole recommendation 3.7 % faster, the same values to the bit).
+        both = torch.cat([hidden_states, selection_states])  # (2B, L, d)
+        convolved = _convolve(F.linear(both, x_weight), conv_kernel, conv_bias)  # (2B, L, Di)
+        # slices, not split(B): exporting with a dynamic batch fails on the guard split's chunk count needs
+        x, selection = convolved[:hidden_states.shape[0]], convolved[hidden_states.shape[0]:]
     projected = F.linear(selection, x_proj)  # (B, L, R + 2N): Δ's rank-R input, B, C
     del selection
     dt_rank, B, C = _split_projection(projected, dt_proj.shape[1])
