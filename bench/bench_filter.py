@@ -57,7 +57,7 @@ def main(argv=None):
     print(table)
     if args.out:
         environment = {"machine": platform.machine(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "vector_kernels": cpu_scan.vector_kernels_enabled()}
+                       "threads": torch.get_num_threads(), "vector_width": cpu_scan.vector_width()}
         Path(args.out).write_text(json.dumps({"environment": environment, "results": results}, indent=1) + "\n")
     return table
 

@@ -165,7 +165,7 @@ def layer_inputs(batch, length):
 
 def selective_scan_generic_loops(*args, **kwargs):
     """The fused CPU scan with its vectorised variants switched off: the loops that CPUs without AVX2 run."""
-    with cpu_scan.generic_loops():
+    with cpu_scan.vector_isa("none"):
         return cpu_scan.selective_scan_cpu(*args, **kwargs)
 
 
@@ -298,8 +298,7 @@ def main(argv=None):
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "scan_backend_cpu": kernels.resolve_backend("cpu"),
-        "cpu_scan_avx512": cpu_scan.avx512_enabled(),
-        "cpu_scan_vector_kernels": cpu_scan.vector_kernels_enabled(),
+        "cpu_scan_vector_width": cpu_scan.vector_width(),
         "tokens_per_batch": args.tokens,
         "rounds": args.rounds,
         "D": DIM,

@@ -19,7 +19,7 @@ N state size, R Δ's rank.
 import torch
 import torch.nn.functional as F
 
-from .cpu_scan import fused_backward, kernel_ops, traced_or_direct, vector_kernels_enabled
+from .cpu_scan import fused_backward, kernel_ops, traced_or_direct, vector_width
 
 
 def _channels_first(t):
@@ -77,7 +77,7 @@ def mixer_forward(hidden_states, selection_states, in_proj, conv_weight, conv_bi
     y, _ = traced_or_direct("scan_fwd")(_channels_first(x), _channels_first(dt), -torch.exp(A_log),
                                         _channels_first(B), _channels_first(C), D,
                                         _channels_first(z) if output_positions is None else None,
-                                        dt_bias, None, True, vector_kernels_enabled())  # (B, Di, L)
+                                        dt_bias, None, True, vector_width())  # (B, Di, L)
     del x, dt
     if output_positions is None:
         return F.linear(_channels_first(y), out_proj), projected  # (B, L, d)
@@ -100,7 +100,7 @@ class MixerCPUFn(torch.autograd.Function):
                                        dt_proj, dt_bias, A_log, D, out_proj)
         ctx.save_for_backward(hidden_states, selection_states, projected, in_proj, conv_weight, conv_bias, x_proj,
                               dt_proj, dt_bias, A_log, D, out_proj)
-        ctx.avx512 = vector_kernels_enabled()
+        ctx.width = vector_width()
         return out
 
     @staticmethod
@@ -121,7 +121,7 @@ class MixerCPUFn(torch.autograd.Function):
         z = F.linear(selection_states, z_weight)
         grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z, grad_dt_bias, y, _ = fused_backward(
             *(_channels_first(t) for t in (grad_y, x, dt)), A, _channels_first(B), _channels_first(C), D,
-            _channels_first(z), dt_bias, True, ctx.avx512, return_out=True, reuse_inputs=True)
+            _channels_first(z), dt_bias, True, ctx.width, return_out=True, reuse_inputs=True)
         del grad_y, x, dt, z
         grad_out_proj = _flat(grad_out).t() @ _flat(_channels_first(y))
         del y

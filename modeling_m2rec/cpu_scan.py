@@ -8,11 +8,13 @@ backward recomputes the states instead of storing them, so nothing of size (B, D
 parallel on torch's intra-op threads (at::parallel_for). Two variants:
 - generic (every CPU, float32 and float64): one (batch, channel) row at a time, the loops over n vectorised by the
   compiler;
-- AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `avx512_enabled`): 16 channels per vector,
+- AVX-512 (float32 where the CPU has AVX-512F, chosen at run time; `vector_width` 16): 16 channels per vector,
   reading channel-last (B, L, D) memory directly, the layout of the model's projections. About 1.7× the
   generic speed forward and backward on the paper's sizes;
-- AVX2 (float32 where the CPU has AVX2 and FMA but no AVX-512F; `vector_kernels_enabled`): the AVX-512
-  variants' algorithms with each 16-channel step taken as two 8-float halves.
+- AVX2 (float32 where the CPU has AVX2 and FMA but no AVX-512F; `vector_width` 8): the AVX-512 variants'
+  algorithms with each 16-channel step taken as two 8-float halves.
+M2REC_VECTOR_ISA=avx2 or none runs a narrower variant than the CPU allows (`vector_isa` within a block), so that each
+one is tested and timed on any CPU that has it.
 The bias and softplus of delta, the D skip connection and the z gate are fused. The kernels are torch custom ops
 (`kernel_ops`: scan_fwd, scan_bwd, conv_fwd, conv_bwd; and, inference only, window_sum, the causal filter's sum
 over a cached step's window of items, and causal_filter, the filter summed directly over short whole sequences)
@@ -166,39 +168,51 @@ def env_flag(name, environ=os.environ):
     return environ.get(name, "0") not in ("", "0")
 
 
+# The scan's variants by instruction set, as floats per vector: the kernels' `vector_width` argument.
+VECTOR_WIDTHS = {"avx512": 16, "avx2": 8, "none": 0}
+
+
+def _vector_isa_override(environ=os.environ):
+    """M2REC_VECTOR_ISA: the widest scan variant allowed, one of VECTOR_WIDTHS' names ("none": the generic loops);
+    unset or "auto", the widest the CPU has."""
+    name = environ.get("M2REC_VECTOR_ISA", "auto").strip().lower()
+    if name not in (*VECTOR_WIDTHS, "auto", ""):
+        raise ValueError(f"M2REC_VECTOR_ISA={name!r}: use one of auto, {', '.join(VECTOR_WIDTHS)}")
+    return VECTOR_WIDTHS.get(name, 16)
+
+
 # The environment's overrides, read once at import (never inside a kernel call): M2REC_DISABLE_FUSED_CPU asks for the
-# plain-PyTorch CPU path whatever the config says (to debug, benchmark, or skip the build), M2REC_DISABLE_AVX512 for
-# the generic loops on an AVX-512 CPU (the tests switch these attributes to check the generic variants there too).
+# plain-PyTorch CPU path whatever the config says (to debug, benchmark, or skip the build), M2REC_VECTOR_ISA for a
+# narrower scan variant than the CPU has (the tests switch these attributes to check every variant the CPU runs).
 FUSED_CPU_DISABLED = env_flag("M2REC_DISABLE_FUSED_CPU")
-AVX512_DISABLED = env_flag("M2REC_DISABLE_AVX512")
+VECTOR_WIDTH_ALLOWED = _vector_isa_override()
+
+
+def cpu_vector_width(module=None):
+    """The widest scan variant this CPU runs, in floats per vector: 16 (AVX-512F), 8 (AVX2 and FMA) or 0."""
+    module = load_cpu_scan() if module is None else module
+    return 0 if module is None else 16 if module.has_avx512() else 8 if module.has_avx2() else 0
 
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
-def avx512_enabled():
-    """Whether the fused scan runs its AVX-512 variants (vectorised over channels, forward and backward): the CPU
-    has AVX-512F and M2REC_DISABLE_AVX512 was not set (`AVX512_DISABLED`)."""
-    module = load_cpu_scan()
-    return module is not None and module.has_avx512() and not AVX512_DISABLED
+def vector_width():
+    """The fused scan's variant, forward and backward, as the kernels' `vector_width` argument: the widest the CPU
+    runs (`cpu_vector_width`) within what M2REC_VECTOR_ISA (`VECTOR_WIDTH_ALLOWED`) allows; 0, the generic loops,
+    without either."""
+    return min(cpu_vector_width(), VECTOR_WIDTH_ALLOWED)
 
 
 @contextlib.contextmanager
-def generic_loops():
-    """Inside the block the fused scan runs its generic loops, as M2REC_DISABLE_AVX512=1 makes it for a whole process:
-    to test or time them on a CPU that has the vectorised variants. A backward follows the forward's choice."""
-    global AVX512_DISABLED
-    previous, AVX512_DISABLED = AVX512_DISABLED, True
+def vector_isa(name):
+    """Inside the block the fused scan runs at most the `name` variant ("avx512", "avx2", "none": see
+    VECTOR_WIDTHS), as M2REC_VECTOR_ISA makes it for a whole process: to test or time each variant on a CPU that has
+    a wider one. A backward follows its forward's choice."""
+    global VECTOR_WIDTH_ALLOWED
+    previous, VECTOR_WIDTH_ALLOWED = VECTOR_WIDTH_ALLOWED, VECTOR_WIDTHS[name]
     try:
         yield
     finally:
-        AVX512_DISABLED = previous
-
-
-@torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
-def vector_kernels_enabled():
-    """Whether the fused scan runs vectorised over channels (the kernels' `avx512` flag), forward and backward: on
-    AVX-512F, or on AVX2 with FMA; M2REC_DISABLE_AVX512 (`AVX512_DISABLED`) asks for the generic loops on either."""
-    module = load_cpu_scan()
-    return module is not None and (module.has_avx512() or module.has_avx2()) and not AVX512_DISABLED
+        VECTOR_WIDTH_ALLOWED = previous
 
 
 @torch.compiler.assume_constant_result  # compile and export take the answer as a constant, never trace it
@@ -221,13 +235,12 @@ def _is_channel_last(t):
     return t.stride(1) == 1 and t.stride(2) == t.size(1) and t.stride(0) == t.size(1) * t.size(2)
 
 
-def _empty_sequence_like(u, delta, z, avx512):
+def _empty_sequence_like(u, delta, z, width):
     """An empty (B, D, L) tensor laid out as the scan kernels lay out theirs: the vectorised variants (AVX-512,
-    AVX2), given float32 channel-last u, delta and z, write channel-last memory (a transposed view); every other case
-    contiguous rows."""
+    AVX2; `width` > 0 where the CPU has one), given float32 channel-last u, delta and z, write channel-last memory (a
+    transposed view); every other case contiguous rows."""
     batch, dim, length = u.shape
-    module = load_cpu_scan()
-    if (avx512 and u.dtype == torch.float32 and (module.has_avx512() or module.has_avx2()) and _is_channel_last(u)
+    if (min(width, cpu_vector_width()) > 0 and u.dtype == torch.float32 and _is_channel_last(u)
             and _is_channel_last(delta) and (z is None or _is_channel_last(z))):
         return u.new_empty(batch, length, dim).transpose(1, 2)
     return u.new_empty(batch, dim, length)
@@ -239,31 +252,31 @@ def _define_ops():
     @torch.library.custom_op(f"{namespace}::scan_fwd", mutates_args=())
     def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                  delta_bias: Optional[Tensor], initial_state: Optional[Tensor], softplus: bool,
-                 avx512: bool) -> Tuple[Tensor, Tensor]:
+                 width: int) -> Tuple[Tensor, Tensor]:
         """The extension's `fwd`: out (B, D, L) and the last state (B, D, N)."""
-        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, avx512)
+        out, last_state = load_cpu_scan().fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, width)
         return out, last_state.contiguous()  # without the kernel's padding of N to its vector lanes
 
     @scan_fwd.register_fake
-    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, avx512):
-        return _empty_sequence_like(u, delta, z, avx512), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, width):
+        return _empty_sequence_like(u, delta, z, width), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
 
     @torch.library.custom_op(f"{namespace}::scan_bwd", mutates_args=())
     def scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor], softplus: bool,
-                 return_out: bool, chunk: int, avx512: bool) -> List[Tensor]:
+                 return_out: bool, chunk: int, width: int) -> List[Tensor]:
         """The extension's `bwd` without reusing its inputs (an op's outputs may not alias them): du, ddelta, dA, dB,
         dC, dD, dz, ddelta_bias, out, dinitial_state, each an empty (0,) tensor where not asked for."""
         grads = load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
-                                    False, chunk, avx512)
+                                    False, chunk, width)
         small = (2, 5, 7, 9)  # dA, dD, ddelta_bias, dinitial_state: contiguous, as the fake gives them
         return [u.new_empty(0) if grad is None else grad.contiguous() if index in small else grad
                 for index, grad in enumerate(grads)]
 
     @scan_bwd.register_fake
-    def _(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out, chunk, avx512):
+    def _(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out, chunk, width):
         def sequence(present=True):
-            return _empty_sequence_like(u, delta, z, avx512) if present else u.new_empty(0)
+            return _empty_sequence_like(u, delta, z, width) if present else u.new_empty(0)
 
         def like(t):
             return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -272,14 +285,14 @@ def _define_ops():
                 sequence(return_out), like(initial_state)]
 
     def scan_setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.softplus, ctx.avx512 = inputs
+        u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.softplus, ctx.width = inputs
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.mark_non_differentiable(output[1])  # the last state gets no gradient, as in mamba-ssm
 
     def scan_backward(ctx, dout, _dlast_state):
-        *grads, _out, grad_initial_state = fused_backward(dout, *ctx.saved_tensors[:8], ctx.softplus, ctx.avx512,
+        *grads, _out, grad_initial_state = fused_backward(dout, *ctx.saved_tensors[:8], ctx.softplus, ctx.width,
                                                           initial_state=ctx.saved_tensors[8])
-        return *grads, grad_initial_state, None, None  # softplus and avx512 get none
+        return *grads, grad_initial_state, None, None  # softplus and width get none
 
     scan_fwd.register_autograd(scan_backward, setup_context=scan_setup_context)
 
@@ -343,7 +356,7 @@ except AttributeError:  # the first copy of this source in the process defines t
 kernel_ops = getattr(torch.ops, OPS_NAMESPACE)  # scan_fwd, scan_bwd, conv_fwd, conv_bwd, window_sum, causal_filter
 
 
-def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, initial_state=None,
+def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, width, initial_state=None,
                    return_out=False, reuse_inputs=False):
     """The extension's `bwd` (see its C++ comment) in time chunks of BACKWARD_CHUNK steps: du, ddelta, dA, dB, dC,
     dD, dz, ddelta_bias, with `return_out` the forward's output, and with `initial_state` its gradient (each None
@@ -352,9 +365,9 @@ def fused_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, avx512, 
     inputs; under compile or export the op runs (and allocates its outputs)."""
     if reuse_inputs and not torch.compiler.is_compiling():
         return load_cpu_scan().bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
-                                   True, BACKWARD_CHUNK, avx512)
+                                   True, BACKWARD_CHUNK, width)
     grads = kernel_ops.scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_out,
-                                BACKWARD_CHUNK, avx512)
+                                BACKWARD_CHUNK, width)
     asked = (True, True, True, True, True, D is not None, z is not None, delta_bias is not None, return_out,
              initial_state is not None)
     return tuple(grad if wanted else None for grad, wanted in zip(grads, asked))
@@ -400,9 +413,9 @@ def selective_scan_cpu(
 
     inputs = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     if _needs_op():
-        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, vector_kernels_enabled())
+        out, last_state = kernel_ops.scan_fwd(*inputs, delta_softplus, vector_width())
     else:
-        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, vector_kernels_enabled())
+        out, last_state = load_cpu_scan().fwd(*inputs, delta_softplus, vector_width())
         last_state = last_state.contiguous() if return_last_state else None  # as the op returns it
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
@@ -459,7 +472,7 @@ def causal_filter_cpu(x, kernel, kernel_spectrum=None):
 
 def build_kernels_main(argv=None):
     """`m2rec-build-kernels`: compile the fused CPU kernels ahead of time (e.g. while building a container image), or
-    find the cached build, and say where they are cached and whether the AVX-512 variants run on this CPU.
+    find the cached build, and say where they are cached and which vectorised scan variant runs on this CPU.
     Returns the exit status: 1 where they cannot be built (the model then runs the exact plain-PyTorch path)."""
     argparse.ArgumentParser(
         prog="m2rec-build-kernels",
@@ -474,20 +487,17 @@ def build_kernels_main(argv=None):
         print("m2rec-build-kernels: error: the fused CPU kernels could not be built (the reason is logged above); "
               "M2Rec runs the exact plain-PyTorch path instead, several times slower on CPU", file=sys.stderr)
         return 1
-    if not module.has_avx512():
-        avx512 = (f"not used (this CPU has no AVX-512F; the "
-                  f"{'AVX2 variants' if vector_kernels_enabled() else 'generic loops'} run)")
-    elif avx512_enabled():
-        avx512 = "used (this CPU has AVX-512F)"
-    else:
-        avx512 = "available but disabled by M2REC_DISABLE_AVX512"
+    names = {width: name for name, width in VECTOR_WIDTHS.items()}
+    variant = names[vector_width()]
+    if cpu_vector_width(module) > vector_width():
+        variant += f" (this CPU runs {names[cpu_vector_width(module)]}; M2REC_VECTOR_ISA asks for no wider)"
     print(f"fused CPU kernels ready ({time.perf_counter() - start:.1f} s), cached in {directory}")
-    print(f"AVX-512: {avx512}")
+    print(f"selective scan vectorised with: {variant}")
     if FUSED_CPU_DISABLED:
         print("note: M2REC_DISABLE_FUSED_CPU is set, so M2Rec will not use them until it is unset")
     return 0
 
 
-__all__ = ["avx512_enabled", "build_kernels_main", "causal_conv1d_cpu", "causal_filter_cpu", "env_flag",
-           "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "generic_loops", "kernel_ops",
-           "load_cpu_scan", "selective_scan_cpu", "traced_or_direct", "vector_kernels_enabled"]
+__all__ = ["VECTOR_WIDTHS", "build_kernels_main", "causal_conv1d_cpu", "causal_filter_cpu", "cpu_vector_width",
+           "env_flag", "filter_window_sum_cpu", "fused_backward", "fused_kernels_available", "kernel_ops",
+           "load_cpu_scan", "selective_scan_cpu", "traced_or_direct", "vector_isa", "vector_width"]

@@ -79,14 +79,18 @@ CASES = [
 ]
 
 
-def selective_scan_cpu_generic(*args, **kwargs):
-    """The fused CPU scan with its vectorised variants (AVX-512, AVX2) switched off (what runs on every other CPU)."""
-    with cpu_scan.generic_loops():
-        return cpu_scan.selective_scan_cpu(*args, **kwargs)
+def fused_scan_variant(name):
+    """The fused CPU scan run as its `name` variant at most (see cpu_scan.VECTOR_WIDTHS): the AVX2 one on an AVX-512
+    CPU, or the generic loops that CPUs without AVX2 run."""
+    def scan(*args, **kwargs):
+        with cpu_scan.vector_isa(name):
+            return cpu_scan.selective_scan_cpu(*args, **kwargs)
+
+    return scan
 
 
 IMPLEMENTATIONS = {"torch": kernels.selective_scan_torch, "fused_cpu": cpu_scan.selective_scan_cpu,
-                   "fused_cpu_generic": selective_scan_cpu_generic}
+                   "fused_cpu_avx2": fused_scan_variant("avx2"), "fused_cpu_generic": fused_scan_variant("none")}
 
 
 def test_fused_cpu_extension_builds():
@@ -117,11 +121,9 @@ def test_scan_matches_reference(case, implementation, dtype):
 
 @pytest.mark.parametrize("chunk", [1, 16, 64])
 @every_case
-def test_fused_cpu_backward_in_time_chunks_matches_reference(monkeypatch, case, chunk):
-    """The vectorised (AVX-512 or AVX2) backward cut into time chunks (the state entering each from a first pass; dL/dh, dA, dD and the
-    bias gradient carried across them) against the float64 step loop."""
-    if not cpu_scan.vector_kernels_enabled():
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
+def test_fused_cpu_backward_in_time_chunks_matches_reference(monkeypatch, vectorised_scan_variant, case, chunk):
+    """The vectorised (AVX-512, AVX2) backward cut into time chunks (the state entering each from a first pass; dL/dh,
+    dA, dD and the bias gradient carried across them) against the float64 step loop."""
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", chunk)
     inputs, softplus = case_inputs(case)
     reference = run_with_grads(kernels.selective_scan_ref, inputs, softplus, torch.float64)
@@ -164,11 +166,9 @@ def test_scan_from_an_initial_state_matches_reference(case, implementation, dtyp
 
 
 @every_case
-def test_fused_cpu_backward_in_time_chunks_from_an_initial_state(monkeypatch, case):
+def test_fused_cpu_backward_in_time_chunks_from_an_initial_state(monkeypatch, vectorised_scan_variant, case):
     """The vectorised backward's first pass starts every chunk from the initial state, and the gradient of that state is
     what the reverse sweep carries out of the first chunk."""
-    if not cpu_scan.vector_kernels_enabled():
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", 16)
     inputs, softplus = case_inputs(case)
     inputs = with_initial_state(inputs)
@@ -305,23 +305,20 @@ def test_fused_cpu_forward_without_grad_calls_the_extension_directly(monkeypatch
 
 
 @pytest.mark.parametrize("use_z", [False, True])
-@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
-def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(avx512, use_z):
+def test_fused_cpu_backward_recomputes_the_output_and_may_reuse_its_inputs(scan_variant, use_z):
     """`bwd` with return_out gives the forward's output, and with reuse_inputs the same gradients (the memory of u,
     delta, z and dout may then hold them): what MixerCPUFn relies on."""
-    if avx512 and not cpu_scan.vector_kernels_enabled():
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     extension = cpu_scan.load_cpu_scan()
     inputs = make_inputs(2, 37, 150, 16, use_D=True, use_z=use_z, use_bias=True, softplus=True)
     inputs = {k: None if v is None else (channel_last(v) if v.dim() == 3 else v).float() for k, v in inputs.items()}
     u, delta, A, B, C, D, z, delta_bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     dout = channel_last(torch.randn(u.shape, generator=torch.Generator().manual_seed(2)))
-    out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, None, True, avx512)
-    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, None, True, False, False, 64, avx512)
+    out, _ = extension.fwd(u, delta, A, B, C, D, z, delta_bias, None, True, scan_variant)
+    expected = extension.bwd(dout, u, delta, A, B, C, D, z, delta_bias, None, True, False, False, 64, scan_variant)
     assert expected[-2] is None and expected[-1] is None
     scratch = [None if t is None else channel_last(t.clone()) for t in (dout, u, delta, z)]
     *actual, actual_out, _ = extension.bwd(scratch[0], scratch[1], scratch[2], A, B, C, D, scratch[3], delta_bias,
-                                           None, True, True, True, 64, avx512)
+                                           None, True, True, True, 64, scan_variant)
     # the same sums in another order (the forward keeps two partial sums of C . h)
     torch.testing.assert_close(actual_out, out, rtol=0, atol=TOLERANCE[torch.float32] * out.abs().max().item())
     for name, got, want in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], actual, expected):
@@ -715,9 +712,10 @@ def test_a_first_build_is_announced_before_it_starts(monkeypatch, tmp_path):
         assert part in message
 
 
-def test_build_kernels_command_reports_the_cache_and_avx512(monkeypatch, capsys):
+def test_build_kernels_command_reports_the_cache_and_the_scan_variant(monkeypatch, capsys):
     """`m2rec-build-kernels` (pyproject's console script) builds or finds the extension and says where it is cached
-    and whether AVX-512 runs; it fails with exit status 1 where the kernels cannot be built."""
+    and which vectorised scan runs, naming M2REC_VECTOR_ISA when it asks for a narrower one than the CPU has; it fails
+    with exit status 1 where the kernels cannot be built."""
     import tomllib
     from pathlib import Path
 
@@ -727,8 +725,13 @@ def test_build_kernels_command_reports_the_cache_and_avx512(monkeypatch, capsys)
     assert cpu_scan.build_kernels_main([]) == 0  # the cache built by the tests above, so this is fast
     out = capsys.readouterr().out
     assert f"cached in {cpu_scan._build_directory(cpu_scan._extension_name())}" in out
-    expected = "used (this CPU has AVX-512F)" if cpu_scan.load_cpu_scan().has_avx512() else "not used"
-    assert f"AVX-512: {expected}" in out
+    widest = {width: name for name, width in cpu_scan.VECTOR_WIDTHS.items()}[cpu_scan.cpu_vector_width()]
+    assert f"selective scan vectorised with: {widest}\n" in out
+    monkeypatch.setattr(cpu_scan, "VECTOR_WIDTH_ALLOWED", 0)
+    assert cpu_scan.build_kernels_main([]) == 0
+    out = capsys.readouterr().out
+    assert "selective scan vectorised with: none" in out
+    assert ("M2REC_VECTOR_ISA" in out) == (widest != "none")
 
     monkeypatch.setattr(cpu_scan, "load_cpu_scan", lambda: None)
     assert cpu_scan.build_kernels_main([]) == 1
@@ -1029,3 +1032,16 @@ def test_chunked_top_k_memory_is_bounded_by_the_chunk():
     with LargestOutput():  # the twin, for contrast: the whole (B, I) score matrix
         kernels.top_k_items_torch(states, weights, 10)
     assert LargestOutput.largest >= 8 * 40_001
+
+
+def test_vector_isa_override_is_checked():
+    """M2REC_VECTOR_ISA, read once at import: a name of VECTOR_WIDTHS caps the scan's variant, "auto" or unset
+    leaves the widest, and anything else fails naming the choices instead of being ignored."""
+    assert cpu_scan._vector_isa_override({}) == cpu_scan._vector_isa_override({"M2REC_VECTOR_ISA": "auto"}) == 16
+    assert cpu_scan._vector_isa_override({"M2REC_VECTOR_ISA": "AVX2"}) == 8
+    assert cpu_scan._vector_isa_override({"M2REC_VECTOR_ISA": "none"}) == 0
+    with pytest.raises(ValueError, match="M2REC_VECTOR_ISA='sse4'.*auto, avx512, avx2, none"):
+        cpu_scan._vector_isa_override({"M2REC_VECTOR_ISA": "sse4"})
+    with cpu_scan.vector_isa("avx2"):
+        assert cpu_scan.vector_width() == min(8, cpu_scan.cpu_vector_width())
+    assert cpu_scan.vector_width() == min(cpu_scan.VECTOR_WIDTH_ALLOWED, cpu_scan.cpu_vector_width())

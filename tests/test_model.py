@@ -282,17 +282,12 @@ def parameter_gradients(model, input_ids, labels):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
 @pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
 @pytest.mark.parametrize("backward_chunk", [1024, 8])
-def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, avx512, selection_source, backward_chunk):
+def test_fused_cpu_training_mixer_equals_its_composition(monkeypatch, scan_variant, selection_source, backward_chunk):
     """A training step goes through MixerCPUFn (which recomputes in the backward what the composition keeps) and
     gives the composition's loss and gradients, with the scan's backward in one time chunk or several."""
     monkeypatch.setattr(cpu_scan, "BACKWARD_CHUNK", backward_chunk)
-    if not avx512:
-        monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
-    elif not cpu_scan.vector_kernels_enabled():
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     model = tiny_model(selection_source=selection_source, num_hidden_layers=2).train()
     with torch.no_grad():  # away from the initialisation, where several gradients are exactly zero
         for parameter in model.parameters():
@@ -329,15 +324,10 @@ def test_mixer_composes_its_kernels_outside_the_fused_cpu_path():
     assert not mixer._fused_cpu_weights(hidden_states.double(), "cpu_fused")
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["vectorised", "generic"])
 @pytest.mark.parametrize("selection_source", ["unfiltered", "filtered"])
-def test_fused_cpu_inference_mixer_equals_its_composition(monkeypatch, avx512, selection_source):
+def test_fused_cpu_inference_mixer_equals_its_composition(monkeypatch, scan_variant, selection_source):
     """Without gradient the mixer runs `mixer_forward` on the fused CPU kernels: the composition's output at every
     position, and at one position per sequence."""
-    if not avx512:
-        monkeypatch.setattr(cpu_scan, "AVX512_DISABLED", True)
-    elif not cpu_scan.vector_kernels_enabled():
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
     model = tiny_model(selection_source=selection_source).eval()
     with torch.no_grad():
         for parameter in model.parameters():

@@ -1265,21 +1265,23 @@ int64_t grain_rows(const Inputs& in) {
 }
 
 // Returns out (B, D, L) and the last state (B, D, N) of the scan started from initial_state
-// (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). With
-// `avx512` and float32 inputs, a channel-vectorised forward runs, forward_avx512 on a CPU with
-// AVX-512F, else forward_avx2 on one with AVX2 and FMA; for channel-last inputs out is then a
-// (B, D, L) view of channel-last memory too.
+// (B, D, N) (0 when absent); the step is softplus(delta + delta_bias) (each part optional). For
+// float32 inputs, `vector_width` (floats per vector) picks a channel-vectorised forward: 16 runs
+// forward_avx512 on a CPU with AVX-512F, 8 (or 16 without AVX-512F) forward_avx2 on one with AVX2
+// and FMA, 0 the generic loops; for channel-last inputs the vectorised forwards' out is a (B, D, L)
+// view of channel-last memory too.
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                             const std::optional<at::Tensor>& delta_bias,
-                            const std::optional<at::Tensor>& initial_state, bool softplus, bool avx512) {
+                            const std::optional<at::Tensor>& initial_state, bool softplus,
+                            int64_t vector_width) {
   if (delta_bias.has_value()) {
     TORCH_CHECK(delta_bias->numel() == u.size(1) && delta_bias->scalar_type() == u.scalar_type(),
                 "delta_bias must be (D,) = (", u.size(1), ",) of u's dtype, got ", delta_bias->sizes());
   }
-  const bool wide = cpu_has_avx512();
-  if (avx512 && (wide || cpu_has_avx2()) && u.scalar_type() == at::kFloat) {
+  const bool wide = vector_width >= 16 && cpu_has_avx512();
+  if ((wide || (vector_width >= 8 && cpu_has_avx2())) && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
@@ -1320,17 +1322,17 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
 // the input was absent; out, the forward's output recomputed on the way, only with `return_out`).
 // With `reuse_inputs` the caller gives up u, delta, z and dout, whose memory may then hold du,
 // ddelta, dz and out (the AVX-512 kernel copies each block of them into its tiles before it writes
-// the block back). The vectorised backward (AVX-512, else AVX2, with `avx512` as in fwd) runs in
+// the block back). The vectorised backward (AVX-512 or AVX2, `vector_width` as in fwd) runs in
 // time chunks of `chunk` steps (see backward_avx512).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                             const std::optional<at::Tensor>& delta_bias,
                             const std::optional<at::Tensor>& initial_state, bool softplus, bool return_out,
-                            bool reuse_inputs, int64_t chunk, bool avx512) {
+                            bool reuse_inputs, int64_t chunk, int64_t vector_width) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must match u ", u.sizes(), ", got ", dout.sizes());
-  const bool wide = cpu_has_avx512();
-  if (avx512 && (wide || cpu_has_avx2()) && u.scalar_type() == at::kFloat) {
+  const bool wide = vector_width >= 16 && cpu_has_avx512();
+  if ((wide || (vector_width >= 8 && cpu_has_avx2())) && u.scalar_type() == at::kFloat) {
     const at::Tensor& dt = delta;
     const at::Tensor bias = delta_bias.has_value() ? delta_bias->contiguous() : at::Tensor();
     const bool channel_last = channel_last_inputs(u, dt, z);
