@@ -578,11 +578,17 @@ def causal_filter_convolution(x, kernel, kernel_spectrum=None, backend=None):
     multiply-adds per channel, in cache, channel-last; at L = 200 about 0.6× the FFTs' time at batch 1 and 0.3×
     at batch 256, level at L = 400, docs/BENCHMARKS.md). Everywhere else `causal_fft_convolution`, whose
     backward the direct loop does not have."""
-    backend = resolve_backend(x.device) if backend is None else backend
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-    if backend == "cpu_fused" and not wants_grad and x.shape[-1] <= DIRECT_FILTER_MAX_LENGTH:
+    if filter_sums_directly(x, kernel, backend):
         return causal_filter_cpu(x, kernel)
     return causal_fft_convolution(x, kernel, kernel_spectrum)
+
+
+def filter_sums_directly(x, kernel, backend=None) -> bool:
+    """Whether `causal_filter_convolution(x, kernel, ..., backend)` takes the direct sum over the lags, which reads no
+    kernel spectrum."""
+    backend = resolve_backend(x.device) if backend is None else backend
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
+    return backend == "cpu_fused" and not wants_grad and x.shape[-1] <= DIRECT_FILTER_MAX_LENGTH
 
 
 # ------------------------------------------------------------------ the causal filter's window sum (one cached step)

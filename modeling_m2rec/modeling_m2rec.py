@@ -30,9 +30,9 @@ from .configuration_m2rec import M2RecConfig
 from .cpu_mixer import MixerCPUFn, mixer_forward
 from .item_text import encode_texts, format_item_text
 from .kernels import (bf16_scoring_supported, blocked_window_sum, causal_conv1d, causal_conv1d_update,
-                      causal_filter_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_window_sum,
-                      first_occurrences, full_softmax_cross_entropy, resolve_backend, sampled_softmax_cross_entropy,
-                      selective_scan, selective_state_update, top_k_items)
+                      causal_filter_convolution, causal_fft_kernel_spectrum, draw_negatives, filter_sums_directly,
+                      filter_window_sum, first_occurrences, full_softmax_cross_entropy, resolve_backend,
+                      sampled_softmax_cross_entropy, selective_scan, selective_state_update, top_k_items)
 
 
 class M2RecCache:
@@ -304,15 +304,16 @@ class M2RecFrequencyFilter(nn.Module):
             return self._kernel_from_response(device), None
         cached = self._kernel_cache
         if cached is not None and cached[0] == key and _same_tensors(cached[4], parameters):
-            kernel, spectrum = cached[1], cached[3] if cached[2] == length else None
+            kernel, kept_length, spectrum = cached[1:4]
         else:
             # Kept in (max_len, D) memory, the layout the direct sum over the lags reads (it copied it at every call).
-            kernel, spectrum = self._kernel_from_response(device).t().contiguous().t(), None
-        if length is not None and spectrum is None:
-            spectrum = causal_fft_kernel_spectrum(kernel, length)
-        # one spectrum, of the last length asked for: a dict of every length seen would grow to max_len entries
-        self._kernel_cache = (key, kernel, length if spectrum is not None else None, spectrum, parameters)
-        return kernel, spectrum
+            kernel, kept_length, spectrum = self._kernel_from_response(device).t().contiguous().t(), None, None
+        if length is not None and kept_length != length:
+            kept_length, spectrum = length, causal_fft_kernel_spectrum(kernel, length)
+        # One spectrum, of the last length asked for (a dict of every length seen would grow to max_len entries),
+        # kept through calls that ask for none: a cached step between two re-encodes recomputed it every time.
+        self._kernel_cache = (key, kernel, kept_length, spectrum, parameters)
+        return kernel, spectrum if length is not None else None
 
     def clear_kernel_cache(self) -> None:
         """Forgets the kept kernel (see `causal_kernel`), after a write to W that its key cannot see."""
@@ -336,7 +337,11 @@ class M2RecFrequencyFilter(nn.Module):
             spectrum = torch.fft.rfft(x, n=self.fft_size)  # (B, D, F)
             filtered = torch.fft.irfft(spectrum * response, n=self.fft_size)[..., :seq_len]
         else:
-            kernel, spectrum = self.causal_kernel(x.device, seq_len)
+            kernel, spectrum = self.causal_kernel(x.device)
+            # A kept spectrum (none under autograd or compile) only for the FFTs: at batch 1, transforming the kernel
+            # for the direct sum, which never reads it, cost as much as that sum.
+            if not (kernel.requires_grad or torch.compiler.is_compiling() or filter_sums_directly(x, kernel, backend)):
+                spectrum = self.causal_kernel(x.device, seq_len)[1]
             filtered = causal_filter_convolution(x, kernel[..., :seq_len], spectrum, backend)  # (B, D, L): lags < L
         return filtered.transpose(1, 2)  # (B, L, D), a view
 

@@ -173,6 +173,25 @@ def test_filter_kernel_is_kept_between_no_grad_calls_until_its_parameter_changes
     assert not torch.allclose(fresh_scores(), before)
 
 
+def test_filter_spectrum_is_made_for_the_ffts_only_and_outlives_a_cached_step(monkeypatch):
+    """The kernel's spectrum is computed where the FFTs read it, not for the fused direct sum; and a cached step,
+    which reads the kernel alone, leaves it kept for the next re-encode (it was recomputed after every step)."""
+    model = tiny_model()
+    input_ids = random_histories(2, 12)
+    transforms = []
+    spectrum = modeling_m2rec.causal_fft_kernel_spectrum
+    monkeypatch.setattr(modeling_m2rec, "causal_fft_kernel_spectrum", lambda *args: transforms.append(1) or spectrum(*args))
+    with torch.no_grad():
+        model.config.kernel_backend = "cpu_fused"
+        direct = model(input_ids, last_position_only=True).logits
+        assert transforms == []
+        model.config.kernel_backend = "torch"
+        cache = model(input_ids, use_cache=True).cache_params
+        model(input_ids[:, :1], cache_params=cache)
+        torch.testing.assert_close(model(input_ids, last_position_only=True).logits, direct, rtol=1e-5, atol=1e-5)
+    assert transforms == [1]
+
+
 def test_seen_item_bias_offsets_the_items_each_position_has_seen():
     plain = tiny_model()
     model = tiny_model(seen_item_bias=True)
