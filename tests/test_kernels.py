@@ -177,6 +177,22 @@ def test_fused_cpu_backward_in_time_chunks_from_an_initial_state(monkeypatch, ve
     assert_close_to_reference(results, reference, torch.float32)
 
 
+@pytest.mark.parametrize("growth", [False, True], ids=["decays_only", "with_growth"])
+def test_fused_scan_gives_vanishing_decays_and_growing_states(scan_variant, growth):
+    """The AVX2 scan takes 2^x with one clamp instead of four when every exponent dt·A is ≤ 0 (a softplus step and
+    A ≤ 0, as in Mamba): decays far under the float range must still come out as exactly 0, as in the float64
+    reference; an A with a positive entry (a state that grows) must take the general form."""
+    inputs = make_inputs(2, 37, 40, 16, use_D=True, use_z=True, use_bias=True, softplus=True)
+    A = inputs["A"].clone()
+    A[::3, 0] = -2000.0  # dt·A·log2(e) far under -127
+    if growth:
+        A[1, 1] = 0.05
+    inputs["A"] = A
+    reference = run_with_grads(kernels.selective_scan_ref, inputs, True, torch.float64)
+    assert_close_to_reference(run_with_grads(cpu_scan.selective_scan_cpu, inputs, True, torch.float32), reference,
+                              torch.float32)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_a_scan_split_in_two_continues_exactly(implementation):
     """Scanning the first steps, then the rest from their last state, gives the whole scan's output and state."""
