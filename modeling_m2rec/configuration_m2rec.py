@@ -52,6 +52,10 @@ class M2RecConfig(PreTrainedConfig):
             Width of the position-wise feed-forward; defaults to `4 * hidden_size`.
         hidden_dropout_prob (`float`, defaults to 0.2):
             Dropout after the embedding, the filter, the mixer and the feed-forward.
+        text_dropout_prob (`float`, defaults to 0.0):
+            Dropout on the projected text features E_text before the fusion (not in the paper, whose text path has
+            none). The item-id path is regularised by `hidden_dropout_prob` at every step while E_text reaches the
+            fused output unchanged, a second, undropped item table (docs/RESULTS.md, issue #13).
         mixer_residual (`bool`, defaults to `True`):
             Add each layer's input to its mixer's output before the LayerNorm, `LayerNorm(x + Dropout(mixer(x)))`.
             `False` is Mamba4Rec's one-layer form, `LayerNorm(Dropout(mixer(x)))`: no copy of the input items'
@@ -150,6 +154,7 @@ class M2RecConfig(PreTrainedConfig):
     time_step_floor: float = 1e-4
     intermediate_size: int | None = None
     hidden_dropout_prob: float = 0.2
+    text_dropout_prob: float = 0.0
     mixer_residual: bool = True
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
@@ -194,6 +199,9 @@ class M2RecConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("hidden_dropout_prob", "text_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 <= self.fft_cut_ratio < 1.0:
             raise ValueError(f"fft_cut_ratio must be in [0, 1), got {self.fft_cut_ratio!r}")
         if self.pad_token_id != 0:

@@ -839,7 +839,7 @@ class M2RecModel(M2RecPreTrainedModel):
             projected = self.text_proj(self.text_embeddings[input_ids])  # (B, L, E) → (B, L, D)
         else:  # projecting the whole table once is cheaper than projecting every position
             projected = F.embedding(input_ids, self.text_proj(self.text_embeddings))
-        return self.text_norm(projected)
+        return F.dropout(self.text_norm(projected), self.config.text_dropout_prob, self.training)
 
     def item_text_vectors(self) -> torch.Tensor:
         """Every item's projected text, the same projection and norm as `text_features`: (I, E) → (I, D). The text

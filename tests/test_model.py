@@ -617,3 +617,23 @@ def test_loss_settings_are_checked():
         model.set_item_counts(torch.ones(NUM_ITEMS))
     with pytest.raises(ValueError, match=r"item_counts\[3\] = -1.0"):
         model.set_item_counts(torch.tensor([0.0, 1, 2, -1] + [1.0] * (NUM_ITEMS - 3)))
+
+
+def test_text_dropout_drops_the_text_features_in_training_only():
+    """`text_dropout_prob` (off by default, as in the paper) drops entries of the projected text features in training
+    mode and scales the rest; in eval mode the features, and so the scores, are those of a model without it."""
+    model = tiny_model(text_dropout_prob=0.5)
+    plain = tiny_model()
+    input_ids = random_histories(3, 12)
+    with torch.no_grad():
+        expected = plain.m2rec.text_features(input_ids)
+        torch.testing.assert_close(model.m2rec.text_features(input_ids), expected)
+        torch.testing.assert_close(model(input_ids).logits, plain(input_ids).logits)
+        model.train()
+        dropped = model.m2rec.text_features(input_ids)
+    zeros = dropped == 0
+    assert 0.3 < zeros.float().mean().item() < 0.7
+    torch.testing.assert_close(dropped[~zeros], 2 * expected[~zeros])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="text_dropout_prob must be in"):
+            M2RecConfig(num_items=5, text_dropout_prob=bad)

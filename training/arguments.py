@@ -42,6 +42,7 @@ class ModelArguments:
     conv_kernel: int = 4
     expand: int = 2
     hidden_dropout_prob: float = 0.2
+    text_dropout_prob: float = 0.0
     mixer_residual: bool = True
     fft_mode: Literal["causal", "global", "none"] = "causal"
     fft_cut_ratio: float = 0.1
