@@ -4,12 +4,14 @@ length 1,000 and 2,000. Ratios are against the SASRec baseline of the same run.
 
     python bench/bench_efficiency.py --data-root ../shared/data --out docs/bench_efficiency.json
     python bench/bench_efficiency.py --smoke    # tiny synthetic data, no memory children: checks that it runs
+    python bench/bench_efficiency.py --lengths 200 --train-batch-size 64    # the shipped ML-1M recipe's epoch
 
 Models: M2Rec (the full model: causal FFT, gate, 1024-d text buffer as with bge-large), plain Mamba (M2Rec with FFT
 and text off, the Mamba4Rec stand-in) and SASRec (2 layers, 2 heads, the comparison model of bench/sasrec.py), all
 of width 64. Training: one epoch of every ML-1M user at every position (batch 256, AdamW, full-catalogue softmax);
 at L = 1,000 and 2,000 the same number of tokens (256·200 per step, 24 steps) of random histories over the ML-1M
-catalogue. Inference: `model.recommend(histories, k=10)` in eval mode; latency per user = time per call / batch.
+catalogue. `--train-batch-size` sets the sequences per training step (the same tokens per epoch at every length;
+the shipped ML-1M config trains at 64). Inference: `model.recommend(histories, k=10)` in eval mode; latency per user = time per call / batch.
 The models of one length are timed in interleaved rounds (bench/timing.py), so that the machine's drift over minutes
 does not enter the ratios: training in 5 rounds, round r training every model in turn on the epoch's steps r,
 r + 5, r + 10, ... (the epoch time is the sum of the rounds, the ratio the median of the per-round ratios with its
@@ -120,7 +122,7 @@ def evaluation_histories(data, length, batch, generator):
     return collate_train([{"input_ids": test_inputs[i], "labels": test_inputs[i]} for i in chosen])["input_ids"]
 
 
-COLUMNS = (("epoch s", "epoch_seconds", 1), ("latency/user ms, batch 1", "latency_ms_batch1", 2),
+COLUMNS = (("epoch s, batch {train_batch}", "epoch_seconds", 1), ("latency/user ms, batch 1", "latency_ms_batch1", 2),
            ("latency/user ms, batch {batch}", "latency_ms_batch", 3), ("train-step peak MB", "train_step_peak_mb", 0),
            ("inference peak MB", "inference_peak_mb", 0))
 # The timed columns' per-round lists, from which their ratios to SASRec come.
@@ -129,7 +131,7 @@ ROUND_KEYS = {"epoch_seconds": "epoch_rounds", "latency_ms_batch1": "latency_rou
 
 
 def markdown(results):
-    titles = [title.format(batch=results[0]["batch"]) for title, _, _ in COLUMNS]
+    titles = [title.format(batch=results[0]["batch"], train_batch=results[0]["train_batch"]) for title, _, _ in COLUMNS]
     lines = ["| model | L | " + " | ".join(f"{title} | ×SASRec" for title in titles) + " |",
              "|---|---:|" + "---:|---:|" * len(COLUMNS)]
     for row in results:
@@ -152,6 +154,7 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 1000, 2000])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--train-batch-size", type=int, help=f"sequences per training step (default {BATCH})")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny synthetic data and batches, no memory children: checks that the script runs")
     parser.add_argument("--out", type=Path)
@@ -166,13 +169,15 @@ def main(argv=None):
         data_args = DataArguments(format="sequence", data_path=f"{args.data_root}/ml-1m/ml-1m_seq_5core.txt.gz",
                                   item_path=f"{args.data_root}/ml-1m/movies.dat", max_len=200)
         batch, steps = BATCH, STEPS_SYNTHETIC
+    train_batch = args.train_batch_size or batch
+    steps = max(1, steps * batch // train_batch)  # the same tokens per synthetic epoch at any training batch
     data = prepare_dataset(data_args)
 
     results = []
     for length in args.lengths:
         generator = torch.Generator().manual_seed(0)
         histories = evaluation_histories(data, length, batch, generator)
-        batches = training_batches(data, length, batch, generator, steps)
+        batches = training_batches(data, length, train_batch, generator, steps)
         models = {}
         for name in args.models:
             torch.manual_seed(0)
@@ -191,7 +196,7 @@ def main(argv=None):
         latency_batch1 = interleaved_latency(models, histories[:1], args.rounds)
         latency_batch = interleaved_latency(models, histories, args.rounds)
         for name in models:
-            results.append({"model": name, "length": length, "batch": batch,
+            results.append({"model": name, "length": length, "batch": batch, "train_batch": train_batch,
                             "epoch_seconds": sum(epoch[name]), "epoch_rounds": epoch[name],
                             "latency_ms_batch1": 1e3 * statistics.median(latency_batch1[name]),
                             "latency_rounds_batch1": latency_batch1[name],
@@ -203,7 +208,7 @@ def main(argv=None):
     # After the timings, so that the two never share the cores.
     for row in results if not args.smoke else []:
         command = [sys.executable, __file__, "--memory-child", "--data-root", args.data_root,
-                   "--lengths", str(row["length"]), "--models", row["model"]]
+                   "--lengths", str(row["length"]), "--models", row["model"], "--train-batch-size", str(train_batch)]
         child = subprocess.run(command, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}, check=True,
                                stdout=subprocess.PIPE, text=True)
         peaks = json.loads(child.stdout)

@@ -96,6 +96,14 @@ def test_each_benchmark_runs_at_tiny_sizes(script, capsys):
     assert table in capsys.readouterr().out
 
 
+
+def test_efficiency_benchmark_trains_at_the_batch_it_is_given(capsys):
+    """--train-batch-size sets the training batch of the epoch it times (the shipped ML-1M recipe trains at 64)."""
+    module = importlib.import_module("bench.bench_efficiency")
+    table = module.main(["--smoke", "--train-batch-size", "2"])
+    assert "| epoch s, batch 2 |" in table
+    assert "| epoch s, batch 4 |" in module.main(["--smoke"])
+
 @pytest.mark.slow
 def test_large_catalogue_benchmark_runs_at_tiny_sizes(tmp_path, capsys):
     """bench_large_catalogue's children (one per loss) at 2,000 items: the table, and the JSON with each loss's step
