@@ -110,7 +110,8 @@ def sasrec_builder(model_args, num_layers: int, num_heads: int):
         return SASRec(SASRecConfig(num_items=num_items, max_len=max_len, hidden_size=model_args.hidden_size,
                                    num_hidden_layers=num_layers, num_attention_heads=num_heads,
                                    hidden_dropout_prob=model_args.hidden_dropout_prob,
-                                   seen_item_bias=model_args.seen_item_bias))
+                                   seen_item_bias=model_args.seen_item_bias,
+                                   loss_excludes_history=model_args.loss_excludes_history))
     return build
 
 

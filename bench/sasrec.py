@@ -33,6 +33,7 @@ class SASRecConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     seen_item_bias: bool = False  # as M2RecConfig.seen_item_bias
+    loss_excludes_history: bool = False  # as M2RecConfig.loss_excludes_history
 
 
 class SASRecKVCache:
@@ -169,11 +170,12 @@ class SASRec(PreTrainedModel):
             cache.lengths.copy_(mask.sum(1))
 
         last_states = hidden[torch.arange(len(input_ids), device=input_ids.device), mask.sum(1) - 1]  # (B, D)
-        seen_items = input_ids * mask if self.seen_item_offset is not None else None
+        wants_seen = self.seen_item_offset is not None or (labels is not None and self.config.loss_excludes_history)
+        seen_items = input_ids * mask if wants_seen else None
         loss = None
         if labels is not None:  # the same exact chunked full-softmax loss as M2Rec, so costs compare like for like
             loss = next_item_loss(hidden, last_states, self.item_embeddings.weight, labels, seen_items,
-                                  self.seen_item_offset)
+                                  self.seen_item_offset, exclude_seen=self.config.loss_excludes_history)
         logits = None
         if return_logits:
             logits = self.score(last_states if last_position_only else hidden, seen_items)

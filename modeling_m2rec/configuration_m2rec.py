@@ -102,6 +102,12 @@ class M2RecConfig(PreTrainedConfig):
             items up to and including it), starting at 0. Not in the paper: a tied-embedding scorer ranks the user's
             own items high, and this lets training learn how much a dataset repeats (ML-1M, where no item repeats,
             drives it negative; check-in data with revisits may drive it positive). See docs/RESULTS.md (issue #13).
+        loss_excludes_history (`bool`, defaults to `False`):
+            Leave the items each position has already seen (the inputs up to it) out of the training softmax, except
+            its own target: the history-removed evaluation protocol, applied in training. Not in the paper: the
+            paper's loss asks the model to rank the user's own items below the next one, which the text branch can
+            learn for items of similar text as well (Amazon Beauty; see docs/RESULTS.md, issue #13). Full softmax
+            only; a learned `seen_item_bias` would get no gradient from it, so the two do not go together.
         loss (`str`, defaults to `"full_softmax"`):
             The training loss given `labels`. `"full_softmax"`: exact cross-entropy over the whole catalogue (the
             paper's), whose cost grows with the catalogue at every target. `"sampled_softmax"`: the softmax over each
@@ -169,6 +175,7 @@ class M2RecConfig(PreTrainedConfig):
     text_normalize: bool = True
     fusion: str = "gate"
     seen_item_bias: bool = False
+    loss_excludes_history: bool = False
     loss: str = "full_softmax"
     negative_sampler: str = "uniform"
     num_negatives: int = 1024
@@ -190,6 +197,9 @@ class M2RecConfig(PreTrainedConfig):
             raise ValueError(f"negative_sharing='sequence' draws each sequence's own negatives, which "
                              f"negative_sampler={self.negative_sampler!r} takes from the whole batch's targets; "
                              f"use 'uniform' or 'popularity', or negative_sharing='batch'")
+        if self.loss_excludes_history and (self.seen_item_bias or self.loss != "full_softmax"):
+            raise ValueError("loss_excludes_history leaves the seen items out of the full softmax: it goes with "
+                             "neither seen_item_bias (whose offset would learn nothing) nor the sampled softmax")
         _check_choice("item_representation", self.item_representation, ITEM_REPRESENTATIONS)
         if self.item_representation == "id+text" and self.fusion == "none":
             raise ValueError("item_representation='id+text' scores items by their text, but fusion='none' builds a "

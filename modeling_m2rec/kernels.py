@@ -659,26 +659,30 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     arithmetic as `F.cross_entropy(..., ignore_index=-100)` on the full logits, in float32. Column 0 (padding) never
     takes probability; rows labelled −100 weigh nothing.
     With `seen_offset`, row m's logits of the items its position has seen (the nonzero `first_items[rows[m], :t + 1]`
-    for t = positions[m]) get the learned offset added, and its gradient is returned.
+    for t = positions[m]) get the learned offset added, and its gradient is returned. With `exclude_seen` those items
+    leave the softmax instead, except the row's own target.
     """
 
     @staticmethod
-    def _logits(states, weights, seen_offset, first_items, rows, positions, start, stop):
+    def _logits(states, weights, targets, seen_offset, exclude_seen, first_items, rows, positions, start, stop):
         """The logits of rows start:stop, (chunk, I), and the columns of the items each row has seen (chunk, L), 0
         where none (or None without an offset)."""
         logits = states[start:stop] @ weights.t()  # (chunk, I)
         seen_columns = None
-        if seen_offset is not None:
+        if first_items is not None:
             seen_columns = first_items[rows[start:stop]]  # (chunk, L), each item once
             length = seen_columns.shape[1]
             seen_columns = seen_columns * (torch.arange(length, device=logits.device) <= positions[start:stop, None])
             # Column 0 collects the offset of every unused slot, and is then set to -inf.
-            logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
+            if exclude_seen:
+                logits.scatter_(1, _seen_but_not_target(seen_columns, targets[start:stop]), float("-inf"))
+            else:
+                logits.scatter_add_(1, seen_columns, seen_offset.to(logits.dtype).expand(seen_columns.shape))
         logits[:, 0] = float("-inf")
-        return logits, seen_columns
+        return logits, seen_columns if seen_offset is not None else None
 
     @staticmethod
-    def forward(ctx, user_states, item_weights, labels, seen_offset, first_items, rows, positions):
+    def forward(ctx, user_states, item_weights, labels, seen_offset, exclude_seen, first_items, rows, positions):
         dtype = torch.promote_types(user_states.dtype, torch.float32)  # half precision computes in float32
         states, weights = user_states.to(dtype), item_weights.to(dtype)  # (M, D), (I, D)
         num_rows = states.shape[0]
@@ -689,13 +693,13 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
         target_logits = states.new_empty(num_rows)  # (M,)
         for start in range(0, num_rows, chunk):
             stop = start + chunk
-            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items, rows, positions,
-                                                         start, stop)
+            logits, _ = _FullSoftmaxCrossEntropy._logits(states, weights, targets, seen_offset, exclude_seen,
+                                                         first_items, rows, positions, start, stop)
             log_normalizers[start:stop] = torch.logsumexp(logits, dim=1)
             target_logits[start:stop] = logits.gather(1, targets[start:stop, None])[:, 0]
         ctx.save_for_backward(user_states, item_weights, targets, labelled, log_normalizers, seen_offset, first_items,
                               rows, positions)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.exclude_seen = chunk, exclude_seen
         return torch.where(labelled, log_normalizers - target_logits, 0.0).sum() / labelled.sum()
 
     @staticmethod
@@ -709,8 +713,8 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, states.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             # logits → softmax → d loss / d logits, in place
-            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(states, weights, seen_offset, first_items,
-                                                                           rows, positions, start, stop)
+            probabilities, seen_columns = _FullSoftmaxCrossEntropy._logits(
+                states, weights, targets, seen_offset, ctx.exclude_seen, first_items, rows, positions, start, stop)
             probabilities.sub_(log_normalizers[start:stop, None]).exp_()
             rows_in_chunk = torch.arange(probabilities.shape[0], device=probabilities.device)
             probabilities[rows_in_chunk, targets[start:stop]] -= 1.0
@@ -722,50 +726,72 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
         if grad_offset is not None:
             grad_offset = grad_offset.to(seen_offset.dtype)
         return (grad_states.to(user_states.dtype), grad_weights.to(item_weights.dtype), None, grad_offset, None, None,
-                None)
+                None, None)
 
 
 def full_softmax_cross_entropy(user_states: torch.Tensor, item_weights: torch.Tensor, labels: torch.Tensor,
                                seen_offset: torch.Tensor | None = None,
-                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                               seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                               exclude_seen: bool = False) -> torch.Tensor:
     """Mean softmax cross-entropy over all items: user_states (M, D), item_weights (I, D), labels (M,) in 1..I−1, or
     −100 for a row without a target. Equals `F.cross_entropy(scores, labels, ignore_index=-100)` with the padding
     column excluded, without storing (M, I) scores.
 
-    seen_offset: a scalar added to the logits of the items each row has already seen, given by `seen = (first_items
-    (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its position)`.
+    seen = (first_items (B, L) from first_occurrences, rows (M,) the sequence of each row, positions (M,) its
+    position) names the items each row has already seen. seen_offset: a scalar added to their logits. exclude_seen:
+    they leave the softmax instead, except a row's own target (a revisit stays winnable): the history-removed
+    protocol, in training.
     """
     if not torch.compiler.is_compiling() and not (labels != -100).any():
         raise ValueError("no labelled position in the batch: every label is -100")
-    if (seen_offset is None) != (seen is None):
-        raise ValueError("seen_offset and seen go together")
+    _check_seen_arguments(seen_offset, seen, exclude_seen)
     first_items, rows, positions = seen if seen is not None else (None, None, None)
-    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, first_items, rows, positions)
+    return _FullSoftmaxCrossEntropy.apply(user_states, item_weights, labels, seen_offset, exclude_seen, first_items,
+                                          rows, positions)
 
 
-def _logits_with_seen_offset(user_states, item_weights, seen_offset, seen):
-    """(M, I) logits with the offset on each row's seen items and column 0 at -inf, by autograd (the twins' part)."""
+def _check_seen_arguments(seen_offset, seen, exclude_seen):
+    if seen_offset is not None and exclude_seen:
+        raise ValueError("exclude_seen leaves the seen items out of the softmax, where an offset on them has no "
+                         "effect: pass one or the other")
+    if (seen_offset is not None or exclude_seen) != (seen is not None):
+        raise ValueError("seen goes with seen_offset or exclude_seen, and only with them")
+
+
+def _seen_but_not_target(seen_columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """seen_columns (M, L) with each row's target (M,) replaced by 0 (padding, which never takes probability)."""
+    return torch.where(seen_columns == targets[:, None], 0, seen_columns)
+
+
+def _logits_with_seen_offset(user_states, item_weights, labels, seen_offset, seen, exclude_seen):
+    """(M, I) logits with the offset on (or without) each row's seen items and column 0 at -inf, by autograd (the
+    twins' part)."""
     logits = user_states @ item_weights.t()
-    if seen_offset is not None:
+    if seen is not None:
         first_items, rows, positions = seen
         columns = first_items[rows] * (torch.arange(first_items.shape[1], device=rows.device) <= positions[:, None])
+        if exclude_seen:
+            columns = _seen_but_not_target(columns, labels)
         seen_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, columns, True)
-        logits = logits + seen_mask * seen_offset
+        logits = logits.masked_fill(seen_mask, float("-inf")) if exclude_seen else logits + seen_mask * seen_offset
     padding = torch.arange(logits.shape[1], device=logits.device) == 0
     return logits.masked_fill(padding, float("-inf"))
 
 
-def full_softmax_cross_entropy_torch(user_states, item_weights, labels, seen_offset=None, seen=None):
+def full_softmax_cross_entropy_torch(user_states, item_weights, labels, seen_offset=None, seen=None,
+                                     exclude_seen=False):
     """`full_softmax_cross_entropy` through the (M, I) logits and `F.cross_entropy`: same signature and result."""
+    _check_seen_arguments(seen_offset, seen, exclude_seen)
     dtype = torch.promote_types(user_states.dtype, torch.float32)
-    logits = _logits_with_seen_offset(user_states.to(dtype), item_weights.to(dtype), seen_offset, seen)
+    logits = _logits_with_seen_offset(user_states.to(dtype), item_weights.to(dtype), labels, seen_offset, seen,
+                                      exclude_seen)
     return F.cross_entropy(logits, labels, ignore_index=-100)
 
 
-def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offset=None, seen=None):
+def full_softmax_cross_entropy_ref(user_states, item_weights, labels, seen_offset=None, seen=None, exclude_seen=False):
     """The definition in float64: mean over labelled rows of log-sum-exp minus the target's logit."""
     offset = None if seen_offset is None else seen_offset.double()
-    logits = _logits_with_seen_offset(user_states.double(), item_weights.double(), offset, seen)
+    logits = _logits_with_seen_offset(user_states.double(), item_weights.double(), labels, offset, seen, exclude_seen)
     labelled = labels != -100
     target_logits = logits[labelled].gather(1, labels[labelled, None])[:, 0]
     return (logits[labelled].logsumexp(dim=1) - target_logits).mean()

@@ -175,12 +175,13 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
                    labels: torch.Tensor, seen_items: torch.Tensor | None = None,
                    seen_offset: torch.Tensor | None = None, negative_sampler: str | None = None,
                    num_negatives: int = 0, item_counts: torch.Tensor | None = None,
-                   negative_sharing: str = "batch") -> torch.Tensor:
+                   negative_sharing: str = "batch", exclude_seen: bool = False) -> torch.Tensor:
     """Cross-entropy of the next item, over the full catalogue or sampled, shared by M2Rec and the bench baselines.
 
     user_states (B, L, D) and labels (B, L) train every position; last_states (B, D) and labels (B,) the last one.
     labels are −100 where there is no target. With `seen_offset`, `seen_items` (B, L) are the inputs (0 padding) whose
-    logits get the offset: at position t the items up to t, for the last position all of them.
+    logits get the offset: at position t the items up to t, for the last position all of them. With `exclude_seen`
+    those items leave the full softmax instead, except each position's own target.
     With `negative_sampler` (see `kernels.draw_negatives`; `item_counts` (I,) for "popularity"), the sampled softmax
     with logQ correction over `num_negatives` negatives shared by the batch (`negative_sharing="batch"`) or drawn for
     each sequence (`"sequence"`) instead of the full softmax.
@@ -202,10 +203,12 @@ def next_item_loss(user_states: torch.Tensor, last_states: torch.Tensor, item_we
         labelled = labels != -100
         states, labels, rows, positions, slots = (t[labelled] for t in (states, labels, rows, positions, slots))
     seen = None
-    if seen_offset is not None:
+    if seen_offset is not None or exclude_seen:
         seen = (first_occurrences(seen_items), rows, positions)
     if negative_sampler is None:
-        return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen)
+        return full_softmax_cross_entropy(states, item_weights, labels, seen_offset, seen, exclude_seen)
+    if exclude_seen:
+        raise ValueError("exclude_seen is a form of the full softmax; the sampled softmax does not take it")
     per_sequence = negative_sharing == "sequence"
     negatives, log_expected_counts = draw_negatives(negative_sampler, num_negatives, labels, item_weights.shape[0] - 1,
                                                     item_counts, num_groups=batch if per_sequence else None)
@@ -1192,7 +1195,7 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
 
         # The items each scored position has seen: the inputs, or with a cache its window of recent items.
         seen_items = None
-        if self.seen_item_offset is not None:
+        if self.seen_item_offset is not None or (labels is not None and self.config.loss_excludes_history):
             seen_items = (cache.item_ids if cache_params is not None
                           else input_ids if attention_mask is None else input_ids * attention_mask.bool())
 
@@ -1203,7 +1206,8 @@ class M2RecForSequentialRecommendation(M2RecPreTrainedModel):
                                   seen_items, self.seen_item_offset,
                                   negative_sampler=self.config.negative_sampler if sampled else None,
                                   num_negatives=self.config.num_negatives, item_counts=self.item_counts,
-                                  negative_sharing=self.config.negative_sharing)
+                                  negative_sharing=self.config.negative_sharing,
+                                  exclude_seen=self.config.loss_excludes_history)
 
         logits = None
         if return_logits:

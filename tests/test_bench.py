@@ -60,6 +60,22 @@ def test_sasrec_kv_step_refuses_the_seen_item_offset():
         model(torch.tensor([[5]]), cache_params=cache)
 
 
+def test_sasrec_loss_can_exclude_each_positions_seen_items():
+    """The baseline takes M2Rec's `loss_excludes_history`, so both can train under the history-removed protocol."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=MAX_LEN, hidden_size=16, hidden_dropout_prob=0.0,
+                                loss_excludes_history=True))
+    input_ids = torch.tensor([[3, 4, 5, 3, 6], [7, 8, 9, 0, 0]])
+    labels = torch.tensor([[4, 5, 3, 6, -100], [8, 9, -100, -100, -100]])  # a revisit: 3 after 5
+    out = model(input_ids, labels=labels)
+    masked = out.logits.clone()
+    for b, t in (labels != -100).nonzero().tolist():
+        for item in set(input_ids[b, : t + 1].tolist()) - {labels[b, t].item()}:
+            masked[b, t, item] = float("-inf")
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(masked[labels != -100],
+                                                                             labels[labels != -100]))
+
+
 def test_interleaved_rounds_alternate_the_rows_and_ratios_are_per_round():
     calls = []
     interleaved_seconds({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, rounds=3,

@@ -777,19 +777,44 @@ def test_causal_fft_convolution_paths_equal_the_definition(kernel_channels):
     assert torch.autograd.gradcheck(kernels.causal_fft_convolution, (x, kernel))
 
 
-@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "seen_offset"])
-def test_cross_entropy_paths_equal_the_definition(with_offset):
+@pytest.mark.parametrize("seen_items", ["none", "offset", "excluded"])
+def test_cross_entropy_paths_equal_the_definition(seen_items):
     """The chunked cross-entropy (3 chunks here) and its twin against the float64 definition, with rows labelled
-    -100 and, with the seen-item offset, repeated items that count once and seen targets (revisits)."""
-    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(1), with_offset, num_items=5000)
-    inputs = (states, weights, offset) if with_offset else (states, weights)
-    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen)
+    -100 and, with the seen-item offset or their exclusion, repeated items that count once and seen targets
+    (revisits)."""
+    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(1), seen_items != "none",
+                                                       num_items=5000)
+    exclude_seen = seen_items == "excluded"
+    offset = None if exclude_seen else offset
+    inputs = (states, weights, offset) if offset is not None else (states, weights)
+    expected = kernels.full_softmax_cross_entropy_ref(states, weights, labels, offset, seen, exclude_seen)
     expected_grads = torch.autograd.grad(expected, inputs)
     for path in (kernels.full_softmax_cross_entropy, kernels.full_softmax_cross_entropy_torch):
-        loss = path(states, weights, labels, offset, seen)
+        loss = path(states, weights, labels, offset, seen, exclude_seen)
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
         for grad, reference in zip(torch.autograd.grad(loss, inputs), expected_grads):
             torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-15)
+
+
+def test_excluded_seen_items_leave_the_softmax_but_a_seen_target_stays():
+    """Row by row from the definition: the log-softmax over the items the row's position has not seen, plus its
+    target; and exclusion never goes with an offset, nor without the seen items."""
+    states, weights, labels, offset, seen = _loss_case(torch.Generator().manual_seed(3), True)
+    first_items, rows, positions = seen
+    losses = []
+    for m in (labels != -100).nonzero().flatten().tolist():
+        seen_here = set(first_items[rows[m], :positions[m] + 1].tolist()) - {0, labels[m].item()}
+        kept = [item for item in range(1, weights.shape[0]) if item not in seen_here]
+        logits = weights[kept] @ states[m]
+        losses.append(logits.logsumexp(0) - logits[kept.index(labels[m].item())])
+    revisits = [m for m in range(len(labels)) if labels[m] > 0 and labels[m] in first_items[rows[m], :positions[m] + 1]]
+    assert revisits  # the case has seen targets, which must stay winnable
+    torch.testing.assert_close(kernels.full_softmax_cross_entropy(states, weights, labels, None, seen, True),
+                               torch.stack(losses).mean(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="one or the other"):
+        kernels.full_softmax_cross_entropy(states, weights, labels, offset, seen, True)
+    with pytest.raises(ValueError, match="seen goes with"):
+        kernels.full_softmax_cross_entropy_torch(states, weights, labels, None, None, True)
 
 
 def test_first_occurrences_blank_the_repeats():

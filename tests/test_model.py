@@ -192,6 +192,30 @@ def test_filter_spectrum_is_made_for_the_ffts_only_and_outlives_a_cached_step(mo
     assert transforms == [1]
 
 
+def test_loss_excluding_history_leaves_each_positions_seen_items_out_of_the_softmax():
+    """The training loss with `loss_excludes_history` equals cross-entropy on the logits with the items each
+    position has seen (but not its target) at -inf; scores are untouched; the combinations it refuses say why."""
+    model = tiny_model(loss_excludes_history=True).train()
+    input_ids = random_histories(3, 12)
+    input_ids[1, 7:] = 0
+    input_ids[0, 6] = input_ids[0, 2]  # a revisit: position 5's target was seen at position 2
+    next_items = torch.roll(input_ids, -1, dims=1)
+    labels = torch.where((input_ids > 0) & (next_items > 0), next_items, torch.full_like(input_ids, -100))
+    torch.manual_seed(0)
+    out = model(input_ids, labels=labels)
+    masked = out.logits.clone()
+    for b, t in (labels != -100).nonzero().tolist():
+        for item in set(input_ids[b, : t + 1].tolist()) - {labels[b, t].item()}:
+            masked[b, t, item] = float("-inf")
+    expected = F.cross_entropy(masked[labels != -100], labels[labels != -100])
+    torch.testing.assert_close(out.loss, expected)
+    plain = F.cross_entropy(out.logits[labels != -100], labels[labels != -100])
+    assert out.loss < plain  # the seen items took probability in the plain loss
+    for options in (dict(seen_item_bias=True), dict(loss="sampled_softmax")):
+        with pytest.raises(ValueError, match="loss_excludes_history"):
+            M2RecConfig(num_items=NUM_ITEMS, loss_excludes_history=True, **options)
+
+
 def test_seen_item_bias_offsets_the_items_each_position_has_seen():
     plain = tiny_model()
     model = tiny_model(seen_item_bias=True)

@@ -50,6 +50,10 @@ class ModelArguments:
     selection_source: Literal["unfiltered", "filtered"] = "unfiltered"
     fusion: Literal["gate", "context_gate", "sum", "concat", "none"] = "gate"
     seen_item_bias: bool = False
+    loss_excludes_history: bool = field(
+        default=False, metadata={"help": "Leave each position's already-seen items (except its target) out of the "
+                                         "training softmax: the history-removed protocol in training (not in the "
+                                         "paper; see M2RecConfig.loss_excludes_history)."})
     loss: Literal["full_softmax", "sampled_softmax"] = field(
         default="full_softmax", metadata={"help": "full_softmax: exact, over the whole catalogue. sampled_softmax: "
                                                   "over num_negatives negatives per batch with the logQ correction, "
