@@ -609,11 +609,13 @@ class M2RecFusion(nn.Module):
     `"gate"` is the paper's eq. 16, `Y = Linear(α·E_text + β·E_mamba)` with learnable scalars α, β;
     `"context_gate"` uses a per-dimension gate g = σ(Linear([E_text; E_mamba])), `Y = Linear(g·E_text + (1−g)·E_mamba)`;
     `"sum"` is `Linear(E_text + E_mamba)` and `"concat"` is `Linear([E_text; E_mamba])` (the paper's ablations).
+    With `config.fusion_residual` (not in the paper), `Y = E_mamba + fused`: the sequence features reach the scorer
+    as they do in the model without text, and the fusion adds to them.
     """
 
     def __init__(self, config: M2RecConfig):
         super().__init__()
-        self.fusion = config.fusion
+        self.fusion, self.residual = config.fusion, config.fusion_residual
         hidden = config.hidden_size
         if self.fusion == "gate":
             self.text_weight = nn.Parameter(torch.ones(()))  # α
@@ -632,7 +634,8 @@ class M2RecFusion(nn.Module):
             mixed = text_features + sequence_features
         else:  # concat
             mixed = torch.cat([text_features, sequence_features], dim=-1)  # (B, L, 2D)
-        return self.out_proj(mixed)
+        fused = self.out_proj(mixed)
+        return sequence_features + fused if self.residual else fused
 
 
 class M2RecPreTrainedModel(PreTrainedModel):

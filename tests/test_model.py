@@ -192,6 +192,19 @@ def test_filter_spectrum_is_made_for_the_ffts_only_and_outlives_a_cached_step(mo
     assert transforms == [1]
 
 
+@pytest.mark.parametrize("fusion", ["gate", "context_gate", "sum", "concat"])
+def test_residual_fusion_adds_the_sequence_features_to_the_papers_fusion(fusion):
+    paper = modeling_m2rec.M2RecFusion(M2RecConfig(num_items=NUM_ITEMS, hidden_size=8, fusion=fusion))
+    residual = modeling_m2rec.M2RecFusion(M2RecConfig(num_items=NUM_ITEMS, hidden_size=8, fusion=fusion,
+                                                      fusion_residual=True))
+    residual.load_state_dict(paper.state_dict())  # the switch adds no parameter
+    text_features, sequence_features = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    torch.testing.assert_close(residual(text_features, sequence_features),
+                               sequence_features + paper(text_features, sequence_features))
+    with pytest.raises(ValueError, match="fusion='none' has no fusion"):
+        M2RecConfig(num_items=NUM_ITEMS, fusion="none", fusion_residual=True)
+
+
 def test_loss_excluding_history_leaves_each_positions_seen_items_out_of_the_softmax():
     """The training loss with `loss_excludes_history` equals cross-entropy on the logits with the items each
     position has seen (but not its target) at -inf; scores are untouched; the combinations it refuses say why."""

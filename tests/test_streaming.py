@@ -15,7 +15,8 @@ STREAMING_VARIANTS = [
     for fft_mode, adaptive in [("causal", True), ("causal", False), ("none", True)]
     for fusion in ["gate", "none"]
     for selection in ["unfiltered", "filtered"]
-] + [dict(mixer_residual=False), dict(seen_item_bias=True), dict(item_representation="id+text")]
+] + [dict(mixer_residual=False), dict(seen_item_bias=True), dict(item_representation="id+text"),
+     dict(fusion="context_gate", fusion_residual=True)]
 
 
 def variant_id(variant):

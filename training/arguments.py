@@ -49,6 +49,9 @@ class ModelArguments:
     fft_adaptive: bool = True
     selection_source: Literal["unfiltered", "filtered"] = "unfiltered"
     fusion: Literal["gate", "context_gate", "sum", "concat", "none"] = "gate"
+    fusion_residual: bool = field(
+        default=False, metadata={"help": "Y = E_mamba + fusion(E_text, E_mamba) instead of the paper's fusion alone "
+                                         "(see M2RecConfig.fusion_residual)."})
     seen_item_bias: bool = False
     loss_excludes_history: bool = field(
         default=False, metadata={"help": "Leave each position's already-seen items (except its target) out of the "
