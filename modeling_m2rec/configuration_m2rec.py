@@ -101,7 +101,8 @@ class M2RecConfig(PreTrainedConfig):
             Add the sequence features E_mamba to the fusion's output, `Y = E_mamba + fusion(E_text, E_mamba)`. Not in
             the paper, whose fusion ends in a Linear layer, so the scorer never sees E_mamba itself: the model without
             text scores with E_mamba directly, and its residual path keeps the last item's own embedding (and the
-            items whose embeddings are near it) high. See docs/RESULTS.md (issue #13).
+            items whose embeddings are near it) high. No effect with `fusion="none"` (no fusion), so that a config
+            that sets it can still run the ablation without text. See docs/RESULTS.md (issue #13).
         seen_item_bias (`bool`, defaults to `False`):
             Learn one scalar added to the score of every item already in the input sequence (at each position, the
             items up to and including it), starting at 0. Not in the paper: a tied-embedding scorer ranks the user's
@@ -203,9 +204,6 @@ class M2RecConfig(PreTrainedConfig):
             raise ValueError(f"negative_sharing='sequence' draws each sequence's own negatives, which "
                              f"negative_sampler={self.negative_sampler!r} takes from the whole batch's targets; "
                              f"use 'uniform' or 'popularity', or negative_sharing='batch'")
-        if self.fusion_residual and self.fusion == "none":
-            raise ValueError("fusion_residual adds the sequence features to the fusion's output, but fusion='none' "
-                             "has no fusion; choose a fusion or fusion_residual=False")
         if self.loss_excludes_history and (self.seen_item_bias or self.loss != "full_softmax"):
             raise ValueError("loss_excludes_history leaves the seen items out of the full softmax: it goes with "
                              "neither seen_item_bias (whose offset would learn nothing) nor the sampled softmax")

@@ -201,8 +201,14 @@ def test_residual_fusion_adds_the_sequence_features_to_the_papers_fusion(fusion)
     text_features, sequence_features = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     torch.testing.assert_close(residual(text_features, sequence_features),
                                sequence_features + paper(text_features, sequence_features))
-    with pytest.raises(ValueError, match="fusion='none' has no fusion"):
-        M2RecConfig(num_items=NUM_ITEMS, fusion="none", fusion_residual=True)
+    # Without text there is no fusion: the switch changes nothing, so a config that sets it runs the ablation.
+    torch.manual_seed(0)
+    no_text = M2RecForSequentialRecommendation(M2RecConfig(num_items=NUM_ITEMS, hidden_size=8, fusion="none",
+                                                           fusion_residual=True))
+    torch.manual_seed(0)
+    plain = M2RecForSequentialRecommendation(M2RecConfig(num_items=NUM_ITEMS, hidden_size=8, fusion="none"))
+    input_ids = random_histories(2, 6)
+    torch.testing.assert_close(no_text.eval()(input_ids).logits, plain.eval()(input_ids).logits)
 
 
 def test_loss_excluding_history_leaves_each_positions_seen_items_out_of_the_softmax():
