@@ -31,7 +31,7 @@ from m2rec import M2RecForSequentialRecommendation  # noqa: E402
 from m2rec.training.arguments import TrainArguments  # noqa: E402
 from m2rec.training.data import prepare_dataset  # noqa: E402
 from m2rec.training.evaluate import eval_loader, read_training_info, run_data_arguments  # noqa: E402
-from m2rec.training.metrics import rank_targets  # noqa: E402
+from m2rec.training.metrics import last_input_items, metrics_from_ranks, rank_targets  # noqa: E402
 
 GROUP_QUANTILES = (0.25, 0.5, 0.75, 0.9)
 NEAREST = 10
@@ -52,20 +52,16 @@ def unit_text(models: list) -> torch.Tensor:
     raise SystemExit("none of the runs has item text (fusion='none' or SASRec only): give at least one with text")
 
 
-def last_items(batch: dict) -> torch.Tensor:
-    return batch["input_ids"].gather(1, (batch["attention_mask"].sum(1) - 1)[:, None])[:, 0]  # right-padded
-
-
 @torch.no_grad()
 def model_statistics(model, batches: list[dict], text: torch.Tensor, close_threshold: float) -> dict:
-    """Per user: the target's rank (history removed); per model: top-10 items close to the last item, and the
+    """Per user: the target's NDCG@10 (history removed); per model: top-10 items close to the last item, and the
     median rank of the last item's nearest unseen items."""
     ranks, close_in_top10, nearest_ranks = [], [], []
     for batch in batches:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        last_position_only=True).logits.float()  # (B, I + 1)
         ranks.append(rank_targets(scores, batch["target"], batch["history"]))
-        similarity = text[last_items(batch)] @ text.T  # (B, I + 1)
+        similarity = text[last_input_items(batch["input_ids"])] @ text.T  # (B, I + 1)
         unranked = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch["history"], True)
         unranked[:, 0] = True
         scores.masked_fill_(unranked, float("-inf"))
@@ -75,12 +71,9 @@ def model_statistics(model, batches: list[dict], text: torch.Tensor, close_thres
         nearest = similarity.topk(NEAREST, dim=1).indices  # (B, NEAREST)
         nearest_scores = scores.gather(1, nearest)  # (B, NEAREST)
         nearest_ranks.append((scores[:, None, :] > nearest_scores[:, :, None]).sum(-1).float().median(dim=1).values)
-    return {"ranks": torch.cat(ranks).numpy(), "close_in_top10": torch.cat(close_in_top10).float().mean().item(),
+    return {"ndcg": metrics_from_ranks(torch.cat(ranks), (10,))["NDCG@10"].numpy(),
+            "close_in_top10": torch.cat(close_in_top10).float().mean().item(),
             "nearest_median_rank": torch.cat(nearest_ranks).median().item()}
-
-
-def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
-    return np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def main(argv=None) -> str:
@@ -104,17 +97,18 @@ def main(argv=None) -> str:
                          Accelerator(cpu=True))
 
     batches = list(loader)
-    cosine = torch.cat([(text[batch["target"]] * text[last_items(batch)]).sum(1) for batch in batches]).numpy()
+    cosine = torch.cat([(text[batch["target"]] * text[last_input_items(batch["input_ids"])]).sum(1)
+                        for batch in batches]).numpy()
     edges = np.quantile(cosine, GROUP_QUANTILES)
     group = np.digitize(cosine, edges)  # 0 .. len(edges)
     statistics = {str(run): model_statistics(model, batches, text, edges[2]) for run, model in zip(args.runs, models)}
 
     bounds = [cosine.min(), *edges, cosine.max()]
     groups = [{"cosine": [float(bounds[g]), float(bounds[g + 1])], "users": int((group == g).sum()),
-               "NDCG@10": {run: float(ndcg_at_10(stats["ranks"])[group == g].mean())
+               "NDCG@10": {run: float(stats["ndcg"][group == g].mean())
                            for run, stats in statistics.items()}}
               for g in range(len(edges) + 1)]
-    models_summary = {run: {"NDCG@10": float(ndcg_at_10(stats["ranks"]).mean()),
+    models_summary = {run: {"NDCG@10": float(stats["ndcg"].mean()),
                             "close_in_top10": stats["close_in_top10"],
                             "nearest_median_rank": stats["nearest_median_rank"]}
                       for run, stats in statistics.items()}
@@ -124,9 +118,9 @@ def main(argv=None) -> str:
              "| cosine | users | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     lines += [f"| {g['cosine'][0]:.2f}–{g['cosine'][1]:.2f} | {g['users']} | "
               + " | ".join(f"{g['NDCG@10'][str(run)]:.4f}" for run in args.runs) + " |" for g in groups]
-    lines += [f"| all | {len(cosine)} | " + " | ".join(f"{models_summary[str(run)]['NDCG@10']:.4f}" for run in args.runs)
-              + " |", "",
-              f"| per user | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+    lines += [f"| all | {len(cosine)} | "
+              + " | ".join(f"{models_summary[str(run)]['NDCG@10']:.4f}" for run in args.runs) + " |", "",
+              "| per user | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
               f"| top-10 items with cosine > {edges[2]:.2f} to the last item | "
               + " | ".join(f"{models_summary[str(run)]['close_in_top10']:.2f}" for run in args.runs) + " |",
               f"| median rank of the last item's {NEAREST} nearest unseen items | "

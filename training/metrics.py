@@ -58,6 +58,11 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str,
     return values
 
 
+def last_input_items(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) the last item of each right-padded row of input_ids (B, L)."""
+    return input_ids.gather(1, ((input_ids != 0).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+
+
 def history_statistics(scores: torch.Tensor, ranks_kept: torch.Tensor, ranks_excluded: torch.Tensor,
                        input_ids: torch.Tensor, history: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
     """Per-user (B,) values that show how much a model spends its top k on the user's own history.
@@ -81,8 +86,7 @@ def history_statistics(scores: torch.Tensor, ranks_kept: torch.Tensor, ranks_exc
     in_history.scatter_(1, history, True)
     in_history[:, 0] = False
     values[f"seen_in_top{k}"] = in_history.gather(1, top).sum(1).double()
-    last_items = input_ids.gather(1, ((input_ids != 0).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)  # (B,)
-    last_rank = rank_targets(scores, last_items)
+    last_rank = rank_targets(scores, last_input_items(input_ids))
     values[f"last_item_in_top{k}"] = (last_rank < k).double()
     values["last_item_at_top1"] = (last_rank == 0).double()
     return values
