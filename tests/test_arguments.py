@@ -59,17 +59,17 @@ def test_config_by_the_name_of_a_shipped_config():
         parse_args(["--config", "ml-10m"])
 
 
-
 @pytest.mark.parametrize("name", shipped_config_names())
 def test_every_shipped_config_builds_a_model_that_trains(name):
     # A shipped config may combine switches (e.g. text dropout with fusion_residual): the model must accept them.
-    model_args, data_args, _ = parse_args(["--config", name])
+    model_args, _, _ = parse_args(["--config", name])
     text_embeddings = torch.cat([torch.zeros(1, 12), torch.randn(30, 12)])  # row 0: padding
     model = build_model(model_args, max_len=8, num_items=30, text_embeddings=text_embeddings)
     item_ids = torch.randint(1, 31, (2, 8))
     loss = model(input_ids=item_ids, labels=item_ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.config.fusion_residual == model_args.fusion_residual
+
 
 def test_config_values_are_checked(tmp_path):
     config = tmp_path / "run.yaml"
